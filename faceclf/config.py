@@ -1,0 +1,148 @@
+"""Configuration dataclasses, one per concern, with every default in one commented block.
+
+The resolved configuration of a run is saved next to its outputs (RUN/config.json) and travels
+inside the checkpoint, so a model can always be rebuilt from its own file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------
+# Defaults, in one place.
+# ---------------------------------------------------------------------------------------------
+IMAGE_SIZE = 96                       # square side fed to the CNN; every image is resized once
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)     # train / val / test share of the content-hash space
+MEAN = (0.485, 0.456, 0.406)          # per-channel normalisation (ImageNet statistics)
+STD = (0.229, 0.224, 0.225)
+MAX_ROTATION_DEG = 10.0               # training-only augmentation: rotation in [-10, 10] degrees
+HFLIP_PROB = 0.5                      # training-only augmentation: horizontal flip probability
+CONV_CHANNELS = (16, 32, 64, 128)     # one conv+ReLU+maxpool block per entry (each halves H, W)
+FC_HIDDEN = 128                       # width of the hidden fully connected layer
+DROPOUT = 0.3                         # dropout before each fully connected layer
+BATCH_NORM = True                     # batch norm after each convolution (trains faster, steadier)
+EPOCHS = 15                           # upper bound; early stopping usually ends sooner
+BATCH_SIZE = 64
+LEARNING_RATE = 2e-3                  # AdamW peak learning rate (one-cycle schedule)
+WEIGHT_DECAY = 1e-4
+PATIENCE = 6                          # epochs without a better val loss before stopping
+SEED = 0                              # makes a CPU run repeatable
+DECODE_WORKERS = 4                    # threads decoding images (PIL releases the GIL)
+SCORE_BATCH_SIZE = 64
+
+
+@dataclass
+class DataConfig:
+    """How images are found, split and preprocessed."""
+
+    image_size: int = IMAGE_SIZE
+    split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
+    max_rotation_deg: float = MAX_ROTATION_DEG
+    hflip_prob: float = HFLIP_PROB
+    decode_workers: int = DECODE_WORKERS
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        fractions = tuple(float(f) for f in self.split_fractions)
+        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(
+                f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}"
+            )
+        self.split_fractions = fractions  # type: ignore[assignment]
+        self.mean = tuple(self.mean)  # type: ignore[assignment]
+        self.std = tuple(self.std)  # type: ignore[assignment]
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the custom CNN; stored in every checkpoint so the model can be rebuilt."""
+
+    num_classes: int = 2
+    image_size: int = IMAGE_SIZE
+    in_channels: int = 3
+    conv_channels: tuple[int, ...] = CONV_CHANNELS
+    fc_hidden: int = FC_HIDDEN
+    dropout: float = DROPOUT
+    batch_norm: bool = BATCH_NORM
+
+    def __post_init__(self) -> None:
+        self.conv_channels = tuple(int(c) for c in self.conv_channels)
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if not self.conv_channels:
+            raise ValueError("conv_channels must name at least one block")
+        min_size = 2 ** len(self.conv_channels)
+        if self.image_size % min_size:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of {min_size} "
+                f"(2 ** {len(self.conv_channels)} pooling blocks)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run control."""
+
+    epochs: int = EPOCHS
+    batch_size: int = BATCH_SIZE
+    learning_rate: float = LEARNING_RATE
+    weight_decay: float = WEIGHT_DECAY
+    patience: int = PATIENCE
+    seed: int = SEED
+    device: str = "auto"              # "auto" picks cuda when available, else cpu
+    amp: bool = True                  # mixed precision; only ever used on CUDA
+    num_threads: int = 0              # torch CPU threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+
+@dataclass
+class ScoreConfig:
+    """Batch scoring with ONNX Runtime."""
+
+    batch_size: int = SCORE_BATCH_SIZE
+    decode_workers: int = DECODE_WORKERS
+    device: str = "auto"              # "auto": CUDA provider only where a GPU is present
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run resolved, saved as RUN/config.json."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-types view (lists, not tuples) for JSON and checkpoints."""
+        return json_ready(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Rebuild from ``to_dict`` output; unknown keys are an error, not silently dropped."""
+        return cls(
+            data=DataConfig(**d.get("data", {})),
+            model=ModelConfig(**d.get("model", {})),
+            train=TrainConfig(**d.get("train", {})),
+        )
+
+
+def json_ready(obj: Any) -> Any:
+    """Turn tuples into lists recursively so JSON and weights_only checkpoints hold plain types."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj

@@ -1,0 +1,291 @@
+"""Finding, splitting, decoding and augmenting face images.
+
+Images are decoded and resized once per run into a uint8 tensor (N, 3, S, S) held in memory;
+augmentation then works on batched tensors, so no epoch pays for JPEG decoding again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from faceclf.progress import progress
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image file with its class index and content hash."""
+
+    path: Path
+    label: int
+    sha256: str
+
+
+@dataclass
+class DatasetSplits:
+    """Records per split plus what was dropped on the way (and why)."""
+
+    classes: list[str]
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    test: list[ImageRecord]
+    presplit: bool
+    duplicates: int = 0                                  # exact byte copies dropped
+    conflicts: list[str] = field(default_factory=list)   # sha256 seen under two classes, all copies dropped
+
+    def split(self, name: str) -> list[ImageRecord]:
+        """Records of split ``name`` ('train', 'val' or 'test')."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return getattr(self, name)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split per class, e.g. {'train': {'with_mask': 540, ...}, ...}."""
+        return {
+            s: {c: sum(r.label == i for r in self.split(s)) for i, c in enumerate(self.classes)}
+            for s in SPLITS
+        }
+
+
+def is_image_file(path: Path) -> bool:
+    """True for visible files with an allowed image extension."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_classes(root: Path) -> list[str]:
+    """Class names: the sorted names of the visible sub-folders of ``root``."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {str(root)!r} does not exist or is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{str(root)!r} holds no class folders (expected e.g. {root}/with_mask/*.jpg)")
+    return classes
+
+
+def list_images(folder: Path) -> list[Path]:
+    """All image files below ``folder``, recursively, sorted for a stable order."""
+    return sorted(p for p in folder.rglob("*") if is_image_file(p))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes: the identity of an image across names and nights."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def split_of(sha256: str, fractions: Sequence[float]) -> str:
+    """Assign a split from the content hash alone, so it never changes between runs or nights.
+
+    The first 64 bits of the hash, read as a number in [0, 1), are cut at the cumulative fractions.
+    """
+    u = int(sha256[:16], 16) / 2**64
+    train, val, _ = fractions
+    if u < train:
+        return "train"
+    if u < train + val:
+        return "val"
+    return "test"
+
+
+def is_presplit(root: Path) -> bool:
+    """True when ``root`` already holds train/, val/ and test/ folders."""
+    return all((root / s).is_dir() for s in SPLITS)
+
+
+def _hash_all(paths: list[Path], workers: int) -> list[str]:
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(progress(pool.map(sha256_file, paths), total=len(paths), desc="hash", unit="img", leave=False))
+
+
+def _records_for(root: Path, classes: list[str], workers: int) -> list[ImageRecord]:
+    """Hash every image below root/<class>/ and return records in a stable order."""
+    paths: list[Path] = []
+    labels: list[int] = []
+    for i, name in enumerate(classes):
+        found = list_images(root / name) if (root / name).is_dir() else []
+        paths += found
+        labels += [i] * len(found)
+    hashes = _hash_all(paths, workers)
+    return [ImageRecord(p, y, h) for p, y, h in zip(paths, labels, hashes)]
+
+
+def deduplicate(records: list[ImageRecord], classes: list[str]) -> tuple[list[ImageRecord], int, list[str]]:
+    """Keep one record per content hash; drop every copy of a hash labelled with two classes.
+
+    Returns (kept, duplicates dropped, conflicting hashes). A conflict is dropped whole because
+    either label may be the wrong one, and training on both teaches nothing.
+    """
+    by_hash: dict[str, list[ImageRecord]] = {}
+    for r in records:
+        by_hash.setdefault(r.sha256, []).append(r)
+    kept: list[ImageRecord] = []
+    duplicates = 0
+    conflicts: list[str] = []
+    for sha, group in by_hash.items():
+        if len({r.label for r in group}) > 1:
+            conflicts.append(sha)
+            names = ", ".join(f"{r.path} ({classes[r.label]})" for r in group)
+            log.warning("same image under two classes, all copies dropped: %s", names)
+            continue
+        kept.append(group[0])
+        duplicates += len(group) - 1
+    return kept, duplicates, conflicts
+
+
+def discover(root: str | os.PathLike[str], fractions: Sequence[float], workers: int = 4) -> DatasetSplits:
+    """Find the images under ``root`` and assign each to train/val/test.
+
+    ``root`` is either a folder of class folders (split here: duplicates dropped by sha256, then
+    each image placed by its hash) or a tree with train/ val/ test/ that is used as it is.
+    """
+    root = Path(root)
+    if is_presplit(root):
+        classes = find_classes(root / "train")
+        parts = {}
+        for s in SPLITS:
+            extra = set(find_classes(root / s)) - set(classes) if any((root / s).iterdir()) else set()
+            if extra:
+                raise ValueError(f"{root / s} has class folders {sorted(extra)} that train/ does not have")
+            parts[s], dup, conf = deduplicate(_records_for(root / s, classes, workers), classes)
+        seen = {r.sha256 for r in parts["train"]}
+        leaked = sum(r.sha256 in seen for r in parts["val"] + parts["test"])
+        if leaked:
+            log.warning("%d val/test images are byte-identical to train images in %s (used as given)", leaked, root)
+        splits = DatasetSplits(classes, parts["train"], parts["val"], parts["test"], presplit=True)
+    else:
+        classes = find_classes(root)
+        records, dup, conflicts = deduplicate(_records_for(root, classes, workers), classes)
+        parts = {s: [] for s in SPLITS}
+        for r in records:
+            parts[split_of(r.sha256, fractions)].append(r)
+        splits = DatasetSplits(classes, parts["train"], parts["val"], parts["test"], False, dup, conflicts)
+    log.info("classes %s; images per split %s; %d duplicates dropped", classes, splits.counts(), splits.duplicates)
+    return splits
+
+
+def require_every_class(splits: DatasetSplits, names: Iterable[str] = SPLITS) -> None:
+    """Raise ValueError naming the class and split when a split lacks a class.
+
+    A split without some class cannot measure (val, test) or learn (train) it, so training stops
+    before it starts rather than reporting a meaningless accuracy.
+    """
+    counts = splits.counts()
+    for s in names:
+        missing = [c for c, n in counts[s].items() if n == 0]
+        if missing:
+            raise ValueError(
+                f"class {missing[0]!r} has no images in the {s} split (images per class: {counts[s]}); "
+                "add more images of that class"
+            )
+
+
+def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
+    """Decode one image to RGB, apply its EXIF orientation and resize it to (size, size).
+
+    Returns uint8 (size, size, 3). Grayscale, RGBA, palette and CMYK images become RGB. Raises
+    ValueError with the reason when the file is not a decodable image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.draft("RGB", (size, size))  # JPEG: let libjpeg downscale by DCT (big photos decode ~8x faster)
+                img = ImageOps.exif_transpose(img)
+                if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
+                    img = img.convert("RGBA")
+                img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+                return np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"image too large (decompression bomb guard): {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for unreadable files
+        raise ValueError(f"cannot decode image: {e}") from None
+
+
+def _try_load(path: Path, size: int) -> np.ndarray | str:
+    try:
+        return load_image(path, size)
+    except ValueError as e:
+        return str(e)
+
+
+def decode_images(paths: Sequence[Path], size: int, workers: int = 4, desc: str = "decode") -> tuple[torch.Tensor, list[int], list[tuple[Path, str]]]:
+    """Decode and resize many images in parallel threads.
+
+    Returns (images uint8 (N_ok, 3, size, size), indices of ``paths`` that decoded,
+    [(path, reason)] for those that did not).
+    """
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(progress(pool.map(lambda p: _try_load(p, size), paths), total=len(paths), desc=desc, unit="img", leave=False))
+    ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    failed = [(Path(paths[i]), r) for i, r in enumerate(results) if isinstance(r, str)]
+    for p, reason in failed:
+        log.warning("skipped %s: %s", p, reason)
+    if ok:
+        stacked = np.stack([results[i] for i in ok])  # (N, S, S, 3)
+        images = torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+    else:
+        images = torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return images, ok, failed
+
+
+@dataclass
+class TensorSplit:
+    """A decoded split: uint8 images (N, 3, S, S), int64 labels (N,), and the records behind them."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    records: list[ImageRecord]
+    rejected: list[tuple[Path, str]]
+
+
+def load_split(records: list[ImageRecord], size: int, workers: int = 4, desc: str = "decode") -> TensorSplit:
+    """Decode the images of one split once, dropping (and reporting) files that do not decode."""
+    images, ok, rejected = decode_images([r.path for r in records], size, workers, desc)
+    kept = [records[i] for i in ok]
+    labels = torch.tensor([r.label for r in kept], dtype=torch.int64)
+    return TensorSplit(images, labels, kept, rejected)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 or [0, 1] float (B, 3, H, W) -> float32 normalised per channel."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, max_rotation_deg: float, hflip_prob: float) -> torch.Tensor:
+    """Random horizontal flips and small rotations, drawn per image, on a float batch (B, 3, H, W).
+
+    One affine_grid + grid_sample call rotates the whole batch, each image by its own angle;
+    reflection padding avoids black corners the model could learn as a cue.
+    """
+    b = x.shape[0]
+    # Draws come from a CPU generator whatever the device, so a seed gives the same augmentation everywhere.
+    flip = (torch.rand(b, generator=generator) < hflip_prob).to(x.device)  # (B,)
+    angle = ((torch.rand(b, generator=generator) * 2 - 1) * math.radians(max_rotation_deg)).to(x.device)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    sx = torch.where(flip, -1.0, 1.0)  # a flip is x -> -x in the sampling grid
+    theta = torch.stack(
+        [torch.stack([cos * sx, -sin, torch.zeros_like(cos)], 1),
+         torch.stack([sin * sx, cos, torch.zeros_like(cos)], 1)], 1
+    ).to(x.dtype)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -1,0 +1,52 @@
+"""Classification metrics: loss, accuracy, per-class accuracy and confusion matrix."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) int64 counts; row = true class, column = predicted class."""
+    idx = labels.to(torch.int64) * num_classes + preds.to(torch.int64)
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def summarize(loss_sum: float, preds: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
+    """Metrics dict: {'loss', 'accuracy', 'per_class_accuracy', 'confusion_matrix', 'n'}.
+
+    ``loss_sum`` is the summed (not mean) NLL over the ``n`` examples. A class with no examples
+    gets accuracy None (it was not measured), never a made-up number.
+    """
+    n = int(labels.numel())
+    cm = confusion_matrix(preds.cpu(), labels.cpu(), len(classes))
+    correct = cm.diag()
+    per_class_n = cm.sum(dim=1)
+    per_class = {
+        c: (float(correct[i]) / float(per_class_n[i]) if per_class_n[i] > 0 else None)
+        for i, c in enumerate(classes)
+    }
+    return {
+        "loss": float(loss_sum) / n if n else math.nan,
+        "accuracy": float(correct.sum()) / n if n else math.nan,
+        "per_class_accuracy": per_class,
+        "confusion_matrix": cm.tolist(),
+        "n": n,
+    }
+
+
+def gate_failures(metrics: dict[str, Any], min_accuracy: float, min_class_accuracy: float) -> list[str]:
+    """Reasons ``metrics`` misses the bar, one sentence each; empty when it passes.
+
+    NaN or unmeasured values fail: a model is never passed on numbers that do not exist.
+    """
+    reasons = []
+    acc = metrics.get("accuracy")
+    if acc is None or not math.isfinite(acc) or acc < min_accuracy:
+        reasons.append(f"accuracy {acc} is below the minimum {min_accuracy}")
+    for cls, value in metrics.get("per_class_accuracy", {}).items():
+        if value is None or not math.isfinite(value) or value < min_class_accuracy:
+            reasons.append(f"class {cls!r} accuracy {value} is below the minimum {min_class_accuracy}")
+    return reasons

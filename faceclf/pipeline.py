@@ -1,0 +1,119 @@
+"""A whole training run on a data folder: split, decode once, fit, test, write RUN/."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from faceclf.atomic import write_json_atomic, write_text_atomic
+from faceclf.config import RunConfig
+from faceclf.data import SPLITS, DatasetSplits, TensorSplit, discover, load_split, require_every_class
+from faceclf.train import evaluate, fit, load_checkpoint, model_from_checkpoint, resolve_device, save_checkpoint
+from faceclf.plots import plot_confusion, plot_history
+
+log = logging.getLogger(__name__)
+
+
+def load_splits(splits: DatasetSplits, cfg: RunConfig, names: tuple[str, ...] = SPLITS) -> dict[str, TensorSplit]:
+    """Decode each named split once; refuse to go on if a split lost a whole class to bad files."""
+    loaded = {s: load_split(splits.split(s), cfg.data.image_size, cfg.data.decode_workers, desc=f"decode {s}") for s in names}
+    for s, t in loaded.items():
+        present = set(t.labels.tolist())
+        for i, c in enumerate(splits.classes):
+            if i not in present:
+                raise ValueError(f"class {c!r} has no decodable images in the {s} split")
+    return loaded
+
+
+def write_rejected(path: Path, loaded: dict[str, TensorSplit]) -> int:
+    """List files that could not be decoded (split, path, reason) in rejected.csv; returns how many."""
+    rows = [(s, str(p), reason) for s, t in loaded.items() for p, reason in t.rejected]
+    if rows:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["split", "path", "reason"])
+        w.writerows(rows)
+        write_text_atomic(path, buf.getvalue())
+    return len(rows)
+
+
+def write_split_manifest(path: Path, splits: DatasetSplits) -> None:
+    """RUN/splits.csv: split, class, sha256 and path of every image used, to audit or re-use the split."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["split", "class", "sha256", "path"])
+    for s in SPLITS:
+        w.writerows((s, splits.classes[r.label], r.sha256, str(r.path)) for r in splits.split(s))
+    write_text_atomic(path, buf.getvalue())
+
+
+def read_split_paths(path: Path, split: str) -> list[Path]:
+    """Paths of one split from a RUN/splits.csv."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [Path(r["path"]) for r in csv.DictReader(f) if r["split"] == split]
+
+
+def resolve_run_config(run_dir: Path, cfg: RunConfig, resume: bool, epochs: int | None = None) -> RunConfig:
+    """The config for this run: the saved one when resuming (optionally with more epochs), else ``cfg``."""
+    if not resume:
+        return cfg
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"cannot resume: {saved} does not exist (was {run_dir} a training run?)")
+    resolved = RunConfig.from_dict(json.loads(saved.read_text()))
+    if epochs is not None:
+        resolved.train.epochs = epochs
+    return resolved
+
+
+def train_run(data_root: str | Path, run_dir: str | Path, cfg: RunConfig | None = None, resume: bool = False,
+              epochs: int | None = None) -> dict[str, Any]:
+    """Train on ``data_root`` into ``run_dir`` and return the metrics written to metrics.json.
+
+    ``epochs`` (with ``resume``) extends a saved run; without resume, set it in ``cfg``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume, epochs)
+    splits = discover(data_root, cfg.data.split_fractions, cfg.data.decode_workers)
+    require_every_class(splits)
+    cfg.model.num_classes = len(splits.classes)
+    cfg.model.image_size = cfg.data.image_size
+    cfg.model.__post_init__()  # re-validate after filling in data-dependent fields
+    write_json_atomic(run_dir / "config.json", cfg.to_dict())
+    write_split_manifest(run_dir / "splits.csv", splits)
+    loaded = load_splits(splits, cfg)
+    n_rejected = write_rejected(run_dir / "rejected.csv", loaded)
+    result = fit(cfg, splits.classes, loaded["train"], loaded["val"], run_dir, resume=resume)
+    metrics = finish_run(run_dir, splits.classes, loaded, result.best_epoch, result.device)
+    metrics["data"] = {"counts": {s: len(loaded[s].labels) for s in SPLITS}, "duplicates_dropped": splits.duplicates,
+                       "conflicts_dropped": len(splits.conflicts), "rejected": n_rejected, "presplit": splits.presplit}
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    plot_history(result.history, run_dir / "history.png", result.best_epoch)
+    plot_confusion(metrics["test"]["confusion_matrix"], splits.classes, run_dir / "confusion_matrix.png")
+    return metrics
+
+
+def finish_run(run_dir: Path, classes: list[str], loaded: dict[str, TensorSplit], best_epoch: int, device: str) -> dict[str, Any]:
+    """Re-load the best weights, measure them on val and test, and store the metrics in checkpoint.pt."""
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    cfg = RunConfig.from_dict({"data": ckpt["data_config"], "model": ckpt["model_config"], "train": ckpt["train_config"]})
+    dev = resolve_device(cfg.train.device)
+    model = model_from_checkpoint(ckpt, dev)
+    metrics = {
+        "classes": classes,
+        "best_epoch": best_epoch,
+        "device": device,
+        "version": ckpt["version"],
+        "val": evaluate(model, loaded["val"], classes, cfg.data, dev),
+        "test": evaluate(model, loaded["test"], classes, cfg.data, dev),
+    }
+    ckpt["metrics"] = {"val": metrics["val"], "test": metrics["test"]}
+    save_checkpoint(run_dir / "checkpoint.pt", ckpt)
+    log.info("test: loss %.4f accuracy %.4f per class %s", metrics["test"]["loss"], metrics["test"]["accuracy"],
+             metrics["test"]["per_class_accuracy"])
+    return metrics

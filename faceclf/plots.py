@@ -1,0 +1,55 @@
+"""PNG plots people would rather look at than read: learning curves and the confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from faceclf.atomic import write_atomic  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> Path:
+    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def plot_history(history: Sequence[dict[str, Any]], path: Path, best_epoch: int | None = None) -> Path:
+    """Train/val loss and val accuracy per epoch, with the kept (best) epoch marked."""
+    epochs = [int(r["epoch"]) for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [float(r["train_loss"]) for r in history], label="train loss")
+    ax_loss.plot(epochs, [float(r["val_loss"]) for r in history], label="val loss")
+    ax_acc.plot(epochs, [float(r["val_accuracy"]) for r in history], color="tab:green", label="val accuracy")
+    for ax in (ax_loss, ax_acc):
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"kept: epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_loss.set_title("NLL loss")
+    ax_acc.set_title("validation accuracy")
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "test") -> Path:
+    """Confusion matrix heat map with counts; rows are true classes, columns predictions."""
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * n, 1.2 + 1.1 * n))
+    ax.imshow(matrix, cmap="Blues")
+    peak = max(max(row) for row in matrix) or 1
+    for i in range(n):
+        for j in range(n):
+            v = matrix[i][j]
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
+    ax.set_xticks(range(n), classes, rotation=30, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion matrix ({title})")
+    return _save(fig, path)

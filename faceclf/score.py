@@ -1,0 +1,206 @@
+"""Batch scoring with ONNX Runtime: CUDA where a GPU is really there, else CPU, and it says which.
+
+Decoding of the next batch runs in threads while the current batch is in the model, so the
+slower of the two sets the pace, not their sum.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from faceclf.progress import progress
+
+from faceclf.atomic import atomic_path
+from faceclf.config import ScoreConfig
+from faceclf.data import is_image_file, list_images, load_image
+
+log = logging.getLogger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass
+class OnnxModel:
+    """An onnxruntime session plus the preprocessing facts its metadata carries."""
+
+    session: "object"
+    path: Path
+    classes: list[str]
+    mean: np.ndarray        # (1, 3, 1, 1) float32
+    std: np.ndarray         # (1, 3, 1, 1) float32
+    image_size: int
+    version: str
+    provider: str           # the execution provider that actually runs the model
+    input_name: str
+
+
+def gpu_present() -> bool:
+    """True when a CUDA GPU is usable (asked through torch, which already ships the CUDA runtime)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no torch or a broken driver both mean: no GPU for us
+        return False
+
+
+def providers_for(device: str) -> list[str]:
+    """Providers to ask for: CUDA first only where a GPU is present (asking without one prints load errors)."""
+    import onnxruntime as ort
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    want_cuda = gpu_present() and CUDA_PROVIDER in ort.get_available_providers()
+    if device == "cuda" and not want_cuda:
+        raise RuntimeError("device 'cuda' was asked for but no GPU / CUDA provider is available")
+    if want_cuda:
+        ort.preload_dlls()  # CUDA/cuDNN libraries from the pip-installed nvidia packages
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def _meta(meta: dict[str, str], key: str, path: Path) -> str:
+    if key not in meta:
+        raise ValueError(f"{path} has no '{key}' in its metadata; was it exported by `faceclf export`?")
+    return meta[key]
+
+
+def load_onnx_model(path: str | os.PathLike[str], device: str = "auto") -> OnnxModel:
+    """Open an exported model in onnxruntime and read its classes/normalisation metadata."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {str(path)!r} does not exist")
+    session = ort.InferenceSession(str(path), providers=providers_for(device))
+    meta = session.get_modelmeta().custom_metadata_map
+    provider = session.get_providers()[0]
+    if device != "cpu" and gpu_present() and provider != CUDA_PROVIDER:
+        log.warning("a GPU is present but onnxruntime fell back to %s", provider)
+    return OnnxModel(
+        session=session,
+        path=path,
+        classes=json.loads(_meta(meta, "classes", path)),
+        mean=np.asarray(json.loads(_meta(meta, "mean", path)), dtype=np.float32).reshape(1, 3, 1, 1),
+        std=np.asarray(json.loads(_meta(meta, "std", path)), dtype=np.float32).reshape(1, 3, 1, 1),
+        image_size=int(_meta(meta, "image_size", path)),
+        version=meta.get("version", "unknown"),
+        provider=provider,
+        input_name=session.get_inputs()[0].name,
+    )
+
+
+def predict_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
+    """uint8 (B, S, S, 3) -> class probabilities (B, C)."""
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0  # (B, 3, S, S)
+    x = (x - model.mean) / model.std
+    log_probs = model.session.run(None, {model.input_name: x})[0]
+    return np.exp(log_probs)
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Expand folders (recursively, image extensions only) and keep named files as given."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += list_images(p)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"input {str(p)!r} does not exist")
+    return paths
+
+
+def _decode(path: Path, size: int) -> np.ndarray | str:
+    try:
+        return load_image(path, size)
+    except ValueError as e:
+        return str(e)
+
+
+def _batches(paths: list[Path], batch_size: int) -> Iterator[list[Path]]:
+    for i in range(0, len(paths), batch_size):
+        yield paths[i:i + batch_size]
+
+
+def score_rows(model: OnnxModel, paths: list[Path], cfg: ScoreConfig) -> Iterator[dict[str, str]]:
+    """One row per path: predicted class and probabilities, or an error for an undecodable file.
+
+    Batch k+1 is decoding in the pool while batch k runs in onnxruntime.
+    """
+    with ThreadPoolExecutor(max(1, cfg.decode_workers)) as pool:
+        def submit(batch: list[Path]) -> list[Future]:
+            return [pool.submit(_decode, p, model.image_size) for p in batch]
+
+        batches = list(_batches(paths, cfg.batch_size))
+        pending = submit(batches[0]) if batches else []
+        for k, batch in enumerate(batches):
+            decoded = [f.result() for f in pending]
+            pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
+            good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+            probs = predict_proba(model, np.stack([decoded[i] for i in good])) if good else np.empty((0, len(model.classes)))
+            by_index = dict(zip(good, probs))
+            for i, p in enumerate(batch):
+                if i in by_index:
+                    pr = by_index[i]
+                    row = {"path": str(p), "predicted_class": model.classes[int(pr.argmax())], "error": ""}
+                    row.update({f"p_{c}": f"{float(v):.6f}" for c, v in zip(model.classes, pr)})
+                else:
+                    row = {"path": str(p), "predicted_class": "", "error": decoded[i]}
+                    row.update({f"p_{c}": "" for c in model.classes})
+                yield row
+
+
+@dataclass
+class ScoreSummary:
+    """What a scoring run did and how fast."""
+
+    out: Path
+    images: int
+    scored: int
+    errors: int
+    seconds: float
+    images_per_s: float
+    provider: str
+    version: str
+
+
+def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+          cfg: ScoreConfig | None = None) -> ScoreSummary:
+    """Score every image in ``inputs`` with the ONNX model and write ``out`` (CSV) atomically.
+
+    Columns: path, predicted_class, p_<class>..., error. A file that does not decode gets a row with
+    its error and the run goes on; rerunning replaces the file, never appends to it.
+    """
+    cfg = cfg or ScoreConfig()
+    model = load_onnx_model(model_path, cfg.device)
+    log.info("scoring with %s on %s (model version %s)", model.path, model.provider, model.version)
+    paths = collect_inputs(inputs)
+    fields = ["path", "predicted_class", *[f"p_{c}" for c in model.classes], "error"]
+    errors = 0
+    t0 = time.perf_counter()
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in progress(score_rows(model, paths, cfg), total=len(paths), desc="score", unit="img"):
+            errors += bool(row["error"])
+            writer.writerow(row)
+    seconds = time.perf_counter() - t0
+    summary = ScoreSummary(Path(out), len(paths), len(paths) - errors, errors, seconds,
+                           len(paths) / seconds if seconds > 0 else 0.0, model.provider, model.version)
+    log.info("scored %d images (%d errors) in %.2fs: %.1f images/s on %s", summary.images, errors, seconds,
+             summary.images_per_s, model.provider)
+    return summary

@@ -1,0 +1,310 @@
+"""Training: one epoch, evaluation, checkpoints and the fit loop with early stopping and resume.
+
+Files written into the run folder (all atomically):
+    checkpoint.pt   best-val-loss weights + everything needed to rebuild and use them
+    last.pt         the latest epoch, with optimizer/scheduler/RNG state, for --resume
+    history.csv     one row per epoch
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import random
+import secrets
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from faceclf.progress import progress
+
+from faceclf.atomic import write_atomic, write_text_atomic
+from faceclf.config import DataConfig, RunConfig
+from faceclf.data import TensorSplit, augment, normalize
+from faceclf.metrics import summarize
+from faceclf.model import FaceCNN, build_model, model_config_from_dict
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+SAMPLE_IMAGES = 16  # real val images kept in checkpoint.pt for export parity checks
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available else cpu; asking for cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the CPU generator used for shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def new_version() -> str:
+    """A model version that sorts by creation time and does not collide: 20261123T021500Z-3fa2c1."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    """Index batches over n items: shuffled by ``generator`` when given, else in order."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    yield from order.split(batch_size)
+
+
+@dataclass
+class Trainer:
+    """What one epoch needs: the model, its optimiser and schedule, and how to feed it."""
+
+    model: FaceCNN
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data_cfg: DataConfig
+    device: torch.device
+    batch_size: int
+    amp_dtype: torch.dtype | None      # None: full fp32
+    scaler: torch.amp.GradScaler | None
+
+    def autocast(self):
+        """Mixed-precision context on CUDA when enabled, a no-op otherwise."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self, images_u8: torch.Tensor, train: bool, generator: torch.Generator | None) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> normalised float on the device, augmented when training."""
+        x = images_u8.to(self.device, non_blocking=True).float().div_(255.0)
+        if train:
+            x = augment(x, generator, self.data_cfg.max_rotation_deg, self.data_cfg.hflip_prob)
+        x = normalize(x, self.data_cfg.mean, self.data_cfg.std)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def make_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device) -> Trainer:
+    """Build model, AdamW, one-cycle schedule and AMP settings for ``device``."""
+    model = build_model(cfg.model).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.train.learning_rate, total_steps=cfg.train.epochs * steps_per_epoch, pct_start=0.2
+    )
+    amp_dtype, scaler = None, None
+    if device.type == "cuda" and cfg.train.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    return Trainer(model, opt, sched, cfg.data, device, cfg.train.batch_size, amp_dtype, scaler)
+
+
+def train_one_epoch(tr: Trainer, split: TensorSplit, generator: torch.Generator) -> float:
+    """One pass over the training split in shuffled batches; returns the mean training NLL."""
+    tr.model.train()
+    loss_fn = nn.NLLLoss(reduction="sum")
+    total, seen = 0.0, 0
+    n = len(split.labels)
+    bar = progress(total=n, desc="train", unit="img", leave=False)
+    for idx in batch_indices(n, tr.batch_size, generator):
+        if len(idx) < 2:  # a 1-image batch breaks batch norm statistics; it is reshuffled next epoch
+            continue
+        x = tr.prepare(split.images[idx], train=True, generator=generator)
+        y = split.labels[idx].to(tr.device, non_blocking=True)
+        with tr.autocast():
+            loss = loss_fn(tr.model(x).float(), y)  # log-probs (B, C) vs (B,)
+        tr.optimizer.zero_grad(set_to_none=True)
+        mean_loss = loss / len(idx)
+        if tr.scaler is not None:
+            tr.scaler.scale(mean_loss).backward()
+            tr.scaler.step(tr.optimizer)
+            tr.scaler.update()
+        else:
+            mean_loss.backward()
+            tr.optimizer.step()
+        tr.scheduler.step()
+        total += float(loss.detach())
+        seen += len(idx)
+        bar.update(len(idx))
+    bar.close()
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def predict_log_probs(model: nn.Module, images_u8: torch.Tensor, data_cfg: DataConfig, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Eval-mode log-probabilities (N, C) for uint8 images (N, 3, S, S), computed in batches."""
+    model.eval()
+    out = []
+    for idx in batch_indices(len(images_u8), batch_size, None):
+        x = normalize(images_u8[idx].to(device).float().div_(255.0), data_cfg.mean, data_cfg.std)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty((0, model.cfg.num_classes))
+
+
+def evaluate(model: nn.Module, split: TensorSplit, classes: list[str], data_cfg: DataConfig, device: torch.device) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix of ``model`` on a decoded split."""
+    log_probs = predict_log_probs(model, split.images, data_cfg, device)
+    loss_sum = float(nn.functional.nll_loss(log_probs, split.labels, reduction="sum")) if len(split.labels) else 0.0
+    return summarize(loss_sum, log_probs.argmax(dim=1), split.labels, classes)
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous CPU tensors, so a checkpoint loads on any machine."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
+    """torch.save to a temp file, then os.replace: the previous file stays whole if this dies."""
+    write_atomic(path, lambda p: torch.save(payload, p))
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True (no pickled code runs) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError/RuntimeError for unsafe or broken files
+        raise ValueError(f"checkpoint {str(path)!r} cannot be loaded safely (weights_only): {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format_version") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"checkpoint {str(path)!r} has format {found!r}, expected {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> FaceCNN:
+    """Rebuild the CNN from the config stored in the checkpoint and load its weights (eval mode)."""
+    model = build_model(model_config_from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model_state"])
+    return model.to(device).eval()
+
+
+def best_payload(tr: Trainer, cfg: RunConfig, classes: list[str], epoch: int, best_val_loss: float,
+                 metrics: dict[str, Any], version: str, sample_images: torch.Tensor) -> dict[str, Any]:
+    """checkpoint.pt contents: plain types only (weights_only loads them).
+
+    ``sample_images`` (uint8 (k, 3, S, S), a few real val images) lets export check ONNX parity
+    on real data without needing the data folder.
+    """
+    return {
+        "format_version": CHECKPOINT_FORMAT,
+        "version": version,
+        "model_state": cpu_state(tr.model),
+        "model_config": cfg.to_dict()["model"],
+        "data_config": cfg.to_dict()["data"],
+        "train_config": cfg.to_dict()["train"],
+        "classes": list(classes),
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "image_size": cfg.data.image_size,
+        "epoch": epoch,
+        "best_val_loss": best_val_loss,
+        "metrics": metrics,
+        "sample_images": sample_images,
+    }
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite history.csv whole (atomically): one row per finished epoch."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+@dataclass
+class FitResult:
+    """Where fitting ended: the best epoch and its val loss, the per-epoch history, the model version."""
+
+    best_epoch: int
+    best_val_loss: float
+    history: list[dict[str, Any]]
+    version: str
+    device: str
+
+
+def _restore(tr: Trainer, last: dict[str, Any], generator: torch.Generator) -> None:
+    """Put model, optimiser, schedule and RNG streams back where last.pt left them."""
+    tr.model.load_state_dict(last["model_state"])
+    tr.optimizer.load_state_dict(last["optimizer_state"])
+    tr.scheduler.load_state_dict(last["scheduler_state"])
+    generator.set_state(last["generator_state"])
+    torch.set_rng_state(last["torch_rng_state"])
+    if tr.device.type == "cuda" and last.get("cuda_rng_state") is not None:
+        torch.cuda.set_rng_state(last["cuda_rng_state"])
+
+
+def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit, run_dir: Path, resume: bool = False) -> FitResult:
+    """Train until cfg.train.epochs or until val loss has not improved for cfg.train.patience epochs.
+
+    Keeps the best-val-loss weights in run_dir/checkpoint.pt and the latest state in run_dir/last.pt;
+    with ``resume`` it continues from last.pt and reaches the same result as an uninterrupted run.
+    """
+    device = resolve_device(cfg.train.device)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    generator = seed_everything(cfg.train.seed)
+    steps = math.ceil(len(train.labels) / cfg.train.batch_size)
+    tr = make_trainer(cfg, steps, device)
+    history: list[dict[str, Any]] = []
+    best_val_loss, best_epoch, version, start = math.inf, -1, new_version(), 0
+    if resume:
+        last = load_checkpoint(run_dir / "last.pt")
+        _restore(tr, last, generator)
+        history, best_val_loss, best_epoch = last["history"], last["best_val_loss"], last["best_epoch"]
+        version, start = last["version"], last["epoch"] + 1
+        log.info("resuming %s at epoch %d (best val loss %.4f at epoch %d)", run_dir, start, best_val_loss, best_epoch)
+    log.info("training on %s: %d train / %d val images, %d epochs max", device, len(train.labels), len(val.labels), cfg.train.epochs)
+    bar = progress(range(start, cfg.train.epochs), desc="epochs", unit="epoch", initial=start, total=cfg.train.epochs)
+    for epoch in bar:
+        if best_epoch >= 0 and epoch - best_epoch > cfg.train.patience:
+            break  # a resumed run that had already stopped early
+        t0 = time.perf_counter()
+        train_loss = train_one_epoch(tr, train, generator)
+        val_metrics = evaluate(tr.model, val, classes, cfg.data, device)
+        row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_metrics["loss"], 6),
+               "val_accuracy": round(val_metrics["accuracy"], 6), "lr": tr.scheduler.get_last_lr()[0],
+               "seconds": round(time.perf_counter() - t0, 3)}
+        history.append(row)
+        if val_metrics["loss"] < best_val_loss:
+            best_val_loss, best_epoch = val_metrics["loss"], epoch
+            save_checkpoint(run_dir / "checkpoint.pt",
+                            best_payload(tr, cfg, classes, epoch, best_val_loss, {"val": val_metrics}, version,
+                                         val.images[:SAMPLE_IMAGES].clone()))
+        save_checkpoint(run_dir / "last.pt", {
+            "format_version": CHECKPOINT_FORMAT, "version": version, "epoch": epoch, "history": history,
+            "best_val_loss": best_val_loss, "best_epoch": best_epoch, "model_state": cpu_state(tr.model),
+            "optimizer_state": tr.optimizer.state_dict(), "scheduler_state": tr.scheduler.state_dict(),
+            "generator_state": generator.get_state(), "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_state": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            "run_config": cfg.to_dict(),
+        })
+        write_history(run_dir / "history.csv", history)
+        bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_metrics['loss']:.4f}", val_acc=f"{val_metrics['accuracy']:.3f}")
+        log.info("epoch %d: train_loss %.4f val_loss %.4f val_acc %.4f (%.1fs)", epoch, train_loss,
+                 val_metrics["loss"], val_metrics["accuracy"], row["seconds"])
+        if epoch - best_epoch >= cfg.train.patience:
+            log.info("early stop: val loss has not improved for %d epochs", cfg.train.patience)
+            break
+    bar.close()
+    if best_epoch < 0:
+        raise RuntimeError("no epoch produced a finite validation loss; no weights were kept (check the data and learning rate)")
+    return FitResult(best_epoch, best_val_loss, history, version, device.type)
