@@ -1,0 +1,149 @@
+"""Splitting, de-duplication, decoding and augmentation."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from faceclf.data import (SPLITS, augment, decode_images, deduplicate, discover, load_image, require_every_class,
+                          sha256_file, split_of)
+
+FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def test_split_of_is_stable_and_follows_fractions() -> None:
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20000)]
+    first = [split_of(h, FRACTIONS) for h in hashes]
+    assert first == [split_of(h, FRACTIONS) for h in hashes]
+    share = {s: first.count(s) / len(first) for s in SPLITS}
+    assert share["train"] == pytest.approx(0.8, abs=0.015)
+    assert share["val"] == pytest.approx(0.1, abs=0.01)
+    assert share["test"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_discover_drops_exact_duplicates_and_never_shares_an_image_between_splits(faces: Path) -> None:
+    splits = discover(faces, FRACTIONS, workers=2)
+    assert splits.classes == ["with_mask", "without_mask"]
+    assert splits.duplicates == 3
+    hashes = [r.sha256 for s in SPLITS for r in splits.split(s)]
+    assert len(hashes) == len(set(hashes)) == 120
+    assert all(r.sha256 == sha256_file(r.path) for r in splits.train[:5])
+
+
+def test_split_depends_on_content_not_name_or_run(faces: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "faces"
+    shutil.copytree(faces, copy)
+    for p in (copy / "without_mask").glob("*"):
+        p.rename(p.with_name("renamed_" + p.name))
+    before = {r.sha256: s for s in SPLITS for r in discover(faces, FRACTIONS).split(s)}
+    after = {r.sha256: s for s in SPLITS for r in discover(copy, FRACTIONS).split(s)}
+    assert before == after
+
+
+def test_same_bytes_under_two_classes_is_dropped_as_conflict(faces: Path, tmp_path: Path) -> None:
+    root = tmp_path / "faces"
+    shutil.copytree(faces, root)
+    src = sorted((root / "with_mask").glob("with_mask_*.jpg"))[0]
+    shutil.copy(src, root / "without_mask" / "mislabelled.jpg")
+    splits = discover(root, FRACTIONS)
+    assert splits.conflicts == [sha256_file(src)]
+    assert all(r.sha256 != sha256_file(src) for s in SPLITS for r in splits.split(s))
+
+
+def test_deduplicate_keeps_first_of_each_hash() -> None:
+    from faceclf.data import ImageRecord
+
+    recs = [ImageRecord(Path("a"), 0, "h1"), ImageRecord(Path("b"), 0, "h1"), ImageRecord(Path("c"), 1, "h2")]
+    kept, dups, conflicts = deduplicate(recs, ["x", "y"])
+    assert [r.path.name for r in kept] == ["a", "c"] and dups == 1 and conflicts == []
+
+
+def test_presplit_tree_is_used_as_is(faces: Path, tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    files = sorted((faces / "with_mask").glob("with_mask_*")) , sorted((faces / "without_mask").glob("*"))
+    for cls, paths in zip(("with_mask", "without_mask"), files):
+        for i, p in enumerate(paths[:30]):
+            split = SPLITS[i % 3]
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, root / split / cls / p.name)
+    splits = discover(root, FRACTIONS)
+    assert splits.presplit
+    assert splits.counts() == {s: {"with_mask": 10, "without_mask": 10} for s in SPLITS}
+
+
+def test_missing_class_in_a_split_is_an_error_naming_it(faces: Path, tmp_path: Path) -> None:
+    root = tmp_path / "faces"
+    shutil.copytree(faces, root)
+    (root / "rare").mkdir()
+    shutil.copy(sorted((root / "with_mask").glob("*.jpg"))[0], root / "rare" / "only.jpg")
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(root / "rare" / "other.png")
+    splits = discover(root, FRACTIONS)
+    with pytest.raises(ValueError, match="class 'rare' has no images in the (train|val|test) split"):
+        require_every_class(splits)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover(tmp_path / "nope", FRACTIONS)
+    with pytest.raises(ValueError, match="no class folders"):
+        discover(tmp_path, FRACTIONS)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "1"])
+def test_load_image_converts_any_mode_to_rgb(tmp_path: Path, mode: str) -> None:
+    img = Image.new("RGB", (50, 30), (200, 40, 10)).convert(mode)
+    path = tmp_path / ("x.png" if mode not in ("CMYK",) else "x.jpg")
+    if mode == "P":
+        img.info["transparency"] = 0
+    img.save(path)
+    arr = load_image(path, 24)
+    assert arr.shape == (24, 24, 3) and arr.dtype == np.uint8
+
+
+def test_load_image_resizes_and_keeps_colour(tmp_path: Path) -> None:
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "big.jpg", quality=95)
+    arr = load_image(tmp_path / "big.jpg", 32)
+    assert arr.shape == (32, 32, 3)
+    assert np.abs(arr.reshape(-1, 3).mean(0) - np.array([10, 200, 30])).max() < 6
+
+
+def test_load_image_rejects_garbage_and_bombs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "bad.jpg").write_bytes(b"<html>404</html>")
+    with pytest.raises(ValueError, match="cannot decode"):
+        load_image(tmp_path / "bad.jpg", 32)
+    Image.new("RGB", (400, 400)).save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 160,000 px is now a 'bomb'
+    with pytest.raises(ValueError, match="decompression bomb"):
+        load_image(tmp_path / "large.png", 32)
+
+
+def test_decode_images_reports_failures_and_keeps_the_rest(faces: Path, tmp_path: Path) -> None:
+    good = sorted((faces / "with_mask").glob("*.jpg"))[:3]
+    (tmp_path / "trunc.jpg").write_bytes(good[0].read_bytes()[:200])
+    images, ok, failed = decode_images([good[0], tmp_path / "trunc.jpg", *good[1:]], 32, workers=2)
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
+    assert ok == [0, 2, 3]
+    assert failed[0][0] == tmp_path / "trunc.jpg" and "cannot decode" in failed[0][1]
+
+
+def test_augment_flip_and_identity() -> None:
+    x = torch.rand(4, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    same = augment(x, g, max_rotation_deg=0.0, hflip_prob=0.0)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+    flipped = augment(x, g, max_rotation_deg=0.0, hflip_prob=1.0)
+    torch.testing.assert_close(flipped, x.flip(3), atol=1e-5, rtol=0)
+
+
+def test_augment_rotates_each_image_differently() -> None:
+    x = torch.rand(1, 3, 32, 32).expand(8, 3, 32, 32).contiguous()
+    out = augment(x, torch.Generator().manual_seed(0), max_rotation_deg=10.0, hflip_prob=0.0)
+    assert out.shape == x.shape
+    diffs = [(out[i] - out[0]).abs().mean().item() for i in range(1, 8)]
+    assert min(diffs) > 1e-3  # per-image angles, not one angle for the batch
