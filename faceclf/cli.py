@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--channels", type=int, nargs="+", default=m.conv_channels, help="conv block widths")
     tr.add_argument("--fc-hidden", type=int, default=m.fc_hidden)
     tr.add_argument("--dropout", type=float, default=m.dropout)
+    tr.add_argument("--batch-norm", action="store_true", help="add batch norm after each convolution (default: the seed's plain blocks)")
     _add_gate_args(tr)
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on the test split of DATA; prints the metrics JSON")
@@ -91,7 +92,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     t = TrainConfig()
     return RunConfig(
         data=DataConfig(image_size=a.image_size, split_fractions=tuple(a.split), decode_workers=a.workers),
-        model=ModelConfig(image_size=a.image_size, conv_channels=tuple(a.channels), fc_hidden=a.fc_hidden, dropout=a.dropout),
+        model=ModelConfig(image_size=a.image_size, conv_channels=tuple(a.channels), fc_hidden=a.fc_hidden, dropout=a.dropout,
+                          batch_norm=a.batch_norm),
         train=TrainConfig(epochs=a.epochs or t.epochs, batch_size=a.batch_size, learning_rate=a.lr, weight_decay=a.weight_decay,
                           patience=a.patience, seed=a.seed, device=a.device, amp=not a.no_amp, num_threads=a.threads),
     )

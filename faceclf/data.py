@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
 from faceclf.progress import progress
 
 log = logging.getLogger(__name__)
@@ -210,14 +211,15 @@ def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
                 if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
                     img = img.convert("RGBA")
                 img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-                return np.asarray(img, dtype=np.uint8)
+                return np.array(img, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"image too large (decompression bomb guard): {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for unreadable files
         raise ValueError(f"cannot decode image: {e}") from None
 
 
-def _try_load(path: Path, size: int) -> np.ndarray | str:
+def try_load_image(path: Path, size: int) -> np.ndarray | str:
+    """``load_image``, but a file that does not decode gives its reason (a str) instead of raising."""
     try:
         return load_image(path, size)
     except ValueError as e:
@@ -231,7 +233,7 @@ def decode_images(paths: Sequence[Path], size: int, workers: int = 4, desc: str 
     [(path, reason)] for those that did not).
     """
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(progress(pool.map(lambda p: _try_load(p, size), paths), total=len(paths), desc=desc, unit="img", leave=False))
+        results = list(progress(pool.map(lambda p: try_load_image(p, size), paths), total=len(paths), desc=desc, unit="img", leave=False))
     ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
     failed = [(Path(paths[i]), r) for i, r in enumerate(results) if isinstance(r, str)]
     for p, reason in failed:

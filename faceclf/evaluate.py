@@ -7,7 +7,12 @@ from typing import Any
 
 from faceclf.config import DataConfig
 from faceclf.data import discover, load_split, require_every_class
-from faceclf.train import evaluate, load_checkpoint, model_from_checkpoint, resolve_device
+from faceclf.train import (
+    evaluate,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_device,
+)
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], split: str = "test",

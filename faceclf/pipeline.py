@@ -11,9 +11,23 @@ from typing import Any
 
 from faceclf.atomic import write_json_atomic, write_text_atomic
 from faceclf.config import RunConfig
-from faceclf.data import SPLITS, DatasetSplits, TensorSplit, discover, load_split, require_every_class
-from faceclf.train import evaluate, fit, load_checkpoint, model_from_checkpoint, resolve_device, save_checkpoint
+from faceclf.data import (
+    SPLITS,
+    DatasetSplits,
+    TensorSplit,
+    discover,
+    load_split,
+    require_every_class,
+)
 from faceclf.plots import plot_confusion, plot_history
+from faceclf.train import (
+    evaluate,
+    fit,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_device,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 

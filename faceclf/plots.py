@@ -32,7 +32,8 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path, best_epoch: int 
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    ax_loss.set_title("NLL loss")
+    ax_loss.set_yscale("log")  # late epochs differ by orders of magnitude, not by a sliver above 0
+    ax_loss.set_title("NLL loss (log scale)")
     ax_acc.set_title("validation accuracy")
     return _save(fig, path)
 

@@ -14,14 +14,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
-from faceclf.progress import progress
 
 from faceclf.atomic import atomic_path
 from faceclf.config import ScoreConfig
-from faceclf.data import is_image_file, list_images, load_image
+from faceclf.data import list_images, try_load_image
+from faceclf.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,6 @@ def collect_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return paths
 
 
-def _decode(path: Path, size: int) -> np.ndarray | str:
-    try:
-        return load_image(path, size)
-    except ValueError as e:
-        return str(e)
-
-
 def _batches(paths: list[Path], batch_size: int) -> Iterator[list[Path]]:
     for i in range(0, len(paths), batch_size):
         yield paths[i:i + batch_size]
@@ -143,7 +136,7 @@ def score_rows(model: OnnxModel, paths: list[Path], cfg: ScoreConfig) -> Iterato
     """
     with ThreadPoolExecutor(max(1, cfg.decode_workers)) as pool:
         def submit(batch: list[Path]) -> list[Future]:
-            return [pool.submit(_decode, p, model.image_size) for p in batch]
+            return [pool.submit(try_load_image, p, model.image_size) for p in batch]
 
         batches = list(_batches(paths, cfg.batch_size))
         pending = submit(batches[0]) if batches else []

@@ -11,8 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from faceclf.data import (SPLITS, augment, decode_images, deduplicate, discover, load_image, require_every_class,
-                          sha256_file, split_of)
+from faceclf.data import (
+    SPLITS,
+    augment,
+    decode_images,
+    deduplicate,
+    discover,
+    load_image,
+    require_every_class,
+    sha256_file,
+    split_of,
+)
 
 FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -66,7 +75,7 @@ def test_deduplicate_keeps_first_of_each_hash() -> None:
 
 def test_presplit_tree_is_used_as_is(faces: Path, tmp_path: Path) -> None:
     root = tmp_path / "tree"
-    files = sorted((faces / "with_mask").glob("with_mask_*")) , sorted((faces / "without_mask").glob("*"))
+    files = sorted((faces / "with_mask").glob("with_mask_*")), sorted((faces / "without_mask").glob("*"))
     for cls, paths in zip(("with_mask", "without_mask"), files):
         for i, p in enumerate(paths[:30]):
             split = SPLITS[i % 3]

@@ -1,0 +1,60 @@
+"""The `faceclf` command end to end, as a user runs it (a real subprocess each time)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+TINY = ["--image-size", "32", "--channels", "8", "16", "--fc-hidden", "32", "--batch-size", "16", "--lr", "5e-3"]
+
+
+def faceclf(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "faceclf", *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"faceclf {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_train_evaluate_export_score(faces: Path, tmp_path: Path) -> None:
+    run, model, pred = tmp_path / "run", tmp_path / "model.onnx", tmp_path / "pred.csv"
+    out = faceclf("train", str(faces), "--out", str(run), "--epochs", "5", *TINY)
+    trained = json.loads(out.stdout)
+    assert trained["device"] == "cpu" and (run / "checkpoint.pt").is_file()
+
+    ev = json.loads(faceclf("evaluate", str(run / "checkpoint.pt"), str(faces)).stdout)
+    assert ev == json.loads((run / "metrics.json").read_text())["test"]  # same hash split, same numbers
+
+    gate = faceclf("evaluate", str(run / "checkpoint.pt"), str(faces), "--min-accuracy", "1.01", check=False)
+    assert gate.returncode == 1 and "quality gate failed: accuracy" in gate.stderr
+
+    exported = json.loads(faceclf("export", str(run / "checkpoint.pt"), "--out", str(model)).stdout)
+    assert exported["max_abs_diff"] < 1e-4
+
+    scored = faceclf("score", str(model), str(faces), "--out", str(pred))
+    assert "images/s on CPUExecutionProvider" in scored.stdout
+    with open(pred, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 123 and not any(r["error"] for r in rows)
+    right = sum(Path(r["path"]).parent.name == r["predicted_class"] for r in rows)
+    assert right / len(rows) > 0.8
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    proc = faceclf("train", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), check=False)
+    assert proc.returncode == 2
+    assert "faceclf train: error: data folder" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = faceclf("export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m.onnx"), check=False)
+    assert proc.returncode == 2 and "checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_runs_the_whole_job_on_a_folder(faces: Path, tmp_path: Path) -> None:
+    out = faceclf("demo", str(faces), "--out", str(tmp_path / "demo"), "--epochs", "2")
+    result = json.loads(out.stdout)
+    assert Path(result["model"]).is_file() and Path(result["predictions"]).is_file()
+    assert result["score_provider"] == "CPUExecutionProvider"
+    with open(result["predictions"], newline="") as f:
+        assert len(list(csv.DictReader(f))) == result["scored_images"] > 0
