@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train on DATA (class folders, or train/ val/ test/) into RUN")
     tr.add_argument("data", help="folder of class folders, or one holding train/ val/ test/")
     tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, last.pt, history.csv, metrics.json, plots)")
-    tr.add_argument("--resume", action="store_true", help="continue an interrupted run from RUN/last.pt with its saved config")
-    tr.add_argument("--epochs", type=int, default=None, help=f"maximum epochs (default {t.epochs}); with --resume: extend to this")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from RUN/last.pt with RUN/config.json (other training flags are ignored)")
+    tr.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs; early stopping usually ends sooner")
     tr.add_argument("--batch-size", type=int, default=t.batch_size)
     tr.add_argument("--lr", type=float, default=t.learning_rate, help="peak learning rate (one-cycle AdamW)")
     tr.add_argument("--weight-decay", type=float, default=t.weight_decay)
@@ -89,12 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     """Resolve the train subcommand's flags into a RunConfig (validated by the dataclasses)."""
-    t = TrainConfig()
     return RunConfig(
         data=DataConfig(image_size=a.image_size, split_fractions=tuple(a.split), decode_workers=a.workers),
         model=ModelConfig(image_size=a.image_size, conv_channels=tuple(a.channels), fc_hidden=a.fc_hidden, dropout=a.dropout,
                           batch_norm=a.batch_norm),
-        train=TrainConfig(epochs=a.epochs or t.epochs, batch_size=a.batch_size, learning_rate=a.lr, weight_decay=a.weight_decay,
+        train=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr, weight_decay=a.weight_decay,
                           patience=a.patience, seed=a.seed, device=a.device, amp=not a.no_amp, num_threads=a.threads),
     )
 
@@ -113,7 +113,7 @@ def _gate(metrics: dict[str, Any], a: argparse.Namespace) -> None:
 def cmd_train(a: argparse.Namespace) -> None:
     from faceclf.pipeline import train_run
 
-    metrics = train_run(a.data, a.out, run_config_from_args(a), resume=a.resume, epochs=a.epochs if a.resume else None)
+    metrics = train_run(a.data, a.out, run_config_from_args(a), resume=a.resume)
     print(json.dumps({"run": str(Path(a.out)), "best_epoch": metrics["best_epoch"], "device": metrics["device"],
                       "test": metrics["test"]}, indent=2))
     _gate(metrics["test"], a)

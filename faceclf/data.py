@@ -10,7 +10,6 @@ import hashlib
 import logging
 import math
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,17 +157,18 @@ def discover(root: str | os.PathLike[str], fractions: Sequence[float], workers: 
     root = Path(root)
     if is_presplit(root):
         classes = find_classes(root / "train")
-        parts = {}
+        parts, dup, conflicts = {}, 0, []
         for s in SPLITS:
             extra = set(find_classes(root / s)) - set(classes) if any((root / s).iterdir()) else set()
             if extra:
                 raise ValueError(f"{root / s} has class folders {sorted(extra)} that train/ does not have")
-            parts[s], dup, conf = deduplicate(_records_for(root / s, classes, workers), classes)
+            parts[s], n_dup, conf = deduplicate(_records_for(root / s, classes, workers), classes)
+            dup, conflicts = dup + n_dup, conflicts + conf
         seen = {r.sha256 for r in parts["train"]}
         leaked = sum(r.sha256 in seen for r in parts["val"] + parts["test"])
         if leaked:
             log.warning("%d val/test images are byte-identical to train images in %s (used as given)", leaked, root)
-        splits = DatasetSplits(classes, parts["train"], parts["val"], parts["test"], presplit=True)
+        splits = DatasetSplits(classes, parts["train"], parts["val"], parts["test"], True, dup, conflicts)
     else:
         classes = find_classes(root)
         records, dup, conflicts = deduplicate(_records_for(root, classes, workers), classes)
@@ -200,21 +200,24 @@ def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
     """Decode one image to RGB, apply its EXIF orientation and resize it to (size, size).
 
     Returns uint8 (size, size, 3). Grayscale, RGBA, palette and CMYK images become RGB. Raises
-    ValueError with the reason when the file is not a decodable image.
+    ValueError with the reason when the file is not a decodable image or claims more pixels than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (checked from the header, before any pixel is decoded).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.draft("RGB", (size, size))  # JPEG: let libjpeg downscale by DCT (big photos decode ~8x faster)
-                img = ImageOps.exif_transpose(img)
-                if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
-                    img = img.convert("RGBA")
-                img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-                return np.array(img, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        with Image.open(path) as img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                raise ValueError(f"image too large (decompression bomb guard): {img.width}x{img.height} "
+                                 f"pixels is over the limit of {limit}")
+            img.draft("RGB", (size, size))  # JPEG: let libjpeg downscale by DCT (big photos decode ~8x faster)
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
+                img = img.convert("RGBA")
+            img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            return np.array(img, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
+    except Image.DecompressionBombError as e:  # PIL's own guard at twice the limit, raised by open()
         raise ValueError(f"image too large (decompression bomb guard): {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for unreadable files
+    except (OSError, SyntaxError) as e:  # PIL raises these for unreadable files
         raise ValueError(f"cannot decode image: {e}") from None
 
 

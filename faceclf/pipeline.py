@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from faceclf.atomic import write_json_atomic, write_text_atomic
+from faceclf.atomic import remove_stale_temps, write_json_atomic, write_text_atomic
 from faceclf.config import RunConfig
 from faceclf.data import (
     SPLITS,
@@ -71,28 +71,31 @@ def read_split_paths(path: Path, split: str) -> list[Path]:
         return [Path(r["path"]) for r in csv.DictReader(f) if r["split"] == split]
 
 
-def resolve_run_config(run_dir: Path, cfg: RunConfig, resume: bool, epochs: int | None = None) -> RunConfig:
-    """The config for this run: the saved one when resuming (optionally with more epochs), else ``cfg``."""
+def resolve_run_config(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig:
+    """The config for this run: the one saved in run_dir when resuming, else ``cfg``.
+
+    A resumed run keeps its saved config whole (its learning-rate schedule was planned for its
+    epoch count), so it ends exactly where the uninterrupted run would have.
+    """
     if not resume:
         return cfg
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise FileNotFoundError(f"cannot resume: {saved} does not exist (was {run_dir} a training run?)")
-    resolved = RunConfig.from_dict(json.loads(saved.read_text()))
-    if epochs is not None:
-        resolved.train.epochs = epochs
-    return resolved
+    return RunConfig.from_dict(json.loads(saved.read_text()))
 
 
-def train_run(data_root: str | Path, run_dir: str | Path, cfg: RunConfig | None = None, resume: bool = False,
-              epochs: int | None = None) -> dict[str, Any]:
+def train_run(data_root: str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
+              resume: bool = False) -> dict[str, Any]:
     """Train on ``data_root`` into ``run_dir`` and return the metrics written to metrics.json.
 
-    ``epochs`` (with ``resume``) extends a saved run; without resume, set it in ``cfg``.
+    With ``resume`` the run continues from run_dir/last.pt with run_dir/config.json (``cfg`` is ignored).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume, epochs)
+    for p in remove_stale_temps(run_dir):
+        log.warning("removed %s, left by an interrupted write", p)
+    cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
     splits = discover(data_root, cfg.data.split_fractions, cfg.data.decode_workers)
     require_every_class(splits)
     cfg.model.num_classes = len(splits.classes)

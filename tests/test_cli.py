@@ -58,3 +58,34 @@ def test_demo_runs_the_whole_job_on_a_folder(faces: Path, tmp_path: Path) -> Non
     assert result["score_provider"] == "CPUExecutionProvider"
     with open(result["predictions"], newline="") as f:
         assert len(list(csv.DictReader(f))) == result["scored_images"] > 0
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(faces: Path, tmp_path: Path) -> None:
+    """SIGKILL a real `faceclf train` mid-run; `--resume` must end exactly where a clean run ends."""
+    import os
+    import signal
+    import time
+
+    args = [*TINY, "--epochs", "12", "--patience", "100"]
+    faceclf("train", str(faces), "--out", str(tmp_path / "clean"), *args)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "faceclf", "train", str(faces), "--out", str(run), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
+
+    faceclf("train", str(faces), "--out", str(run), "--resume")
+
+    def rows(r: Path) -> list[tuple[str, str, str]]:
+        with open(r / "history.csv", newline="") as f:
+            return [(x["epoch"], x["train_loss"], x["val_loss"]) for x in csv.DictReader(f)]
+
+    assert rows(run) == rows(tmp_path / "clean") and len(rows(run)) == 12
+    assert not list(run.glob(".*.tmp"))  # a temp file the kill left behind is cleared by the resumed run
+    assert json.loads((run / "metrics.json").read_text())["test"] == \
+        json.loads((tmp_path / "clean" / "metrics.json").read_text())["test"]
