@@ -41,3 +41,25 @@ def trained_run(faces: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run")
     train_run(faces, run, tiny_config(epochs=6))
     return run
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 HTTP endpoint (moto server mode) on 127.0.0.1; boto3 in this process points at it."""
+    from faceclf.services import local_s3_env, moto_s3_server
+
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with moto_s3_server(log) as url, local_s3_env(url):
+        yield url
+
+
+@pytest.fixture()
+def bucket(s3_endpoint: str) -> str:
+    """A new, empty bucket on the local S3 endpoint, unique per test."""
+    import uuid
+
+    from faceclf.storage import s3_client
+
+    name = f"faceclf-test-{uuid.uuid4().hex[:12]}"
+    s3_client().create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,55 @@
+"""The Store interface, on a local folder and on a real S3 endpoint (moto server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from faceclf.storage import LocalStore, S3Store, Store, open_store, s3_client, safe_key
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "local":
+        return LocalStore(tmp_path / "bucket")
+    return open_store(f"s3://{request.getfixturevalue('bucket')}")
+
+
+def test_put_get_list_exists(store: Store, tmp_path: Path) -> None:
+    store.put_bytes("incoming/a/1.jpg", b"one")
+    store.put_bytes("incoming/b/2.jpg", b"two!")
+    (tmp_path / "f.bin").write_bytes(b"file")
+    store.put_file("models/face/v1/model.onnx", tmp_path / "f.bin")
+    assert store.get_bytes("incoming/a/1.jpg") == b"one"
+    listed = list(store.list("incoming/"))
+    assert [(o.key, o.size) for o in listed] == [("incoming/a/1.jpg", 3), ("incoming/b/2.jpg", 4)]
+    assert all(o.etag for o in listed)
+    assert store.exists("models/face/v1/model.onnx") and not store.exists("models/face/v2/model.onnx")
+    with pytest.raises(FileNotFoundError):
+        store.get_bytes("nope")
+    store.download("incoming/b/2.jpg", tmp_path / "out" / "2.jpg")
+    assert (tmp_path / "out" / "2.jpg").read_bytes() == b"two!"
+
+
+def test_etag_changes_with_content(store: Store) -> None:
+    store.put_bytes("k", b"v1")
+    first = next(iter(store.list("k"))).etag
+    store.put_bytes("k", b"v2")
+    assert next(iter(store.list("k"))).etag != first
+
+
+def test_s3_listing_is_paginated(bucket: str) -> None:
+    client = s3_client()
+    for i in range(1005):
+        client.put_object(Bucket=bucket, Key=f"incoming/x/{i:05d}.jpg", Body=b"x")
+    assert len(list(S3Store(bucket).list("incoming/"))) == 1005
+
+
+@pytest.mark.parametrize("key", ["", "/etc/passwd", "a/../../b", "a\\b", "a/\x00b", "./a", "a//b", "x" * 300])
+def test_unsafe_keys_are_refused(key: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        safe_key(key)
+    with pytest.raises(ValueError):
+        LocalStore(tmp_path).put_bytes(key, b"x")
+    assert not any(tmp_path.parent.glob("passwd"))
