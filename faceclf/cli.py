@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("score", help="score images with an ONNX model into a CSV")
     sc.add_argument("model", help="model.onnx written by `faceclf export`")
     sc.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    sc.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>..., error")
+    sc.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>..., error, model_version")
     sc.add_argument("--batch-size", type=int, default=s.batch_size)
     sc.add_argument("--workers", type=int, default=s.decode_workers, help="image decoding threads")
     sc.add_argument("--device", choices=("auto", "cpu", "cuda"), default=s.device)
@@ -80,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--per-class", type=int, default=150)
     sa.add_argument("--size", type=int, default=128)
     sa.add_argument("--seed", type=int, default=0)
+
+    ing = sub.add_parser("ingest", help="ingest SOURCE/incoming/<class>/* into DEST/{train,val,test}/<class>/; prints the summary JSON")
+    ing.add_argument("source", help="s3://BUCKET, or a local folder with the same layout (incoming/<class>/...)")
+    ing.add_argument("dest", help="local ImageFolder root, e.g. face/")
+
+    mo = sub.add_parser("models", help="the model registry: list versions, promote one (manual rollback)")
+    mo_sub = mo.add_subparsers(dest="models_command", required=True)
+    ml = mo_sub.add_parser("list", help="every model version, oldest first, with its gate result")
+    mp = mo_sub.add_parser("promote", help="point champion.json at VERSION")
+    mp.add_argument("version")
+    for p in (ml, mp):
+        p.add_argument("--bucket", default=None, help="bucket name, s3://BUCKET or a local folder (default: $FACECLF_BUCKET)")
 
     de = sub.add_parser("demo", help="train, export and score end to end on FOLDER (default: the generated sample set)")
     de.add_argument("folder", nargs="?", default=None, help="class folders to train on; omitted: a generated sample set")
@@ -150,6 +162,34 @@ def cmd_sample(a: argparse.Namespace) -> None:
     print(f"wrote {sum(counts.values())} images to {a.out}: {counts}")
 
 
+def cmd_ingest(a: argparse.Namespace) -> None:
+    from faceclf.ingest import ingest
+    from faceclf.storage import open_store
+
+    report = ingest(open_store(a.source), Path(a.dest))
+    print(json.dumps(report.to_dict(), indent=2))
+
+
+def cmd_models(a: argparse.Namespace) -> None:
+    from faceclf import registry
+    from faceclf.night import resolve_location
+    from faceclf.storage import open_store
+
+    store = open_store(resolve_location(a.bucket))
+    if a.models_command == "list":
+        rows = registry.list_versions(store)
+        if not rows:
+            print(f"no model versions in {store.uri(registry.MODELS_PREFIX)}")
+        for r in rows:
+            gate = {True: "passed", False: "rejected", None: "no decision"}[r["gate_passed"]]
+            acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "n/a"
+            print(f"{'*' if r['champion'] else ' '} {r['version']}  gate {gate:<8}  test accuracy {acc}"
+                  f"{'' if r['has_model'] else '  (no model.onnx)'}")
+    else:
+        pointer = registry.promote(store, a.version)
+        print(json.dumps(pointer, indent=2))
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from faceclf.demo import run_demo
 
@@ -157,7 +197,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "score": cmd_score,
-            "sample": cmd_sample, "demo": cmd_demo}
+            "sample": cmd_sample, "demo": cmd_demo, "ingest": cmd_ingest, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,10 +86,11 @@ def resolve_run_config(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig
 
 
 def train_run(data_root: str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
-              resume: bool = False) -> dict[str, Any]:
+              resume: bool = False, version: str | None = None) -> dict[str, Any]:
     """Train on ``data_root`` into ``run_dir`` and return the metrics written to metrics.json.
 
     With ``resume`` the run continues from run_dir/last.pt with run_dir/config.json (``cfg`` is ignored).
+    ``version`` names the model (default: a new time-sortable version).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,7 @@ def train_run(data_root: str | Path, run_dir: str | Path, cfg: RunConfig | None 
     write_split_manifest(run_dir / "splits.csv", splits)
     loaded = load_splits(splits, cfg)
     n_rejected = write_rejected(run_dir / "rejected.csv", loaded)
-    result = fit(cfg, splits.classes, loaded["train"], loaded["val"], run_dir, resume=resume)
+    result = fit(cfg, splits.classes, loaded["train"], loaded["val"], run_dir, resume=resume, version=version)
     metrics = finish_run(run_dir, splits.classes, loaded, result.best_epoch, result.device)
     metrics["data"] = {"counts": {s: len(loaded[s].labels) for s in SPLITS}, "duplicates_dropped": splits.duplicates,
                        "conflicts_dropped": len(splits.conflicts), "rejected": n_rejected, "presplit": splits.presplit}

@@ -102,12 +102,45 @@ def load_onnx_model(path: str | os.PathLike[str], device: str = "auto") -> OnnxM
     )
 
 
-def predict_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
-    """uint8 (B, S, S, 3) -> class probabilities (B, C)."""
+def predict_log_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
+    """uint8 (B, S, S, 3) -> class log-probabilities (B, C), the model's raw output."""
     x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0  # (B, 3, S, S)
     x = (x - model.mean) / model.std
-    log_probs = model.session.run(None, {model.input_name: x})[0]
-    return np.exp(log_probs)
+    return model.session.run(None, {model.input_name: x})[0]
+
+
+def predict_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
+    """uint8 (B, S, S, 3) -> class probabilities (B, C)."""
+    return np.exp(predict_log_proba(model, images))
+
+
+def evaluate_onnx(model_path: str | os.PathLike[str], data: str | os.PathLike[str], cfg: ScoreConfig | None = None) -> dict:
+    """Metrics of an exported model on a folder of class folders (e.g. face/test): the same dict as
+    ``faceclf.train.evaluate``. Used to re-score the champion on tonight's test set.
+    """
+    from faceclf.data import decode_images, find_classes
+    from faceclf.metrics import summarize
+
+    cfg = cfg or ScoreConfig()
+    model = load_onnx_model(model_path, cfg.device)
+    data = Path(data)
+    unknown = sorted(set(find_classes(data)) - set(model.classes))
+    if unknown:
+        raise ValueError(f"{data} has classes {unknown} that model {model.version} does not know ({model.classes})")
+    paths, labels = [], []
+    for i, c in enumerate(model.classes):
+        found = list_images(data / c) if (data / c).is_dir() else []
+        paths += found
+        labels += [i] * len(found)
+    images, ok, _ = decode_images(paths, model.image_size, cfg.decode_workers, desc="decode (champion)")
+    y = np.asarray([labels[i] for i in ok], dtype=np.int64)
+    nhwc = images.permute(0, 2, 3, 1).numpy()  # (N, S, S, 3)
+    log_probs = np.concatenate([predict_log_proba(model, nhwc[i:i + cfg.batch_size])
+                                for i in range(0, len(nhwc), cfg.batch_size)]) if len(nhwc) else np.empty((0, len(model.classes)))
+    import torch
+
+    loss_sum = float(-log_probs[np.arange(len(y)), y].sum()) if len(y) else 0.0
+    return summarize(loss_sum, torch.from_numpy(log_probs.argmax(1)), torch.from_numpy(y), model.classes)
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -129,11 +162,15 @@ def _batches(paths: list[Path], batch_size: int) -> Iterator[list[Path]]:
         yield paths[i:i + batch_size]
 
 
-def score_rows(model: OnnxModel, paths: list[Path], cfg: ScoreConfig) -> Iterator[dict[str, str]]:
+def score_rows(model: OnnxModel, paths: list[Path], cfg: ScoreConfig, relative_to: Path | None = None) -> Iterator[dict[str, str]]:
     """One row per path: predicted class and probabilities, or an error for an undecodable file.
 
-    Batch k+1 is decoding in the pool while batch k runs in onnxruntime.
+    Batch k+1 is decoding in the pool while batch k runs in onnxruntime. With ``relative_to`` the
+    path column is relative to it (e.g. an S3 key when images were downloaded to dir/<key>).
     """
+    def name(p: Path) -> str:
+        return p.relative_to(relative_to).as_posix() if relative_to else str(p)
+
     with ThreadPoolExecutor(max(1, cfg.decode_workers)) as pool:
         def submit(batch: list[Path]) -> list[Future]:
             return [pool.submit(try_load_image, p, model.image_size) for p in batch]
@@ -149,11 +186,12 @@ def score_rows(model: OnnxModel, paths: list[Path], cfg: ScoreConfig) -> Iterato
             for i, p in enumerate(batch):
                 if i in by_index:
                     pr = by_index[i]
-                    row = {"path": str(p), "predicted_class": model.classes[int(pr.argmax())], "error": ""}
+                    row = {"path": name(p), "predicted_class": model.classes[int(pr.argmax())], "error": ""}
                     row.update({f"p_{c}": f"{float(v):.6f}" for c, v in zip(model.classes, pr)})
                 else:
-                    row = {"path": str(p), "predicted_class": "", "error": decoded[i]}
+                    row = {"path": name(p), "predicted_class": "", "error": decoded[i]}
                     row.update({f"p_{c}": "" for c in model.classes})
+                row["model_version"] = model.version
                 yield row
 
 
@@ -172,23 +210,23 @@ class ScoreSummary:
 
 
 def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
-          cfg: ScoreConfig | None = None) -> ScoreSummary:
+          cfg: ScoreConfig | None = None, relative_to: Path | None = None) -> ScoreSummary:
     """Score every image in ``inputs`` with the ONNX model and write ``out`` (CSV) atomically.
 
-    Columns: path, predicted_class, p_<class>..., error. A file that does not decode gets a row with
-    its error and the run goes on; rerunning replaces the file, never appends to it.
+    Columns: path, predicted_class, p_<class>..., error, model_version. A file that does not decode
+    gets a row with its error and the run goes on; rerunning replaces the file, never appends to it.
     """
     cfg = cfg or ScoreConfig()
     model = load_onnx_model(model_path, cfg.device)
     log.info("scoring with %s on %s (model version %s)", model.path, model.provider, model.version)
     paths = collect_inputs(inputs)
-    fields = ["path", "predicted_class", *[f"p_{c}" for c in model.classes], "error"]
+    fields = ["path", "predicted_class", *[f"p_{c}" for c in model.classes], "error", "model_version"]
     errors = 0
     t0 = time.perf_counter()
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        for row in progress(score_rows(model, paths, cfg), total=len(paths), desc="score", unit="img"):
+        for row in progress(score_rows(model, paths, cfg, relative_to), total=len(paths), desc="score", unit="img"):
             errors += bool(row["error"])
             writer.writerow(row)
     seconds = time.perf_counter() - t0

@@ -180,3 +180,14 @@ def open_store(location: str | os.PathLike[str], client=None) -> Store:  # noqa:
             raise ValueError(f"{text!r}: give the bucket only (s3://BUCKET); the layout below it is fixed")
         return S3Store(bucket, client)
     return LocalStore(text)
+
+
+def download_prefix(store: Store, prefix: str, dest: Path, workers: int = 16) -> list[Path]:
+    """Copy every object under ``prefix`` to dest/<key> in parallel; unsafe keys raise ValueError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    objects = list(store.list(prefix))
+    targets = [dest.joinpath(*PurePosixPath(safe_key(o.key)).parts) for o in objects]
+    with ThreadPoolExecutor(max(1, min(workers, DEFAULT_POOL))) as pool:
+        list(pool.map(lambda ot: store.download(ot[0].key, ot[1]), zip(objects, targets)))
+    return targets

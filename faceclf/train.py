@@ -252,11 +252,13 @@ def _restore(tr: Trainer, last: dict[str, Any], generator: torch.Generator) -> N
         torch.cuda.set_rng_state(last["cuda_rng_state"])
 
 
-def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit, run_dir: Path, resume: bool = False) -> FitResult:
+def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit, run_dir: Path, resume: bool = False,
+        version: str | None = None) -> FitResult:
     """Train until cfg.train.epochs or until val loss has not improved for cfg.train.patience epochs.
 
     Keeps the best-val-loss weights in run_dir/checkpoint.pt and the latest state in run_dir/last.pt;
     with ``resume`` it continues from last.pt and reaches the same result as an uninterrupted run.
+    ``version`` names the model (default: a new time-sortable one).
     """
     device = resolve_device(cfg.train.device)
     if cfg.train.num_threads > 0:
@@ -265,7 +267,7 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
     steps = math.ceil(len(train.labels) / cfg.train.batch_size)
     tr = make_trainer(cfg, steps, device)
     history: list[dict[str, Any]] = []
-    best_val_loss, best_epoch, version, start = math.inf, -1, new_version(), 0
+    best_val_loss, best_epoch, version, start = math.inf, -1, version or new_version(), 0
     if resume:
         last = load_checkpoint(run_dir / "last.pt")
         _restore(tr, last, generator)

@@ -108,7 +108,8 @@ def test_score_writes_one_row_per_image_with_errors_inline(onnx_model: Path, tra
     assert (summary.images, summary.errors) == (len(test_images) + 1, 1)
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "predicted_class", "p_with_mask", "p_without_mask", "error"]
+    assert list(rows[0]) == ["path", "predicted_class", "p_with_mask", "p_without_mask", "error", "model_version"]
+    assert {r["model_version"] for r in rows} == {load_checkpoint(trained_run / "checkpoint.pt")["version"]}
     assert len(rows) == len(test_images) + 1
     bad = [r for r in rows if r["error"]]
     assert len(bad) == 1 and bad[0]["path"].endswith("broken.jpg") and "cannot decode" in bad[0]["error"]

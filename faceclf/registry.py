@@ -1,0 +1,128 @@
+"""The model registry in a Store: models/face/<version>/ files and the champion.json pointer.
+
+A version's files are uploaded first; champion.json is rewritten last (one atomic PUT), so a night
+that dies half-way leaves the old champion serving. Versions sort by time (20261123T021500Z-3fa2c1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from faceclf.storage import Store
+
+log = logging.getLogger(__name__)
+
+MODELS_PREFIX = "models/face/"
+CHAMPION_KEY = MODELS_PREFIX + "champion.json"
+MODEL_FILE = "model.onnx"
+DECISION_FILE = "decision.json"
+
+
+def version_key(version: str, name: str) -> str:
+    """Key of file ``name`` of model ``version``."""
+    if not version or "/" in version or version.startswith("."):
+        raise ValueError(f"model version {version!r} is not a plain name")
+    return f"{MODELS_PREFIX}{version}/{name}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def publish_version(store: Store, version: str, files: dict[str, Path]) -> dict[str, str]:
+    """Upload a version's files (name -> local path); return name -> URI. Does not touch champion.json."""
+    uris = {}
+    for name, path in files.items():
+        store.put_file(version_key(version, name), Path(path))
+        uris[name] = store.uri(version_key(version, name))
+    log.info("uploaded model version %s: %s", version, ", ".join(sorted(files)))
+    return uris
+
+
+def read_champion(store: Store) -> dict[str, Any] | None:
+    """The champion pointer, or None before the first promotion."""
+    try:
+        return json.loads(store.get_bytes(CHAMPION_KEY))
+    except FileNotFoundError:
+        return None
+
+
+def set_champion(store: Store, version: str, model_sha256: str, reason: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Point champion.json at ``version`` (the last write of a promotion); return the new pointer."""
+    previous = read_champion(store)
+    pointer = {
+        "version": version,
+        "model_key": version_key(version, MODEL_FILE),
+        "model_sha256": model_sha256,
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reason": reason,
+        "previous_version": previous["version"] if previous else None,
+        "test_accuracy": (metrics or {}).get("accuracy"),
+    }
+    store.put_bytes(CHAMPION_KEY, (json.dumps(pointer, indent=2) + "\n").encode())
+    log.info("champion is now %s (%s)", version, reason)
+    return pointer
+
+
+def fetch_model(store: Store, version: str, dest: Path, expected_sha256: str | None = None) -> Path:
+    """Download ``version``'s model.onnx to ``dest``, refusing it if its sha256 is not the expected one."""
+    data = store.get_bytes(version_key(version, MODEL_FILE))
+    if expected_sha256 and sha256_bytes(data) != expected_sha256:
+        raise ValueError(f"model {store.uri(version_key(version, MODEL_FILE))} has sha256 {sha256_bytes(data)}, "
+                         f"but the registry expects {expected_sha256}; refusing to use it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data)
+    return dest
+
+
+def fetch_champion(store: Store, dest: Path) -> tuple[dict[str, Any], Path] | None:
+    """Download the champion's model (sha256-checked); None when there is no champion."""
+    pointer = read_champion(store)
+    if pointer is None:
+        return None
+    return pointer, fetch_model(store, pointer["version"], dest, pointer.get("model_sha256"))
+
+
+def list_versions(store: Store) -> list[dict[str, Any]]:
+    """Every version, oldest first: version, files, promoted by its gate?, test accuracy, champion?"""
+    files: dict[str, list[str]] = {}
+    for obj in store.list(MODELS_PREFIX):
+        rest = obj.key[len(MODELS_PREFIX):]
+        if "/" in rest:
+            version, name = rest.split("/", 1)
+            files.setdefault(version, []).append(name)
+    champion = read_champion(store)
+    rows = []
+    for version in sorted(files):
+        decision = {}
+        if DECISION_FILE in files[version]:
+            decision = json.loads(store.get_bytes(version_key(version, DECISION_FILE)))
+        rows.append({
+            "version": version,
+            "champion": bool(champion and champion["version"] == version),
+            "gate_passed": decision.get("promote"),
+            "test_accuracy": decision.get("candidate_accuracy"),
+            "has_model": MODEL_FILE in files[version],
+            "files": sorted(files[version]),
+        })
+    return rows
+
+
+def promote(store: Store, version: str, reason: str = "manual promote") -> dict[str, Any]:
+    """Make an existing version the champion (a manual rollback or roll-forward)."""
+    key = version_key(version, MODEL_FILE)
+    if not store.exists(key):
+        known = [r["version"] for r in list_versions(store) if r["has_model"]]
+        raise ValueError(f"version {version!r} has no {MODEL_FILE} in {store.uri(MODELS_PREFIX)}; "
+                         f"versions with a model: {known or 'none'}")
+    data = store.get_bytes(key)
+    metrics = None
+    if store.exists(version_key(version, "metrics.json")):
+        metrics = json.loads(store.get_bytes(version_key(version, "metrics.json"))).get("test")
+    return set_champion(store, version, sha256_bytes(data), reason, metrics)

@@ -1,0 +1,134 @@
+"""The Prefect flows, run under a real (temporary) Prefect API against the S3 endpoint on 127.0.0.1."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from faceclf import registry
+from faceclf.data import load_image
+from faceclf.sample import generate_sample_faces
+from faceclf.storage import open_store, s3_client
+
+FAST = {"epochs": 12, "image_size": 32, "batch_size": 16, "conv_channels": [8, 16], "learning_rate": 5e-3}
+LENIENT = {"min_accuracy": 0.75, "min_class_accuracy": 0.6}  # small test sets: ~20 images
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def upload_faces(bucket: str, root: Path, per_class: int, seed: int, shuffle: bool = False) -> int:
+    """Generate faces and put them under incoming/<class>/ (under a random class if ``shuffle``)."""
+    import random
+
+    generate_sample_faces(root, per_class=per_class, size=48, seed=seed)
+    rng = random.Random(seed)
+    client, n = s3_client(), 0
+    for p in sorted(root.rglob("*.*")):
+        label = rng.choice(["with_mask", "without_mask"]) if shuffle else p.parent.name
+        client.put_object(Bucket=bucket, Key=f"incoming/{label}/s{seed}-{p.name}", Body=p.read_bytes())
+        n += 1
+    return n
+
+
+def tree(face: Path) -> dict[str, str]:
+    """file name (sha256.ext) -> split, for every image under face/."""
+    return {p.name: p.relative_to(face).parts[0] for p in face.rglob("*.*") if p.is_file()}
+
+
+def onnx_accuracy(model_path: Path, folder: Path) -> float:
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    classes, size = json.loads(meta["classes"]), int(meta["image_size"])
+    mean = np.array(json.loads(meta["mean"]), np.float32).reshape(1, 3, 1, 1)
+    std = np.array(json.loads(meta["std"]), np.float32).reshape(1, 3, 1, 1)
+    paths = sorted(folder.rglob("*.*"))
+    x = np.stack([load_image(p, size) for p in paths]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    pred = session.run(None, {"input": (x - mean) / std})[0].argmax(1)
+    return float(np.mean([classes[k] == p.parent.name for k, p in zip(pred, paths)]))
+
+
+def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_api, bucket: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.train import train
+
+    monkeypatch.chdir(tmp_path)
+    store = open_store(f"s3://{bucket}")
+    upload_faces(bucket, tmp_path / "night1", per_class=80, seed=11)
+
+    # Night 1: no champion yet -> absolute thresholds only -> promoted.
+    n1 = train(bucket=bucket, **LENIENT, **FAST)
+    assert n1["promoted"], n1["reasons"]
+    assert n1["ingest"]["new"] == 160 and n1["ingest"]["quarantined"] == 0
+    champ = registry.read_champion(store)
+    assert champ["version"] == n1["version"]
+    model = tmp_path / "champion.onnx"
+    registry.fetch_model(store, champ["version"], model, champ["model_sha256"])
+    generate_sample_faces(tmp_path / "held-out", per_class=20, size=48, seed=99)
+    assert onnx_accuracy(model, tmp_path / "held-out") >= 0.85
+    for name in ("model.onnx", "checkpoint.pt", "metrics.json", "report.md", "decision.json"):
+        assert store.exists(registry.version_key(n1["version"], name)), name
+    split_before = tree(tmp_path / "face")
+
+    # Night 2: nothing new -> nothing downloaded, no image changes split.
+    n2 = train(bucket=bucket, **LENIENT, **FAST)
+    assert n2["ingest"]["new"] == 0 and n2["ingest"]["skipped"] == n2["ingest"]["listed"] == 160
+    assert tree(tmp_path / "face") == split_before
+    champion_after_2 = registry.read_champion(store)
+    assert champion_after_2["version"] in (n1["version"], n2["version"])
+
+    # Night 3: three times as many new images with shuffled labels: the candidate learns from noise,
+    # is worse than the champion on the same test set, and is rejected; the champion stays.
+    upload_faces(bucket, tmp_path / "night3", per_class=240, seed=33, shuffle=True)
+    n3 = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0, **FAST)
+    assert not n3["promoted"]
+    assert any("worse than champion" in r for r in n3["reasons"]), n3["reasons"]
+    assert registry.read_champion(store) == champion_after_2
+    decision = json.loads(store.get_bytes(registry.version_key(n3["version"], "decision.json")))
+    assert decision["promote"] is False and decision["reasons"] == n3["reasons"]
+    assert not store.exists(registry.version_key(n3["version"], "model.onnx"))
+    versions = registry.list_versions(store)
+    assert [v["version"] for v in versions] == sorted({n1["version"], n2["version"], n3["version"]})
+
+    # Manual rollback moves the pointer to the first night's model.
+    registry.promote(store, n1["version"])
+    assert registry.read_champion(store)["version"] == n1["version"]
+
+
+def test_score_flow_writes_predictions_for_a_prefix(prefect_api, bucket: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.score import score
+    from flows.train import train
+
+    monkeypatch.chdir(tmp_path)
+    upload_faces(bucket, tmp_path / "faces", per_class=80, seed=5)
+    night = train(bucket=bucket, **LENIENT, **FAST)
+    assert night["promoted"]
+    client = s3_client()
+    generate_sample_faces(tmp_path / "batch", per_class=10, size=48, seed=6)
+    for p in sorted((tmp_path / "batch").rglob("*.*")):
+        client.put_object(Bucket=bucket, Key=f"to-score/{p.parent.name}/{p.name}", Body=p.read_bytes())
+    client.put_object(Bucket=bucket, Key="to-score/broken.jpg", Body=b"not an image")
+
+    result = score(bucket=bucket, source="to-score/", output="predictions/test/predictions.csv")
+    assert result["provider"] == "CPUExecutionProvider" and result["version"] == night["version"]
+    assert (result["images"], result["errors"]) == (21, 1)
+    text = open_store(f"s3://{bucket}").get_bytes("predictions/test/predictions.csv").decode()
+    rows = list(csv.DictReader(text.splitlines()))
+    assert {r["model_version"] for r in rows} == {night["version"]}
+    assert {r["path"] for r in rows} >= {"to-score/broken.jpg", "to-score/with_mask/with_mask_00000.jpg"}
+    good = [r for r in rows if not r["error"]]
+    assert np.mean([r["predicted_class"] == r["path"].split("/")[1] for r in good]) >= 0.85
+
+    local = score(bucket=bucket, source=str(tmp_path / "batch"), output=str(tmp_path / "out" / "p.csv"))
+    assert local["images"] == 20 and (tmp_path / "out" / "p.csv").is_file()

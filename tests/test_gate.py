@@ -1,0 +1,51 @@
+"""The promotion gate's rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from faceclf.gate import GateConfig, decide
+
+
+def metrics(acc: float, per_class: dict, n: int = 100, loss: float = 0.1) -> dict:
+    return {"accuracy": acc, "per_class_accuracy": per_class, "n": n, "loss": loss, "confusion_matrix": []}
+
+
+GOOD = metrics(0.95, {"with_mask": 0.96, "without_mask": 0.94})
+
+
+def test_first_night_uses_absolute_thresholds_only() -> None:
+    d = decide(GOOD, GateConfig())
+    assert d.promote and d.reasons == [] and "no champion" in d.summary()
+
+
+def test_each_failed_rule_is_named_with_its_numbers() -> None:
+    d = decide(metrics(0.85, {"with_mask": 0.95, "without_mask": 0.75}), GateConfig())
+    assert not d.promote
+    assert any("accuracy 0.85 is below the minimum 0.9" in r for r in d.reasons)
+    assert any("'without_mask' accuracy 0.75 is below the minimum 0.85" in r for r in d.reasons)
+
+
+def test_worse_than_champion_on_the_same_test_set_is_rejected() -> None:
+    champion = metrics(0.97, {"with_mask": 0.97, "without_mask": 0.97})
+    d = decide(GOOD, GateConfig(), champion, "v1")
+    assert not d.promote and "worse than champion v1's 0.9700" in d.reasons[0] and "by 0.0200" in d.reasons[0]
+    assert decide(GOOD, GateConfig(tolerance=0.03), champion, "v1").promote
+    assert decide(metrics(0.97, GOOD["per_class_accuracy"]), GateConfig(), champion, "v1").promote  # a tie passes
+
+
+@pytest.mark.parametrize("bad", [
+    metrics(math.nan, {"with_mask": 0.9, "without_mask": 0.9}),
+    metrics(0.99, {"with_mask": 0.99, "without_mask": 0.99}, loss=math.nan),
+    metrics(0.99, {"with_mask": 0.99, "without_mask": None}),
+    metrics(math.nan, {"with_mask": None, "without_mask": None}, n=0),
+])
+def test_nan_empty_or_single_class_never_promotes(bad: dict) -> None:
+    assert not decide(bad, GateConfig()).promote
+
+
+def test_thresholds_are_validated() -> None:
+    with pytest.raises(ValueError, match="min_accuracy must be in"):
+        GateConfig(min_accuracy=1.5)

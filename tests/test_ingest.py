@@ -1,0 +1,350 @@
+"""Ingest from a real S3 endpoint (moto server on 127.0.0.1) and from a local folder into ImageFolder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import shutil
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from faceclf.data import SPLITS, discover, split_of
+from faceclf.ingest import (
+    MANIFEST_KEY,
+    QUARANTINE_KEY,
+    IngestConfig,
+    IngestReport,
+    ingest,
+    read_manifest,
+    read_quarantine,
+)
+from faceclf.storage import LocalStore, S3Store, Store, open_store, s3_client
+
+CFG = IngestConfig(workers=8)
+
+
+class CountingS3Store(S3Store):
+    """The real S3Store, remembering which incoming/ objects were downloaded."""
+
+    def __init__(self, bucket: str):
+        super().__init__(bucket)
+        self.downloaded: list[str] = []
+
+    def get_bytes(self, key: str) -> bytes:
+        if key.startswith("incoming/"):
+            self.downloaded.append(key)
+        return super().get_bytes(key)
+
+
+def png(w: int = 40, h: int = 40, color: tuple[int, int, int] = (10, 20, 30), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), color if mode == "RGB" else 1).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def noisy_jpeg(size: int = 64, seed: int = 0) -> bytes:
+    """A JPEG with enough entropy that cutting it in half really loses scan data."""
+    rng = random.Random(seed)
+    img = Image.frombytes("RGB", (size, size), bytes(rng.randrange(256) for _ in range(size * size * 3)))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_claiming(w: int, h: int) -> bytes:
+    """A real small PNG whose IHDR says w x h (CRC fixed up), so only the header is big."""
+    data = bytearray(png(32, 32))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", w, h)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def upload(bucket: str, objects: dict[str, bytes]) -> None:
+    client = s3_client()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: client.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), objects.items()))
+
+
+def folder_objects(root: Path) -> dict[str, bytes]:
+    """incoming/<class>/<name> -> bytes for every file of a folder of class folders."""
+    return {f"incoming/{p.relative_to(root).as_posix()}": p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def snapshot(store: Store) -> dict[str, tuple[str, int, str]]:
+    """key -> (etag, size, sha256 of the content) of everything under incoming/."""
+    return {o.key: (o.etag, o.size, hashlib.sha256(store.get_bytes(o.key)).hexdigest()) for o in store.list("incoming/")}
+
+
+def dest_files(dest: Path) -> dict[str, str]:
+    """dest-relative path -> sha256 of the file, for every file below dest."""
+    return {p.relative_to(dest).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in dest.rglob("*") if p.is_file()}
+
+
+def assert_dest_matches_manifest(store: Store, dest: Path, cfg: IngestConfig = CFG) -> list[dict]:
+    """Every "ok" row has its file, named by its content hash, in the split its hash gives; nothing else is there."""
+    rows = read_manifest(store)
+    ok = [r for r in rows if r["status"] == "ok"]
+    files = dest_files(dest)
+    assert sorted(files) == sorted(r["path"] for r in ok)
+    for r in ok:
+        split, cls, name = r["path"].split("/")
+        assert files[r["path"]] == r["sha256"] == name.rsplit(".", 1)[0]
+        assert split == r["split"] == split_of(r["sha256"], cfg.split_fractions) and cls == r["class"]
+        assert name.endswith({"JPEG": ".jpg", "PNG": ".png"}[r["format"]])
+        assert {"key", "etag", "size", "width", "height", "ingested_at"} <= r.keys()
+    shas = [r["sha256"] for r in ok]
+    assert len(shas) == len(set(shas)), "a content hash is held twice"
+    for r in rows:
+        if r["status"] == "duplicate":
+            assert r["sha256"] in set(shas) and r["duplicate_of"] != r["key"]
+    return rows
+
+
+def test_s3_nights_first_second_changed_and_rebuild(bucket: str, faces: Path, tmp_path: Path) -> None:
+    upload(bucket, folder_objects(faces))
+    store = CountingS3Store(bucket)
+    dest = tmp_path / "face"
+
+    # Night 1: 120 faces plus 3 byte-identical copies.
+    r1 = ingest(store, dest, CFG)
+    assert (r1.listed, r1.new, r1.duplicates, r1.skipped, r1.quarantined, r1.failed) == (123, 120, 3, 0, 0, 0)
+    assert r1.classes == {"with_mask": 60, "without_mask": 60} and r1.manifest_rows == 123
+    json.dumps(r1.to_dict())
+    rows = assert_dest_matches_manifest(store, dest)
+    assert sorted(r["key"] for r in rows) == sorted(folder_objects(faces))
+    dups = [r for r in rows if r["status"] == "duplicate"]
+    # The first key in listing order keeps the file: copy_i.jpg sorts before with_mask_0000i.jpg.
+    assert sorted((r["key"].rsplit("/", 1)[1], r["duplicate_of"].rsplit("/", 1)[1]) for r in dups) == [
+        (f"with_mask_0000{i}.jpg", f"copy_{i}.jpg") for i in range(3)]
+    for split in SPLITS:  # 120 hashes spread over the three splits, each in one
+        assert list((dest / split).rglob("*.*"))
+    before = dest_files(dest)
+
+    # Night 2: nothing new -> nothing downloaded, nothing moved.
+    store.downloaded.clear()
+    r2 = ingest(store, dest, CFG)
+    assert (r2.listed, r2.new, r2.skipped, r2.duplicates, r2.quarantined) == (123, 0, 123, 0, 0)
+    assert store.downloaded == [] and dest_files(dest) == before and r2.manifest_rows == 123
+
+    # Night 3: an object replaced under the same key (new etag) is ingested again; the old image stays.
+    key = "incoming/without_mask/without_mask_00000.jpg"
+    old = next(r for r in rows if r["key"] == key)
+    upload(bucket, {key: png(50, 50, (200, 1, 2))})
+    r3 = ingest(store, dest, CFG)
+    assert (r3.new, r3.skipped, r3.listed) == (1, 122, 123) and store.downloaded == [key]
+    rows3 = assert_dest_matches_manifest(store, dest)
+    versions = [r for r in rows3 if r["key"] == key]
+    assert len(versions) == 2 and versions[0]["sha256"] == old["sha256"] != versions[1]["sha256"]
+    assert (dest / old["path"]).is_file() and versions[1]["format"] == "PNG"
+    assert r3.classes == {"with_mask": 60, "without_mask": 61}
+
+    # Night 4 on a fresh machine: face/ is gone; it is rebuilt from the manifest. The replaced
+    # object's old content is no longer in the bucket, so that one image cannot come back.
+    shutil.rmtree(dest)
+    store.downloaded.clear()
+    r4 = ingest(store, dest, CFG)
+    assert (r4.restored, r4.missing, r4.new, r4.skipped) == (120, 1, 0, 123)
+    assert len(store.downloaded) == 120
+    files = dest_files(dest)
+    assert sorted(files) == sorted(r["path"] for r in rows3 if r["status"] == "ok" and r["path"] != old["path"])
+
+
+def test_more_than_one_page_of_objects(bucket: str, tmp_path: Path) -> None:
+    objects = {f"incoming/{'ab'[i % 2]}/{i:05d}.png": png(20, 20, (i % 256, i // 256, 7)) for i in range(1010)}
+    upload(bucket, objects)
+    cfg = IngestConfig(workers=16, min_side=16)
+    report = ingest(open_store(f"s3://{bucket}"), tmp_path / "face", cfg)
+    assert (report.listed, report.new, report.duplicates, report.quarantined) == (1010, 1010, 0, 0)
+    assert report.classes == {"a": 505, "b": 505}
+    rows = assert_dest_matches_manifest(open_store(f"s3://{bucket}"), tmp_path / "face", cfg)
+    assert len(rows) == 1010
+
+
+BAD = {
+    "incoming/with_mask/empty.jpg": (b"", "empty object"),
+    "incoming/with_mask/random.jpg": (random.Random(3).randbytes(3000), "not an image: cannot identify image file"),
+    "incoming/with_mask/page.jpg": (b"<!DOCTYPE html><html><body>Access denied</body></html>\n" * 20,
+                                   "not an image: cannot identify image file"),
+    "incoming/with_mask/truncated.jpg": (noisy_jpeg()[:3000], "truncated or corrupt image data"),
+    "incoming/with_mask/scan.jpg": (None, "format TIFF not allowed (JPEG, PNG)"),
+    "incoming/with_mask/bomb.png": (png_claiming(20000, 20000), "over the 40000000-pixel limit"),
+    "incoming/with_mask/wide.png": (png_claiming(8000, 6000), "image 8000x6000 is over the 40000000-pixel limit"),
+    "incoming/with_mask/tiny.png": (png(8, 8), "image 8x8 has a side outside [32, 16384] pixels"),
+    "incoming/with_mask/large.jpg": (b"\xff" * 60_000, "object of 60000 bytes is over the 50000-byte limit"),
+    "incoming/with_mask/../escape.jpg": (png(), "unsafe key"),
+    "incoming/with_mask/back\\slash.jpg": (png(), "unsafe key"),
+    "incoming/stray.jpg": (png(), "is not incoming/<class>/<name>"),
+    "incoming/a/b/deep.jpg": (png(), "is not incoming/<class>/<name>"),
+    "incoming/with_mask/notes.txt": (b"hello", "extension of 'notes.txt' is not one of .jpg, .jpeg, .png"),
+    "incoming/with_mask/.hidden.jpg": (png(), "hidden class or file name"),
+    "incoming/.cache/x.jpg": (png(), "hidden class or file name"),
+    f"incoming/with_mask/{'n' * 220}.jpg": (png(), "is over 200 bytes"),
+}
+
+
+def tiff() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def test_bad_objects_are_quarantined_once_and_never_touched(bucket: str, tmp_path: Path) -> None:
+    objects = {k: (tiff() if v is None else v) for k, (v, _) in BAD.items()}
+    objects["incoming/with_mask/good.png"] = png(40, 40)
+    objects["incoming/without_mask/mislabelled_png.jpg"] = png(40, 40, (9, 9, 9))  # content decides the extension
+    upload(bucket, objects)
+    store = CountingS3Store(bucket)
+    assert "incoming/with_mask/../escape.jpg" in {o.key for o in store.list("incoming/")}, "endpoint rewrote the key"
+    incoming = snapshot(store)
+    assert len(incoming) == len(objects)
+    dest = tmp_path / "face"
+    cfg = IngestConfig(workers=8, max_bytes=50_000)
+
+    store.downloaded.clear()
+    report = ingest(store, dest, cfg)
+    assert (report.listed, report.new, report.quarantined) == (len(objects), 2, len(BAD))
+    reasons = {q["key"]: q["reason"] for q in report.quarantine}
+    assert sorted(reasons) == sorted(BAD)
+    for key, (_, expected) in BAD.items():
+        assert expected in reasons[key], (key, reasons[key])
+    # Keys and sizes refused from the listing were never downloaded.
+    listing_refusals = [k for k, (_, why) in BAD.items() if why.startswith(("empty", "object of", "unsafe", "hidden"))
+                        or "incoming/<class>" in why or "extension" in why or "200 bytes" in why]
+    assert not set(listing_refusals) & set(store.downloaded)
+    assert sorted(store.downloaded) == sorted(set(objects) - set(listing_refusals))
+
+    logged = read_quarantine(store)
+    assert logged == report.quarantine
+    for q in logged:
+        assert q.keys() == {"key", "etag", "size", "reason", "at"}
+        assert (q["etag"], q["size"]) == incoming[q["key"]][:2]
+    rows = assert_dest_matches_manifest(store, dest, cfg)
+    assert sorted(r["key"] for r in rows) == ["incoming/with_mask/good.png", "incoming/without_mask/mislabelled_png.jpg"]
+    assert all(r["path"].endswith(".png") for r in rows)
+    assert snapshot(store) == incoming, "ingest changed something under incoming/"
+
+    # Next night: the refused objects are remembered, not downloaded again.
+    store.downloaded.clear()
+    again = ingest(store, dest, cfg)
+    assert (again.new, again.quarantined, again.skipped) == (0, 0, len(objects)) and store.downloaded == []
+    assert len(read_quarantine(store)) == len(BAD)
+
+    # A fixed object under a refused key (new etag) is looked at again.
+    upload(bucket, {"incoming/with_mask/truncated.jpg": noisy_jpeg()})
+    fixed = ingest(store, dest, cfg)
+    assert (fixed.new, fixed.quarantined) == (1, 0) and store.downloaded == ["incoming/with_mask/truncated.jpg"]
+    assert snapshot(store) == {**incoming, "incoming/with_mask/truncated.jpg": snapshot(store)["incoming/with_mask/truncated.jpg"]}
+
+
+def test_same_bytes_under_two_classes_and_duplicates_across_nights(bucket: str, tmp_path: Path) -> None:
+    face = noisy_jpeg(seed=5)
+    upload(bucket, {"incoming/with_mask/a.jpg": face, "incoming/without_mask/b.jpg": face,
+                    "incoming/without_mask/other.png": png(40, 40, (1, 1, 1))})
+    store = open_store(f"s3://{bucket}")
+    dest = tmp_path / "face"
+    r1 = ingest(store, dest, CFG)
+    assert (r1.new, r1.duplicates, r1.quarantined) == (2, 0, 1)
+    assert r1.quarantine[0]["key"] == "incoming/without_mask/b.jpg"
+    assert r1.quarantine[0]["reason"] == "conflict: same bytes as incoming/with_mask/a.jpg labelled with_mask"
+    sha = hashlib.sha256(face).hexdigest()
+    assert list(dest.rglob(f"{sha}.*")) == [dest / split_of(sha, CFG.split_fractions) / "with_mask" / f"{sha}.jpg"]
+
+    # Next night: the same bytes again, once in the same class (duplicate) and once in another (conflict).
+    upload(bucket, {"incoming/with_mask/a_again.jpg": face, "incoming/without_mask/c.jpg": face})
+    r2 = ingest(store, dest, CFG)
+    assert (r2.new, r2.duplicates, r2.quarantined, r2.skipped) == (0, 1, 1, 3)
+    assert r2.quarantine[0]["key"] == "incoming/without_mask/c.jpg" and "conflict" in r2.quarantine[0]["reason"]
+    dup = next(r for r in read_manifest(store) if r["key"] == "incoming/with_mask/a_again.jpg")
+    assert dup["status"] == "duplicate" and dup["duplicate_of"] == "incoming/with_mask/a.jpg" and dup["sha256"] == sha
+    assert_dest_matches_manifest(store, dest)
+    # Two images, yet every split has every class folder, so the tree reads as already split.
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.glob("*/*")) == [
+        f"{s}/{c}" for s in sorted(SPLITS) for c in ("with_mask", "without_mask")]
+    r3 = ingest(store, dest, CFG)
+    assert (r3.new, r3.duplicates, r3.quarantined, r3.skipped) == (0, 0, 0, 5)
+
+
+def test_local_folder_source(faces: Path, tmp_path: Path) -> None:
+    for key, data in folder_objects(faces).items():
+        (tmp_path / "bucket" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bucket" / key).write_bytes(data)
+    store = open_store(tmp_path / "bucket")
+    assert isinstance(store, LocalStore)
+    dest = tmp_path / "face"
+    report = ingest(store, dest, CFG)
+    assert (report.listed, report.new, report.duplicates, report.quarantined) == (123, 120, 3, 0)
+    assert (tmp_path / "bucket" / MANIFEST_KEY).is_file() and not (tmp_path / "bucket" / QUARANTINE_KEY).exists()
+    assert_dest_matches_manifest(store, dest)
+    splits = discover(dest, CFG.split_fractions, workers=2)  # what training reads
+    assert splits.presplit and splits.classes == ["with_mask", "without_mask"] and splits.duplicates == 0
+    assert sum(len(splits.split(s)) for s in SPLITS) == 120
+    again = ingest(store, dest, CFG)
+    assert (again.new, again.skipped) == (0, 123)
+    shutil.rmtree(dest)
+    rebuilt = ingest(store, dest, CFG)
+    assert (rebuilt.restored, rebuilt.missing) == (120, 0)
+    assert_dest_matches_manifest(store, dest)
+
+
+class VanishingStore(LocalStore):
+    """A real folder store where another writer deletes ``victim`` right after it was listed."""
+
+    victim = "incoming/a/gone.png"
+
+    def list(self, prefix: str = ""):
+        yield from super().list(prefix)
+        (self.root / self.victim).unlink(missing_ok=True)
+
+
+def test_odd_local_names_and_failed_downloads(tmp_path: Path) -> None:
+    root = tmp_path / "bucket"
+    for name, data in {"a/ok.png": png(), "a/gone.png": png(40, 40, (5, 5, 5)), "a/back\\slash.png": png(),
+                       "a/new\nline.png": png(), "a/tab\tname.jpg": png()}.items():
+        (root / "incoming" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "incoming" / name).write_bytes(data)
+    store = VanishingStore(root)
+    report = ingest(store, tmp_path / "face", CFG)
+    assert (report.listed, report.new, report.quarantined, report.failed) == (5, 1, 3, 1)
+    assert all(q["reason"].startswith("unsafe key") for q in report.quarantine)
+    assert report.failures[0]["key"] == VanishingStore.victim and "FileNotFoundError" in report.failures[0]["error"]
+    assert [r["key"] for r in read_manifest(store)] == ["incoming/a/ok.png"]
+    # A failed download is not quarantined: once the object is back, the next night takes it.
+    (root / VanishingStore.victim).write_bytes(png(40, 40, (5, 5, 5)))
+    again = ingest(LocalStore(root), tmp_path / "face", CFG)
+    assert (again.new, again.skipped, again.failed) == (1, 4, 0)
+
+
+def test_empty_source_and_report(tmp_path: Path) -> None:
+    (tmp_path / "bucket" / "incoming").mkdir(parents=True)
+    report = ingest(LocalStore(tmp_path / "bucket"), tmp_path / "face")
+    assert report == IngestReport()
+    assert not (tmp_path / "bucket" / MANIFEST_KEY).exists()
+
+
+def test_corrupt_manifest_stops_the_run_and_is_kept(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "bucket")
+    store.put_bytes("incoming/a/x.png", png())
+    store.put_bytes(MANIFEST_KEY, b'{"key": "k", "etag": "e", "size": 1}\n{not json\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        ingest(store, tmp_path / "face")
+    assert store.get_bytes(MANIFEST_KEY).endswith(b"{not json\n")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"workers": 64}, "workers must be in \\[1, 32\\]"),
+    ({"workers": 0}, "workers"),
+    ({"min_side": 100, "max_side": 50}, "max_side must be >= min_side"),
+    ({"split_fractions": (0.5, 0.5, 0.5)}, "split_fractions"),
+])
+def test_config_errors_name_the_value(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        IngestConfig(**kwargs)
