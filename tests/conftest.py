@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from faceclf.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -63,3 +66,54 @@ def bucket(s3_endpoint: str) -> str:
     name = f"faceclf-test-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
     return name
+
+
+# Night settings for flow tests: tiny images and CNN so a night trains in seconds.
+FAST = {"epochs": 12, "image_size": 32, "batch_size": 16, "conv_channels": [8, 16], "learning_rate": 5e-3}
+LENIENT = {"min_accuracy": 0.75, "min_class_accuracy": 0.6}  # small test sets: ~20 images
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def upload_faces(bucket: str, root: Path, per_class: int, seed: int, shuffle: bool = False) -> int:
+    """Generate faces and put them under incoming/<class>/ (under a random class if ``shuffle``)."""
+    from faceclf.storage import s3_client
+
+    generate_sample_faces(root, per_class=per_class, size=48, seed=seed)
+    rng = random.Random(seed)
+    client, n = s3_client(), 0
+    for p in sorted(root.rglob("*.*")):
+        label = rng.choice(["with_mask", "without_mask"]) if shuffle else p.parent.name
+        client.put_object(Bucket=bucket, Key=f"incoming/{label}/s{seed}-{p.name}", Body=p.read_bytes())
+        n += 1
+    return n
+
+
+def tree(face: Path) -> dict[str, str]:
+    """file name (sha256.ext) -> split, for every image under face/."""
+    return {p.name: p.relative_to(face).parts[0] for p in face.rglob("*.*") if p.is_file()}
+
+
+def onnx_accuracy(model_path: Path, folder: Path) -> float:
+    """Accuracy of an exported model on folder/<class>/*, preprocessed from its own metadata alone."""
+    import onnxruntime as ort
+
+    from faceclf.data import load_image
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    classes, size = json.loads(meta["classes"]), int(meta["image_size"])
+    mean = np.array(json.loads(meta["mean"]), np.float32).reshape(1, 3, 1, 1)
+    std = np.array(json.loads(meta["std"]), np.float32).reshape(1, 3, 1, 1)
+    paths = sorted(folder.rglob("*.*"))
+    x = np.stack([load_image(p, size) for p in paths]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    pred = session.run(None, {"input": (x - mean) / std})[0].argmax(1)
+    return float(np.mean([classes[k] == p.parent.name for k, p in zip(pred, paths)]))
+
+

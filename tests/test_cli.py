@@ -51,13 +51,18 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_demo_runs_the_whole_job_on_a_folder(faces: Path, tmp_path: Path) -> None:
-    out = faceclf("demo", str(faces), "--out", str(tmp_path / "demo"), "--epochs", "2")
-    result = json.loads(out.stdout)
-    assert Path(result["model"]).is_file() and Path(result["predictions"]).is_file()
-    assert result["score_provider"] == "CPUExecutionProvider"
-    with open(result["predictions"], newline="") as f:
-        assert len(list(csv.DictReader(f))) == result["scored_images"] > 0
+def test_demo_runs_a_night_on_a_named_folder(faces: Path, tmp_path: Path) -> None:
+    """`faceclf demo FOLDER`: local S3 + Prefect, train/face through the deployment, then score/face."""
+    out = faceclf("demo", str(faces), "--out", str(tmp_path / "demo"), "--epochs", "3")
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["uploaded"] == 123 and result["data"] == str(faces)
+    assert Path(result["report"]).read_text().startswith(f"# faceclf night: model {result['night']}")
+    decision = json.loads(Path(result["decision"]).read_text())
+    assert decision["promote"] is result["promoted"]
+    if result["promoted"]:
+        with open(result["predictions"], newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 123 and {r["model_version"] for r in rows} == {result["champion"]}
 
 
 def test_killed_training_resumes_to_the_uninterrupted_result(faces: Path, tmp_path: Path) -> None:

@@ -7,55 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
+from conftest import FAST, LENIENT, onnx_accuracy, tree, upload_faces
 
 from faceclf import registry
-from faceclf.data import load_image
 from faceclf.sample import generate_sample_faces
 from faceclf.storage import open_store, s3_client
-
-FAST = {"epochs": 12, "image_size": 32, "batch_size": 16, "conv_channels": [8, 16], "learning_rate": 5e-3}
-LENIENT = {"min_accuracy": 0.75, "min_class_accuracy": 0.6}  # small test sets: ~20 images
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def upload_faces(bucket: str, root: Path, per_class: int, seed: int, shuffle: bool = False) -> int:
-    """Generate faces and put them under incoming/<class>/ (under a random class if ``shuffle``)."""
-    import random
-
-    generate_sample_faces(root, per_class=per_class, size=48, seed=seed)
-    rng = random.Random(seed)
-    client, n = s3_client(), 0
-    for p in sorted(root.rglob("*.*")):
-        label = rng.choice(["with_mask", "without_mask"]) if shuffle else p.parent.name
-        client.put_object(Bucket=bucket, Key=f"incoming/{label}/s{seed}-{p.name}", Body=p.read_bytes())
-        n += 1
-    return n
-
-
-def tree(face: Path) -> dict[str, str]:
-    """file name (sha256.ext) -> split, for every image under face/."""
-    return {p.name: p.relative_to(face).parts[0] for p in face.rglob("*.*") if p.is_file()}
-
-
-def onnx_accuracy(model_path: Path, folder: Path) -> float:
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    classes, size = json.loads(meta["classes"]), int(meta["image_size"])
-    mean = np.array(json.loads(meta["mean"]), np.float32).reshape(1, 3, 1, 1)
-    std = np.array(json.loads(meta["std"]), np.float32).reshape(1, 3, 1, 1)
-    paths = sorted(folder.rglob("*.*"))
-    x = np.stack([load_image(p, size) for p in paths]).transpose(0, 3, 1, 2).astype(np.float32) / 255
-    pred = session.run(None, {"input": (x - mean) / std})[0].argmax(1)
-    return float(np.mean([classes[k] == p.parent.name for k, p in zip(pred, paths)]))
 
 
 def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_api, bucket: str, tmp_path: Path,

@@ -1,0 +1,70 @@
+"""End to end, as an operator runs it: a real Prefect server (SQLite, 127.0.0.1), a moto S3 server,
+deployments from deployments/prefect.yaml, a process worker, and `prefect deployment run train/face`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import FAST, LENIENT, onnx_accuracy, tree, upload_faces
+
+from faceclf import registry
+from faceclf.demo import local_stack
+from faceclf.sample import generate_sample_faces
+from faceclf.services import read_deployment
+
+
+def incoming_gets(log: Path, bucket: str) -> int:
+    """How many objects under incoming/ the S3 endpoint has served so far (from its access log)."""
+    return log.read_text().count(f'"GET /{bucket}/incoming/')
+
+
+def test_three_nights_through_the_deployment(tmp_path: Path) -> None:
+    bucket = "faceclf-e2e"
+    with local_stack(tmp_path / "stack", bucket=bucket) as stack:
+        # The deployment is what prefect.yaml declares: nightly cron, one run at a time, our work pool.
+        dep = read_deployment(stack.api_url, "train/face")
+        assert [(s["schedule"]["cron"], s["schedule"]["timezone"]) for s in dep["schedules"]] == [("0 2 * * *", "UTC")]
+        assert dep["work_pool_name"] == "faceclf"
+        limit = dep.get("global_concurrency_limit") or {}
+        assert limit.get("limit") == 1 or dep.get("concurrency_limit") == 1, dep
+        assert read_deployment(stack.api_url, "score/face")["schedules"] == []
+
+        face, s3_log = tmp_path / "face", stack.out / "logs" / "s3.log"
+        params = {"face_dir": str(face), "runs_dir": str(tmp_path / "runs"), **FAST, **LENIENT}
+        store = stack.store
+
+        # Night 1: the first champion.
+        upload_faces(bucket, tmp_path / "night1", per_class=80, seed=11)
+        stack.run("train/face", params)
+        champion = registry.read_champion(store)
+        assert champion is not None
+        model = tmp_path / "champion.onnx"
+        registry.fetch_model(store, champion["version"], model, champion["model_sha256"])
+        generate_sample_faces(tmp_path / "held-out", per_class=20, size=48, seed=99)
+        assert onnx_accuracy(model, tmp_path / "held-out") >= 0.85
+        split_before = tree(face)
+        assert len(split_before) == 160
+
+        # Night 2: no new images -> nothing downloaded from incoming/, no image changes split.
+        gets = incoming_gets(s3_log, bucket)
+        stack.run("train/face", params)
+        assert incoming_gets(s3_log, bucket) == gets
+        assert tree(face) == split_before
+        assert len(registry.list_versions(store)) == 2
+        champion_2 = registry.read_champion(store)
+
+        # Night 3: new images with shuffled labels -> a worse candidate, rejected; champion unchanged.
+        upload_faces(bucket, tmp_path / "night3", per_class=240, seed=33, shuffle=True)
+        stack.run("train/face", {**params, "min_accuracy": 0.0, "min_class_accuracy": 0.0})
+        night3 = registry.list_versions(store)[-1]
+        assert night3["gate_passed"] is False and not night3["has_model"]
+        decision = json.loads(store.get_bytes(registry.version_key(night3["version"], "decision.json")))
+        assert any("worse than champion" in r for r in decision["reasons"]), decision
+        assert registry.read_champion(store) == champion_2
+
+        # The champion scores a prefix on demand through score/face.
+        stack.run("score/face", {"source": "incoming/", "output": "predictions/e2e/predictions.csv"})
+        rows = store.get_bytes("predictions/e2e/predictions.csv").decode().splitlines()
+        assert len(rows) == 1 + 160 + 480 and rows[0].startswith("path,predicted_class,")
