@@ -117,7 +117,7 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def uri(self, key: str = "") -> str:
-        return str(self._path(key)) if key else str(self.root)
+        return str(self.root / key) if key else str(self.root)  # display only (may be a prefix): not validated
 
 
 def s3_client(max_pool_connections: int = DEFAULT_POOL):

@@ -94,3 +94,43 @@ def test_killed_training_resumes_to_the_uninterrupted_result(faces: Path, tmp_pa
     assert not list(run.glob(".*.tmp"))  # a temp file the kill left behind is cleared by the resumed run
     assert json.loads((run / "metrics.json").read_text())["test"] == \
         json.loads((tmp_path / "clean" / "metrics.json").read_text())["test"]
+
+
+def test_ingest_command_prints_the_summary(faces: Path, tmp_path: Path) -> None:
+    """`faceclf ingest SOURCE DEST` on a local folder with the bucket layout."""
+    import shutil
+
+    shutil.copytree(faces, tmp_path / "bucket" / "incoming")
+    (tmp_path / "bucket" / "incoming" / "with_mask" / "broken.jpg").write_bytes(b"<html>oops</html>")
+    first = json.loads(faceclf("ingest", str(tmp_path / "bucket"), str(tmp_path / "face")).stdout)
+    assert (first["listed"], first["new"], first["duplicates"], first["quarantined"]) == (124, 120, 3, 1)
+    assert "not an image" in first["quarantine"][0]["reason"]
+    assert len(list((tmp_path / "face").rglob("*.*"))) == 120
+    again = json.loads(faceclf("ingest", str(tmp_path / "bucket"), str(tmp_path / "face")).stdout)
+    assert (again["new"], again["skipped"]) == (0, 124)
+
+
+def test_models_list_and_promote(trained_run: Path, tmp_path: Path) -> None:
+    """Two versions in a local registry; `models promote` moves champion.json (a manual rollback)."""
+    from faceclf import registry
+    from faceclf.export import export_onnx
+    from faceclf.storage import LocalStore
+
+    store = LocalStore(tmp_path / "bucket")
+    model = export_onnx(trained_run / "checkpoint.pt", tmp_path / "model.onnx").path
+    for version in ("20261101T020000Z-aaaaaa", "20261102T020000Z-bbbbbb"):
+        (tmp_path / "decision.json").write_text(json.dumps({"promote": True, "candidate_accuracy": 0.9}))
+        registry.publish_version(store, version, {"model.onnx": model, "decision.json": tmp_path / "decision.json"})
+        registry.promote(store, version, reason="gate passed")
+    bucket = str(tmp_path / "bucket")
+    listing = faceclf("models", "list", "--bucket", bucket).stdout.splitlines()
+    assert [line[0] for line in listing] == [" ", "*"] and "20261102T020000Z-bbbbbb" in listing[1]
+
+    pointer = json.loads(faceclf("models", "promote", "20261101T020000Z-aaaaaa", "--bucket", bucket).stdout)
+    assert pointer["version"] == "20261101T020000Z-aaaaaa" and pointer["previous_version"] == "20261102T020000Z-bbbbbb"
+    assert registry.read_champion(store)["model_sha256"] == registry.sha256_bytes(model.read_bytes())
+    assert faceclf("models", "list", "--bucket", bucket).stdout.splitlines()[0].startswith("*")
+
+    missing = faceclf("models", "promote", "nope", "--bucket", bucket, check=False)
+    assert missing.returncode == 2 and "has no model.onnx" in missing.stderr
+    assert registry.read_champion(store)["version"] == "20261101T020000Z-aaaaaa"
