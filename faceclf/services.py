@@ -177,17 +177,30 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def api_request(api_url: str, method: str, path: str, body: object | None = None, timeout: float = 30.0) -> Any:
-    """One JSON call to the Prefect REST API (``path`` relative to ``api_url``); raise with the server's reply."""
+# The server answers 503 to errors a client may retry (e.g. SQLite busy); Prefect's own client
+# retries these three codes, so we do too.
+RETRY_STATUSES = frozenset({429, 502, 503})
+
+
+def api_request(api_url: str, method: str, path: str, body: object | None = None, timeout: float = 30.0,
+                retries: int = 5) -> Any:
+    """One JSON call to the Prefect REST API (``path`` relative to ``api_url``); raise with the server's reply.
+
+    429/502/503 answers are retried ``retries`` times with a growing pause (0.5 s, 1 s, 2 s...).
+    """
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(f"{api_url.rstrip('/')}/{path.lstrip('/')}", data=data, method=method,
                                  headers={"Content-Type": "application/json", "Accept": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"{method} {path} -> HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc
-    return json.loads(raw) if raw else None
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+            return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            reply = exc.read().decode(errors="replace")
+            if exc.code not in RETRY_STATUSES or attempt == retries:
+                raise RuntimeError(f"{method} {path} -> HTTP {exc.code}: {reply}") from exc
+        time.sleep(min(0.5 * 2 ** attempt, 5.0))
 
 
 def wait_for_prefect_api(api_url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
@@ -238,6 +251,7 @@ def prefect_server(home: Path, log_path: Path | None = None, ui: bool = False,
     env = prefect_env(api_url, home, {
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
+        "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",  # log what is behind a 503 (e.g. SQLite busy)
         **(env or {}),
     })
     argv = prefect_command("server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off",

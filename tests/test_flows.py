@@ -15,6 +15,18 @@ from faceclf.sample import generate_sample_faces
 from faceclf.storage import open_store, s3_client
 
 
+def night_artifacts() -> dict:
+    """The latest artifact of each key the train flow creates, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    latest: dict = {}
+    for a in sorted(artifacts, key=lambda a: a.created):
+        latest[a.key] = a
+    return latest
+
+
 def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_api, bucket: str, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.train import train
@@ -35,6 +47,10 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
     assert onnx_accuracy(model, tmp_path / "held-out") >= 0.85
     for name in ("model.onnx", "checkpoint.pt", "metrics.json", "report.md", "decision.json"):
         assert store.exists(registry.version_key(n1["version"], name)), name
+    artifacts = night_artifacts()
+    assert "**Decision: PROMOTED**" in artifacts["face-night-report"].data
+    assert n1["version"] in artifacts["face-model"].data  # a link to the model in the bucket
+    assert {row["class"] for row in json.loads(artifacts["face-per-class-accuracy"].data)} == {"with_mask", "without_mask"}
     split_before = tree(tmp_path / "face")
 
     # Night 2: nothing new -> nothing downloaded, no image changes split.
@@ -50,6 +66,7 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
     n3 = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0, **FAST)
     assert not n3["promoted"]
     assert any("worse than champion" in r for r in n3["reasons"]), n3["reasons"]
+    assert "**Decision: REJECTED**" in night_artifacts()["face-night-report"].data
     assert registry.read_champion(store) == champion_after_2
     decision = json.loads(store.get_bytes(registry.version_key(n3["version"], "decision.json")))
     assert decision["promote"] is False and decision["reasons"] == n3["reasons"]
