@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 # ---------------------------------------------------------------------------------------------
 # Defaults, in one place.
@@ -33,6 +33,14 @@ DECODE_WORKERS = 4                    # threads decoding images (PIL releases th
 SCORE_BATCH_SIZE = 64
 
 
+def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """(train, val, test) shares as floats; ValueError unless three non-negative numbers summing to 1."""
+    values = tuple(float(f) for f in fractions)
+    if len(values) != 3 or any(f < 0 for f in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, got {fractions}")
+    return values  # type: ignore[return-value]
+
+
 @dataclass
 class DataConfig:
     """How images are found, split and preprocessed."""
@@ -48,12 +56,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
-        fractions = tuple(float(f) for f in self.split_fractions)
-        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(
-                f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}"
-            )
-        self.split_fractions = fractions  # type: ignore[assignment]
+        self.split_fractions = check_split_fractions(self.split_fractions)
         self.mean = tuple(self.mean)  # type: ignore[assignment]
         self.std = tuple(self.std)  # type: ignore[assignment]
 

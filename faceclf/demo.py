@@ -19,8 +19,15 @@ from typing import Any, Iterator
 import faceclf
 from faceclf import registry
 from faceclf.data import find_classes, list_images
-from faceclf.services import (LOCAL_S3_ENV, local_s3_env, moto_s3_server, prefect_cli, prefect_server,
-                              prefect_worker, wait_for_flow_run)
+from faceclf.services import (
+    LOCAL_S3_ENV,
+    local_s3_env,
+    moto_s3_server,
+    prefect_cli,
+    prefect_server,
+    prefect_worker,
+    wait_for_flow_run,
+)
 from faceclf.storage import S3Store, s3_client
 
 log = logging.getLogger(__name__)

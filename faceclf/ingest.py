@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from PIL import Image
 
 from faceclf.atomic import write_atomic
-from faceclf.config import SPLIT_FRACTIONS
+from faceclf.config import SPLIT_FRACTIONS, check_split_fractions
 from faceclf.data import SPLITS, split_of
 from faceclf.progress import progress
 from faceclf.storage import ObjectInfo, Store, safe_key
@@ -92,12 +92,7 @@ class IngestConfig:
         if not self.allowed_formats or not self.extensions:
             raise ValueError(f"allowed_formats and extensions must not be empty, got "
                              f"{self.allowed_formats} and {self.extensions}")
-        fractions = tuple(float(f) for f in self.split_fractions)
-        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(
-                f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}"
-            )
-        self.split_fractions = fractions  # type: ignore[assignment]
+        self.split_fractions = check_split_fractions(self.split_fractions)
 
 
 @dataclass

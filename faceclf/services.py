@@ -29,31 +29,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers (any HTTP status) or raise TimeoutError / RuntimeError."""
+def wait_for_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None,
+                  require_ok: bool = False) -> None:
+    """Poll ``url`` until it answers (any HTTP status, or 200 with ``require_ok``).
+
+    Raises RuntimeError if ``proc`` exits first, TimeoutError after ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server process for {url} exited with code {proc.returncode} before answering")
         try:
-            urllib.request.urlopen(url, timeout=2)
-            return
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200 or not require_ok:
+                    return
         except urllib.error.HTTPError:
-            return  # it answered
+            if not require_ok:
+                return  # it answered
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
-
-
-def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Terminate a server subprocess (and wait), killing it if it does not stop in time."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer{' 200' if require_ok else ''} within {timeout:.0f}s")
 
 
 @contextlib.contextmanager
@@ -61,16 +57,10 @@ def moto_s3_server(log_path: Path | None = None) -> Iterator[str]:
     """Run moto's S3 server on 127.0.0.1:<free port> in a subprocess; yield its endpoint URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **LOCAL_S3_ENV})
-    try:
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with _popen_group(argv, {**os.environ, **LOCAL_S3_ENV}, None, log_path) as proc:
         wait_for_http(url, 60, proc)
         yield url
-    finally:
-        stop(proc)
-        if log_path:
-            out.close()
 
 
 @contextlib.contextmanager
@@ -205,18 +195,7 @@ def api_request(api_url: str, method: str, path: str, body: object | None = None
 
 def wait_for_prefect_api(api_url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
     """Poll ``GET {api_url}/health`` until it answers 200 (the server has migrated its DB and serves)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with code {proc.returncode} before {api_url} answered")
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{api_url}/health did not answer 200 within {timeout:.0f}s")
+    wait_for_http(f"{api_url}/health", timeout, proc, require_ok=True)
 
 
 @contextlib.contextmanager
