@@ -16,8 +16,7 @@ from prefect.cache_policies import NONE
 from faceclf import night, registry
 from faceclf.score import score as score_images
 from faceclf.storage import download_prefix, open_store
-
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 20, 60]}
+from flows.common import IO_RETRIES
 
 
 @task(cache_policy=NONE, **IO_RETRIES)

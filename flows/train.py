@@ -23,8 +23,7 @@ from faceclf.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from faceclf.gate import Decision, GateConfig, decide
 from faceclf.storage import open_store
 from faceclf.train import new_version
-
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 20, 60]}
+from flows.common import IO_RETRIES
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -35,12 +34,36 @@ def ingest_images(location: str, face_dir: str) -> dict[str, Any]:
     return ingest(open_store(location), Path(face_dir)).to_dict()
 
 
+@task(cache_policy=NONE, **IO_RETRIES)
+def check_data(location: str, face_dir: str, allow_new_classes: bool) -> list[str]:
+    """Stop before training if there is nothing to train on or a class appeared/vanished."""
+    return night.check_classes(Path(face_dir), night.champion_classes(open_store(location)), allow_new_classes)
+
+
 @task(cache_policy=NONE)
-def train_candidate(face_dir: str, run_dir: str, cfg: dict[str, Any], version: str) -> dict[str, Any]:
-    """Train on face_dir's train/val, evaluate on its test split; returns metrics.json."""
+def prepare_run(runs_dir: str, face_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Resume tonight's unfinished run (same data, same config) or start a new one."""
+    logger = get_run_logger()
+    fingerprint = night.data_fingerprint(Path(face_dir))
+    pending = night.find_pending_run(Path(runs_dir), cfg, fingerprint)
+    if pending:
+        logger.info("resuming unfinished night %s (%s)", pending.version,
+                    "trained; gate and publish" if pending.trained else "training from last.pt")
+        return {"run_dir": str(pending.run_dir), "version": pending.version, "resume": True, "trained": pending.trained}
+    version = new_version()
+    run_dir = night.start_run(Path(runs_dir), version, cfg, fingerprint)
+    return {"run_dir": str(run_dir), "version": version, "resume": False, "trained": False}
+
+
+@task(cache_policy=NONE)
+def train_candidate(face_dir: str, run: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train on face_dir's train/val (or continue from last.pt), evaluate on test; returns metrics.json."""
     from faceclf.pipeline import train_run
 
-    return train_run(face_dir, run_dir, RunConfig.from_dict(cfg), version=version)
+    if run["trained"]:
+        return night.read_json(Path(run["run_dir"]) / "metrics.json")
+    return train_run(face_dir, run["run_dir"], RunConfig.from_dict(cfg), resume=run["resume"] and
+                     (Path(run["run_dir"]) / "last.pt").is_file(), version=run["version"])
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -73,6 +96,7 @@ def publish(location: str, run_dir: str, decision: dict[str, Any], metrics: dict
     champ = night.ChampionScore(champion["version"], champion["metrics"]) if champion else None
     files = night.write_night_files(Path(run_dir), d, metrics, data, champ)
     result = night.publish(open_store(location), metrics["version"], files, d, metrics)
+    night.mark_published(Path(run_dir), result)
     result["report_md"] = (Path(run_dir) / "report.md").read_text()
     return result
 
@@ -104,30 +128,33 @@ def publish_artifacts(result: dict[str, Any], metrics: dict[str, Any], decision:
 def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "runs",
           min_accuracy: float = 0.90, min_class_accuracy: float = 0.85, tolerance: float = 0.0,
           epochs: int = 15, image_size: int = 96, batch_size: int = 64, seed: int = 0,
-          conv_channels: list[int] | None = None, learning_rate: float | None = None) -> dict[str, Any]:
+          conv_channels: list[int] | None = None, learning_rate: float | None = None,
+          allow_new_classes: bool = False) -> dict[str, Any]:
     """One night: ingest new images, train a candidate, gate it against the champion, publish.
 
     ``bucket``: an S3 bucket name (default $FACECLF_BUCKET) or a local folder with the same layout.
+    A rerun after a crash resumes the unfinished run (same data and settings) and promotes it once.
     """
     logger = get_run_logger()
     location = night.resolve_location(bucket)
     gate = GateConfig(min_accuracy, min_class_accuracy, tolerance).__dict__
-    version = new_version()
-    run_dir = str(Path(runs_dir) / version)
+    cfg = training_config(epochs, image_size, batch_size, seed, conv_channels, learning_rate)
 
-    data = ingest_images(location, face_dir)
-    metrics = train_candidate(face_dir, run_dir, training_config(epochs, image_size, batch_size, seed,
-                                                                  conv_channels, learning_rate), version)
-    champion = rescore_champion(location, str(Path(face_dir) / "test"), run_dir)
-    decision = gate_candidate(metrics["test"], gate, champion)
-    if decision["promote"]:
-        export_model(run_dir)
-    result = publish(location, run_dir, decision, metrics, _data_counts(data, metrics), champion)
+    with night.night_lock(Path(face_dir)):  # one night at a time on this face/ folder
+        data = ingest_images(location, face_dir)
+        check_data(location, face_dir, allow_new_classes)
+        run = prepare_run(runs_dir, face_dir, cfg)
+        metrics = train_candidate(face_dir, run, cfg)
+        champion = rescore_champion(location, str(Path(face_dir) / "test"), run["run_dir"])
+        decision = gate_candidate(metrics["test"], gate, champion)
+        if decision["promote"]:
+            export_model(run["run_dir"])
+        result = publish(location, run["run_dir"], decision, metrics, _data_counts(data, metrics), champion)
     publish_artifacts(result, metrics, decision, champion)
-    logger.info("%s; model %s in %s", Decision(**decision).summary(), version, location)
-    return {"version": version, "promoted": decision["promote"], "reasons": decision["reasons"],
+    logger.info("%s; model %s in %s", Decision(**decision).summary(), run["version"], location)
+    return {"version": run["version"], "promoted": decision["promote"], "reasons": decision["reasons"],
             "test_accuracy": metrics["test"]["accuracy"], "ingest": data, "uris": result["uris"],
-            "champion": result["champion"]}
+            "champion": result["champion"], "resumed": run["resume"]}
 
 
 def _data_counts(ingest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,24 @@
+"""What the flows share: the retry policy of tasks that do I/O with the bucket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed task only for transient I/O faults (network, connection, OS-level errors).
+
+    Bad data (ValueError), missing objects (FileNotFoundError), a refused night and bugs fail at
+    once: retrying cannot fix them. boto3 already retries throttling and 5xx inside each call.
+    """
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    if isinstance(exc, FileNotFoundError):
+        return False
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        BotoCoreError = OSError  # noqa: N806
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError, BotoCoreError))
+
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 20, 60], "retry_condition_fn": retry_io_only}

@@ -1,0 +1,157 @@
+"""A night's reliability: class changes, empty input, kills mid-training and mid-promotion, overlap."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAST, LENIENT, REPO, upload_faces
+
+from faceclf import night, registry
+from faceclf.storage import open_store, s3_client
+
+NIGHT = {**FAST, **LENIENT}
+
+
+def api_url() -> str:
+    from prefect.settings import get_current_settings
+
+    return str(get_current_settings().api.url)
+
+
+def night_in_subprocess(bucket: str, face: Path, runs: Path, prelude: str = "") -> subprocess.Popen:
+    """`flows.train.train(...)` in its own process (against the same Prefect API and S3 endpoint)."""
+    code = (f"{prelude}\nfrom flows.train import train\n"
+            f"train(bucket={bucket!r}, face_dir={str(face)!r}, runs_dir={str(runs)!r}, **{NIGHT!r})")
+    env = {**os.environ, "PREFECT_API_URL": api_url()}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_new_class_stops_the_night_before_training(prefect_api, bucket: str, tmp_path: Path) -> None:
+    from flows.train import train
+
+    store = open_store(f"s3://{bucket}")
+    upload_faces(bucket, tmp_path / "n1", per_class=80, seed=11)
+    params = {"bucket": bucket, "face_dir": str(tmp_path / "face"), "runs_dir": str(tmp_path / "runs"), **NIGHT}
+    first = train(**params)
+    assert first["promoted"]
+    from faceclf.sample import generate_sample_faces
+
+    generate_sample_faces(tmp_path / "new", per_class=40, size=48, seed=12, classes=("with_sunglasses",))
+    for p in (tmp_path / "new" / "with_sunglasses").iterdir():
+        s3_client().put_object(Bucket=bucket, Key=f"incoming/with_sunglasses/{p.name}", Body=p.read_bytes())
+    with pytest.raises(ValueError, match="new class 'with_sunglasses' appeared"):
+        train(**params)
+    assert [v["version"] for v in registry.list_versions(store)] == [first["version"]]  # nothing trained or uploaded
+    assert registry.read_champion(store)["version"] == first["version"]
+
+    # A deliberate change: allowed, trained with 3 classes, gated on the thresholds alone
+    # (the 2-class champion cannot be compared on a 3-class test set).
+    third = train(**params, allow_new_classes=True)
+    assert json.loads(store.get_bytes(registry.version_key(third["version"], "metrics.json")))["classes"] == \
+        ["with_mask", "with_sunglasses", "without_mask"]
+
+
+def test_a_class_too_small_to_split_stops_the_night(prefect_api, bucket: str, tmp_path: Path) -> None:
+    from flows.train import train
+
+    from faceclf.sample import generate_sample_faces
+
+    upload_faces(bucket, tmp_path / "n1", per_class=60, seed=11)
+    generate_sample_faces(tmp_path / "rare", per_class=1, size=48, seed=5, classes=("with_sunglasses",))
+    only = next((tmp_path / "rare" / "with_sunglasses").glob("*.jpg"))
+    s3_client().put_object(Bucket=bucket, Key="incoming/rare/one.jpg", Body=only.read_bytes())  # 1 image: one split
+    with pytest.raises(ValueError, match="class 'rare' has no images in the (train|val|test) split"):
+        train(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **NIGHT)
+    assert registry.read_champion(open_store(f"s3://{bucket}")) is None
+
+
+def test_an_empty_incoming_prefix_stops_the_night(prefect_api, bucket: str, tmp_path: Path) -> None:
+    from flows.train import train
+
+    with pytest.raises(ValueError, match="no images to train on"):
+        train(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **NIGHT)
+    assert registry.read_champion(open_store(f"s3://{bucket}")) is None
+
+
+def test_a_night_killed_mid_epoch_resumes_to_the_same_result(prefect_api, bucket: str, tmp_path: Path) -> None:
+    from flows.train import train
+
+    from faceclf.config import RunConfig
+    from faceclf.pipeline import train_run
+
+    upload_faces(bucket, tmp_path / "n1", per_class=80, seed=11)
+    face, runs = tmp_path / "face", tmp_path / "runs"
+    proc = night_in_subprocess(bucket, face, runs)
+    deadline = time.monotonic() + 300
+    while not list(runs.glob("*/last.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = list(runs.glob("*/last.pt"))
+    assert killed and not list(runs.glob("*/metrics.json")), "the night finished before it could be killed"
+
+    result = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT)
+    assert result["resumed"] and result["version"] == killed[0].parent.name
+    # The same night uninterrupted, on the same data and settings, gives the same model and metrics.
+    from flows.train import training_config
+
+    cfg = training_config(FAST["epochs"], FAST["image_size"], FAST["batch_size"], 0, FAST["conv_channels"],
+                          FAST["learning_rate"])
+    clean = train_run(face, tmp_path / "clean", RunConfig.from_dict(cfg))
+    resumed = json.loads((killed[0].parent / "metrics.json").read_text())
+    assert resumed["test"] == clean["test"] and resumed["best_epoch"] == clean["best_epoch"]
+
+
+def test_killed_between_upload_and_promotion_keeps_the_champion_and_promotes_once(
+        prefect_api, bucket: str, tmp_path: Path) -> None:
+    from flows.train import train
+
+    store = open_store(f"s3://{bucket}")
+    face, runs = tmp_path / "face", tmp_path / "runs"
+    upload_faces(bucket, tmp_path / "n1", per_class=80, seed=11)
+    first = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT)
+    assert first["promoted"]
+
+    upload_faces(bucket, tmp_path / "n2", per_class=20, seed=12)
+    # The process dies (no cleanup, like SIGKILL) exactly where champion.json would be rewritten.
+    proc = night_in_subprocess(bucket, face, runs, prelude="import os, faceclf.night as n\n"
+                               "n.set_champion = lambda *a, **k: os._exit(137)")
+    assert proc.wait(timeout=600) == 137
+    pending = sorted(runs.iterdir())[-1]
+    assert store.exists(registry.version_key(pending.name, "model.onnx"))      # uploaded ...
+    assert registry.read_champion(store)["version"] == first["version"]       # ... but not promoted
+    assert not (pending / night.PUBLISHED_FILE).exists()
+
+    rerun = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT)
+    assert rerun["resumed"] and rerun["version"] == pending.name
+    champion = registry.read_champion(store)
+    if rerun["promoted"]:
+        assert champion["version"] == pending.name and champion["previous_version"] == first["version"]
+    else:
+        assert champion["version"] == first["version"]
+    history = (pending / "history.csv").read_text()
+    assert history.count("\n") == FAST["epochs"] + 1  # trained once, not again by the rerun
+
+    again = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT)  # a normal night after
+    assert not again["resumed"] and again["version"] != pending.name
+
+
+def test_a_second_night_on_the_same_folder_is_refused(prefect_api, bucket: str, tmp_path: Path) -> None:
+    from flows.train import train
+
+    upload_faces(bucket, tmp_path / "n1", per_class=20, seed=11)
+    face = tmp_path / "face"
+    with night.night_lock(face):  # the first night, still running
+        with pytest.raises(night.NightLocked, match="another night is running"):
+            train(bucket=bucket, face_dir=str(face), runs_dir=str(tmp_path / "runs"), **NIGHT)
+    store = open_store(f"s3://{bucket}")
+    assert not store.exists("datasets/face/manifest.jsonl")  # the refused night wrote nothing
+    assert not [p for p in face.rglob("*.*") if p.name != night.LOCK_FILE]
