@@ -155,3 +155,41 @@ def test_a_second_night_on_the_same_folder_is_refused(prefect_api, bucket: str, 
     store = open_store(f"s3://{bucket}")
     assert not store.exists("datasets/face/manifest.jsonl")  # the refused night wrote nothing
     assert not [p for p in face.rglob("*.*") if p.name != night.LOCK_FILE]
+
+
+WRITER = """
+import sys, torch, json
+from faceclf.train import save_checkpoint
+from faceclf.storage import LocalStore
+path, store_root = sys.argv[1], sys.argv[2]
+store = LocalStore(store_root)
+i = 0
+print("ready", flush=True)
+while True:  # rewrite a 20 MB checkpoint and a manifest as fast as possible until killed
+    i += 1
+    save_checkpoint(path, {"format_version": 1, "i": i, "w": torch.full((5_000_000,), float(i))})
+    store.put_bytes("datasets/face/manifest.jsonl", "".join(json.dumps({"row": r, "i": i}) + "\\n" for r in range(20000)).encode())
+"""
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.7, 1.3])
+def test_killed_during_a_write_leaves_the_previous_file_whole(tmp_path: Path, delay: float) -> None:
+    """SIGKILL a process mid-way through checkpoint and manifest rewrites: the final paths always load."""
+    from faceclf.atomic import remove_stale_temps
+    from faceclf.train import load_checkpoint
+
+    ckpt, store = tmp_path / "run" / "checkpoint.pt", tmp_path / "bucket"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ckpt), str(store)], cwd=REPO, stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"ready"
+    while not (store / "datasets/face/manifest.jsonl").exists():
+        time.sleep(0.01)
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    loaded = load_checkpoint(ckpt)  # whole: one complete earlier write
+    assert float(loaded["w"][0]) == float(loaded["w"][-1]) == loaded["i"]
+    rows = (store / "datasets/face/manifest.jsonl").read_text().splitlines()
+    assert len(rows) == 20000 and len({json.loads(r)["i"] for r in rows}) == 1
+    remove_stale_temps(ckpt.parent)
+    remove_stale_temps(store / "datasets/face")
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint.pt"]
