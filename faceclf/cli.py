@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--batch-size", type=int, default=s.batch_size)
     sc.add_argument("--workers", type=int, default=s.decode_workers, help="image decoding threads")
     sc.add_argument("--device", choices=("auto", "cpu", "cuda"), default=s.device)
+    sc.add_argument("--sha256", default=None, metavar="HEX",
+                    help="refuse the model unless its sha256 is HEX (e.g. champion.json's model_sha256)")
 
     sa = sub.add_parser("sample", help="write the procedural sample face set to OUT/<class>/")
     sa.add_argument("out")
@@ -150,7 +152,8 @@ def cmd_export(a: argparse.Namespace) -> None:
 def cmd_score(a: argparse.Namespace) -> None:
     from faceclf.score import score
 
-    s = score(a.model, a.images, a.out, ScoreConfig(batch_size=a.batch_size, decode_workers=a.workers, device=a.device))
+    s = score(a.model, a.images, a.out, ScoreConfig(batch_size=a.batch_size, decode_workers=a.workers, device=a.device),
+              expected_sha256=a.sha256)
     print(f"scored {s.scored} of {s.images} images ({s.errors} errors) in {s.seconds:.2f}s: "
           f"{s.images_per_s:.1f} images/s on {s.provider}; model {s.version}; wrote {s.out}")
 

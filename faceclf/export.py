@@ -86,9 +86,15 @@ def add_metadata(proto: onnx.ModelProto, ckpt: dict[str, Any], version: str, sou
 
 
 def check_parity(onnx_path: Path, model: torch.nn.Module, batch: torch.Tensor) -> float:
-    """Run ``batch`` through torch and a CPU onnxruntime session; return max |diff| or raise."""
+    """Run ``batch`` through torch and a CPU onnxruntime session; return max |diff| or raise.
+
+    ``onnx_path`` may be any file, so its external-data locations are checked before onnxruntime opens it.
+    """
     import onnxruntime as ort  # imported here: only export and score need it
 
+    from faceclf.score import check_external_data
+
+    check_external_data(onnx.load(str(onnx_path), load_external_data=False), Path(onnx_path))
     with torch.no_grad():
         expected = model(batch).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +111,21 @@ def train_run(data_root: str | Path, run_dir: str | Path, cfg: RunConfig | None 
     metrics = finish_run(run_dir, splits.classes, loaded, result.best_epoch, result.device)
     metrics["data"] = {"counts": {s: len(loaded[s].labels) for s in SPLITS}, "duplicates_dropped": splits.duplicates,
                        "conflicts_dropped": len(splits.conflicts), "rejected": n_rejected, "presplit": splits.presplit}
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    write_json_atomic(run_dir / "metrics.json", finite_or_none(metrics))
     plot_history(result.history, run_dir / "history.png", result.best_epoch)
     plot_confusion(metrics["test"]["confusion_matrix"], splits.classes, run_dir / "confusion_matrix.png")
     return metrics
+
+
+def finite_or_none(obj: Any) -> Any:
+    """NaN/inf -> None (JSON null), recursively: a diverged run is recorded and gated, not a crash."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def finish_run(run_dir: Path, classes: list[str], loaded: dict[str, TensorSplit], best_epoch: int, device: str) -> dict[str, Any]:

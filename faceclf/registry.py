@@ -21,6 +21,11 @@ MODELS_PREFIX = "models/face/"
 CHAMPION_KEY = MODELS_PREFIX + "champion.json"
 MODEL_FILE = "model.onnx"
 DECISION_FILE = "decision.json"
+SHA256_FILE = "sha256.json"   # name -> sha256 of every file of a version, written when it is published
+
+
+class ModelIntegrityError(ValueError):
+    """A stored file's sha256 is not the one the registry recorded: tampered with or corrupted (not transient)."""
 
 
 def version_key(version: str, name: str) -> str:
@@ -35,12 +40,26 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def recorded_sha256(store: Store, version: str) -> dict[str, str]:
+    """name -> sha256 recorded when ``version`` was published; empty for versions published without one."""
+    try:
+        return dict(json.loads(store.get_bytes(version_key(version, SHA256_FILE))))
+    except FileNotFoundError:
+        return {}
+
+
 def publish_version(store: Store, version: str, files: dict[str, Path]) -> dict[str, str]:
-    """Upload a version's files (name -> local path); return name -> URI. Does not touch champion.json."""
-    uris = {}
+    """Upload a version's files (name -> local path); return name -> URI. Does not touch champion.json.
+
+    Records every file's sha256 in <version>/sha256.json (merged with an earlier record, so a retried
+    upload is harmless); fetch_model and promote check downloads against it.
+    """
+    uris, sums = {}, recorded_sha256(store, version)
     for name, path in files.items():
         store.put_file(version_key(version, name), Path(path))
         uris[name] = store.uri(version_key(version, name))
+        sums[name] = sha256_bytes(Path(path).read_bytes())
+    store.put_bytes(version_key(version, SHA256_FILE), (json.dumps(sums, indent=2, sort_keys=True) + "\n").encode())
     log.info("uploaded model version %s: %s", version, ", ".join(sorted(files)))
     return uris
 
@@ -70,12 +89,29 @@ def set_champion(store: Store, version: str, model_sha256: str, reason: str, met
     return pointer
 
 
-def fetch_model(store: Store, version: str, dest: Path, expected_sha256: str | None = None) -> Path:
-    """Download ``version``'s model.onnx to ``dest``, refusing it if its sha256 is not the expected one."""
+def verify_model_bytes(store: Store, version: str, data: bytes, expected_sha256: str | None = None,
+                       expected_by: str = "the registry") -> None:
+    """Refuse ``version``'s model bytes unless they match every sha256 the registry holds for them.
+
+    Checked against ``expected_sha256`` (named ``expected_by``, e.g. champion.json) and the version's sha256.json. A
+    version published before sha256.json existed, with nothing expected, is only logged.
+    """
+    uri = store.uri(version_key(version, MODEL_FILE))
+    expected = {expected_by: expected_sha256, f"{version}/{SHA256_FILE}": recorded_sha256(store, version).get(MODEL_FILE)}
+    expected = {source: value for source, value in expected.items() if value}
+    if not expected:
+        log.warning("model %s has no recorded sha256 (published before %s existed); it cannot be verified", uri, SHA256_FILE)
+    actual = sha256_bytes(data)
+    for source, value in expected.items():
+        if actual != value.lower():
+            raise ModelIntegrityError(f"model {uri} has sha256 {actual}, but {source} expects {value}; refusing to use it")
+
+
+def fetch_model(store: Store, version: str, dest: Path, expected_sha256: str | None = None,
+                expected_by: str = "the registry") -> Path:
+    """Download ``version``'s model.onnx to ``dest``, refusing it if its sha256 is not the recorded one."""
     data = store.get_bytes(version_key(version, MODEL_FILE))
-    if expected_sha256 and sha256_bytes(data) != expected_sha256:
-        raise ValueError(f"model {store.uri(version_key(version, MODEL_FILE))} has sha256 {sha256_bytes(data)}, "
-                         f"but the registry expects {expected_sha256}; refusing to use it")
+    verify_model_bytes(store, version, data, expected_sha256, expected_by)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
     return dest
@@ -86,7 +122,7 @@ def fetch_champion(store: Store, dest: Path) -> tuple[dict[str, Any], Path] | No
     pointer = read_champion(store)
     if pointer is None:
         return None
-    return pointer, fetch_model(store, pointer["version"], dest, pointer.get("model_sha256"))
+    return pointer, fetch_model(store, pointer["version"], dest, pointer.get("model_sha256"), "champion.json")
 
 
 def list_versions(store: Store) -> list[dict[str, Any]]:
@@ -122,6 +158,7 @@ def promote(store: Store, version: str, reason: str = "manual promote") -> dict[
         raise ValueError(f"version {version!r} has no {MODEL_FILE} in {store.uri(MODELS_PREFIX)}; "
                          f"versions with a model: {known or 'none'}")
     data = store.get_bytes(key)
+    verify_model_bytes(store, version, data)  # never bless a model that changed since it was published
     metrics = None
     if store.exists(version_key(version, "metrics.json")):
         metrics = json.loads(store.get_bytes(version_key(version, "metrics.json"))).get("test")

@@ -7,14 +7,17 @@ slower of the two sets the pace, not their sum.
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
 import json
 import logging
 import os
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Sequence
+from pathlib import Path, PureWindowsPath
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -22,6 +25,9 @@ from faceclf.atomic import atomic_path
 from faceclf.config import ScoreConfig
 from faceclf.data import list_images, try_load_image
 from faceclf.progress import progress
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +83,118 @@ def _meta(meta: dict[str, str], key: str, path: Path) -> str:
     return meta[key]
 
 
-def load_onnx_model(path: str | os.PathLike[str], device: str = "auto") -> OnnxModel:
-    """Open an exported model in onnxruntime and read its classes/normalisation metadata."""
+def check_sha256(data: bytes, expected: str, what: str) -> None:
+    """Refuse ``data`` unless its sha256 is ``expected`` (64 hex digits): the file is not the one the registry vouched for."""
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", expected):
+        raise ValueError(f"expected sha256 {expected!r} is not 64 hexadecimal digits")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected.lower():
+        raise ValueError(f"{what} has sha256 {actual}, but {expected.lower()} was expected; refusing to load it")
+
+
+def _graph_tensors(graph: "onnx.GraphProto") -> Iterator["onnx.TensorProto"]:
+    """Every tensor a graph holds: initializers, sparse initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: "onnx.NodeProto") -> Iterator["onnx.TensorProto"]:
+    """Tensors in a node's attributes (Constant values, If/Loop/Scan bodies, ...)."""
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+            yield from (sparse.values, sparse.indices)
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            yield from _graph_tensors(sub)
+
+
+def model_tensors(proto: "onnx.ModelProto") -> Iterator["onnx.TensorProto"]:
+    """Every tensor of a model, including those inside its local functions."""
+    yield from _graph_tensors(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _outside_problem(location: str, folder: Path) -> str | None:
+    """Why an external-data ``location`` is not a file inside ``folder``, or None when it is."""
+    if not location:
+        return "is empty"
+    unified = location.replace("\\", "/")  # ORT on Windows splits on both; be as strict everywhere
+    if os.path.isabs(unified) or PureWindowsPath(location).is_absolute() or PureWindowsPath(location).drive:
+        return "is an absolute path"
+    target = (folder / unified).resolve()  # resolves '..' and symlinks alike
+    if not target.is_relative_to(folder.resolve()):
+        return f"resolves to {str(target)!r}, outside the model's folder {str(folder.resolve())!r}"
+    return None
+
+
+def check_external_data(proto: "onnx.ModelProto", path: Path) -> bool:
+    """Refuse a model whose tensors point at files outside its own folder; True when it uses external data.
+
+    Checked on the parsed proto (nothing is read from the locations), so a crafted model cannot make
+    onnxruntime open an arbitrary file such as ../../secret.bin or /etc/shadow.
+    """
+    import onnx
+
+    folder = path.resolve().parent
+    uses_external = False
+    for tensor in model_tensors(proto):
+        entries = {e.key: e.value for e in tensor.external_data}
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not entries:
+            continue
+        uses_external = True
+        location = entries.get("location", "")
+        problem = _outside_problem(location, folder)
+        if problem:
+            raise ValueError(f"ONNX model {str(path)!r}: tensor {tensor.name!r} has external data location "
+                             f"{location!r}, which {problem}; refusing to load it (expected a file inside {str(folder)!r})")
+    return uses_external
+
+
+def _session_source(path: Path, expected_sha256: str | None) -> bytes | str:
+    """What onnxruntime may open: the checked bytes, or the path when (in-folder) external data must be found.
+
+    Runs every check before any onnxruntime session exists: the sha256 (when expected) and the
+    external-data locations of the parsed model.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    data = path.read_bytes()
+    if expected_sha256 is not None:
+        check_sha256(data, expected_sha256, f"ONNX model {str(path)!r}")
+    try:
+        proto = onnx.load_model_from_string(data)  # the graph only: external data is never read here
+    except DecodeError as e:
+        raise ValueError(f"{str(path)!r} is not an ONNX model (cannot parse it: {e})") from None
+    return str(path) if check_external_data(proto, path) else data
+
+
+def load_onnx_model(path: str | os.PathLike[str], device: str = "auto", expected_sha256: str | None = None) -> OnnxModel:
+    """Open an exported model in onnxruntime and read its classes/normalisation metadata.
+
+    Before a session is created the file is checked: its sha256 against ``expected_sha256`` (when
+    given) and every external-data location (it must stay inside the model's folder). Without
+    external data the session is built from the very bytes that were checked.
+    """
     import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {str(path)!r} does not exist")
-    session = ort.InferenceSession(str(path), providers=providers_for(device))
+    source = _session_source(path, expected_sha256)
+    providers = providers_for(device)
+    try:
+        session = ort.InferenceSession(source, providers=providers)
+    except Exception as e:  # onnxruntime's own exception types are not ValueError/RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"onnxruntime cannot open ONNX model {str(path)!r}: {first}") from e
     meta = session.get_modelmeta().custom_metadata_map
     provider = session.get_providers()[0]
     if device != "cpu" and gpu_present() and provider != CUDA_PROVIDER:
@@ -114,17 +224,24 @@ def predict_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
     return np.exp(predict_log_proba(model, images))
 
 
-def evaluate_onnx(model_path: str | os.PathLike[str], data: str | os.PathLike[str], cfg: ScoreConfig | None = None) -> dict:
+def evaluate_onnx(model_path: str | os.PathLike[str], data: str | os.PathLike[str], cfg: ScoreConfig | None = None,
+                  expected_sha256: str | None = None) -> dict:
     """Metrics of an exported model on a folder of class folders (e.g. face/test): the same dict as
     ``faceclf.train.evaluate``. Used to re-score the champion on tonight's test set.
+
+    An existing folder without images gives n=0 and NaN loss/accuracy (which the gate rejects)
+    rather than an error; a class the model does not know is an error.
     """
-    from faceclf.data import decode_images, find_classes
+    from faceclf.data import decode_images
     from faceclf.metrics import summarize
 
     cfg = cfg or ScoreConfig()
-    model = load_onnx_model(model_path, cfg.device)
+    model = load_onnx_model(model_path, cfg.device, expected_sha256)
     data = Path(data)
-    unknown = sorted(set(find_classes(data)) - set(model.classes))
+    if not data.is_dir():
+        raise FileNotFoundError(f"data folder {str(data)!r} does not exist or is not a folder")
+    present = [p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    unknown = sorted(set(present) - set(model.classes))
     if unknown:
         raise ValueError(f"{data} has classes {unknown} that model {model.version} does not know ({model.classes})")
     paths, labels = [], []
@@ -139,6 +256,8 @@ def evaluate_onnx(model_path: str | os.PathLike[str], data: str | os.PathLike[st
                                 for i in range(0, len(nhwc), cfg.batch_size)]) if len(nhwc) else np.empty((0, len(model.classes)))
     import torch
 
+    if not len(y):
+        log.warning("no decodable images of classes %s in %s: empty metrics (n=0, accuracy NaN)", model.classes, data)
     loss_sum = float(-log_probs[np.arange(len(y)), y].sum()) if len(y) else 0.0
     return summarize(loss_sum, torch.from_numpy(log_probs.argmax(1)), torch.from_numpy(y), model.classes)
 
@@ -209,17 +328,34 @@ class ScoreSummary:
     version: str
 
 
+def remove_leftover_temps(out: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files a killed run left beside ``out`` (atomic_path's .<name>.*.tmp); return them.
+
+    Only that output's own pattern is touched. Two runs writing the same ``out`` at once are not
+    supported (the later os.replace would win anyway).
+    """
+    out = Path(out)
+    stale = [p for p in out.parent.glob(f".{glob.escape(out.name)}.*.tmp") if p.is_file()]
+    for p in stale:
+        log.warning("removing %s, left by an interrupted scoring run", p)
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
-          cfg: ScoreConfig | None = None, relative_to: Path | None = None) -> ScoreSummary:
+          cfg: ScoreConfig | None = None, relative_to: Path | None = None, expected_sha256: str | None = None) -> ScoreSummary:
     """Score every image in ``inputs`` with the ONNX model and write ``out`` (CSV) atomically.
 
     Columns: path, predicted_class, p_<class>..., error, model_version. A file that does not decode
-    gets a row with its error and the run goes on; rerunning replaces the file, never appends to it.
+    gets a row with its error and the run goes on; rerunning replaces the file, never appends to it,
+    and removes what a killed run left beside it. With ``expected_sha256`` a model file whose
+    sha256 differs is refused before onnxruntime opens it.
     """
     cfg = cfg or ScoreConfig()
-    model = load_onnx_model(model_path, cfg.device)
+    model = load_onnx_model(model_path, cfg.device, expected_sha256)
     log.info("scoring with %s on %s (model version %s)", model.path, model.provider, model.version)
     paths = collect_inputs(inputs)
+    remove_leftover_temps(out)
     fields = ["path", "predicted_class", *[f"p_{c}" for c in model.classes], "error", "model_version"]
     errors = 0
     t0 = time.perf_counter()

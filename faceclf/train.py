@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import time
 from contextlib import nullcontext
@@ -174,6 +175,13 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> No
     write_atomic(path, lambda p: torch.save(payload, p))
 
 
+def _one_line(e: BaseException) -> str:
+    """torch's weights_only refusal spans many lines (with ANSI codes): keep what was refused, on one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Please use|Check the documentation|$)", text, re.S)
+    return " ".join((m.group(1) if m and m.group(1).strip() else text).split()) or type(e).__name__
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a checkpoint with weights_only=True (no pickled code runs) and check its format."""
     path = Path(path)
@@ -182,7 +190,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError/RuntimeError for unsafe or broken files
-        raise ValueError(f"checkpoint {str(path)!r} cannot be loaded safely (weights_only): {e}") from None
+        raise ValueError(f"checkpoint {str(path)!r} cannot be loaded safely (weights_only): {_one_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT:
         found = ckpt.get("format_version") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"checkpoint {str(path)!r} has format {found!r}, expected {CHECKPOINT_FORMAT}")

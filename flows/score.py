@@ -28,9 +28,11 @@ def fetch_model(location: str, version: str | None, work: str) -> dict[str, str]
         found = registry.fetch_champion(store, dest)
         if found is None:
             raise ValueError(f"no champion in {store.uri(registry.CHAMPION_KEY)}: run the train flow first or pass version=")
-        return {"version": found[0]["version"], "path": str(found[1])}
-    registry.fetch_model(store, version, dest)
-    return {"version": version, "path": str(dest)}
+        path = found[1]
+        version = found[0]["version"]
+    else:
+        path = registry.fetch_model(store, version, dest)
+    return {"version": version, "path": str(path), "sha256": registry.sha256_bytes(Path(path).read_bytes())}
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -46,12 +48,13 @@ def gather_images(location: str, source: str, work: str) -> dict[str, Any]:
 
 
 @task(cache_policy=NONE)
-def score_batch(model_path: str, images: dict[str, Any], out_csv: str, batch_size: int) -> dict[str, Any]:
-    """ONNX Runtime batch scoring; returns counts, images/s and the execution provider that ran."""
+def score_batch(model: dict[str, str], images: dict[str, Any], out_csv: str, batch_size: int) -> dict[str, Any]:
+    """ONNX Runtime batch scoring of the verified model (its sha256 is checked again as it loads)."""
     from faceclf.config import ScoreConfig
 
     rel = Path(images["relative_to"]) if images["relative_to"] else None
-    s = score_images(model_path, images["inputs"], out_csv, ScoreConfig(batch_size=batch_size), relative_to=rel)
+    s = score_images(model["path"], images["inputs"], out_csv, ScoreConfig(batch_size=batch_size), relative_to=rel,
+                     expected_sha256=model["sha256"])
     return {"images": s.images, "errors": s.errors, "images_per_s": round(s.images_per_s, 1),
             "provider": s.provider, "version": s.version}
 
@@ -82,7 +85,7 @@ def score(bucket: str | None = None, source: str = "incoming/", version: str | N
         model = fetch_model(location, version, work)
         images = gather_images(location, source, work)
         out_csv = str(Path(work) / "predictions.csv")
-        summary = score_batch(model["path"], images, out_csv, batch_size)
+        summary = score_batch(model, images, out_csv, batch_size)
         target = output or f"predictions/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}/predictions.csv"
         where = publish_predictions(location, out_csv, target)
     logger.info("scored %d images (%d errors) with model %s on %s at %.1f images/s -> %s", summary["images"],
