@@ -60,9 +60,8 @@ def test_a_new_class_stops_the_night_before_training(prefect_api, bucket: str, t
 
 
 def test_a_class_too_small_to_split_stops_the_night(prefect_api, bucket: str, tmp_path: Path) -> None:
-    from flows.train import train
-
     from faceclf.sample import generate_sample_faces
+    from flows.train import train
 
     upload_faces(bucket, tmp_path / "n1", per_class=60, seed=11)
     generate_sample_faces(tmp_path / "rare", per_class=1, size=48, seed=5, classes=("with_sunglasses",))
@@ -82,10 +81,9 @@ def test_an_empty_incoming_prefix_stops_the_night(prefect_api, bucket: str, tmp_
 
 
 def test_a_night_killed_mid_epoch_resumes_to_the_same_result(prefect_api, bucket: str, tmp_path: Path) -> None:
-    from flows.train import train
-
     from faceclf.config import RunConfig
     from faceclf.pipeline import train_run
+    from flows.train import train
 
     upload_faces(bucket, tmp_path / "n1", per_class=80, seed=11)
     face, runs = tmp_path / "face", tmp_path / "runs"
