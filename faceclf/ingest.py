@@ -8,9 +8,16 @@
     datasets/face/manifest.jsonl     one row per ingested object, rewritten whole at the end of a run
     datasets/face/quarantine.jsonl   one row per refused object, this run's rows appended at the end
 
-Manifest rows have ``status`` "ok" (the image file at ``path``) or "duplicate" (the same bytes as the
-"ok" row whose key is ``duplicate_of``; ``split``/``path`` are that row's). Duplicate rows exist so that
-a duplicate object is not downloaded again every night; count images with ``status == "ok"`` only.
+Manifest rows have ``status`` "ok" (the image file at ``path``), "duplicate" (the same bytes as the
+"ok" row whose key is ``duplicate_of``; ``split``/``path`` are that row's) or "conflict" (see below).
+Duplicate rows exist so that a duplicate object is not downloaded again every night; count images with
+``status == "ok"`` only.
+
+Conflicts: the same bytes labelled with two classes (in one run or across nights) cannot both be right,
+so NEITHER is trained on. The newcomer is quarantined (reason "conflict: ..."), every manifest row with
+that sha256 becomes ``status: "conflict"`` and its file is removed from dest; later objects with those
+bytes are quarantined too. Nothing is lost: the objects stay under incoming/. To settle a conflict,
+delete the wrongly labelled object and the sha's rows from the manifest and quarantine log.
 
 Downloads that fail (network, object deleted meanwhile) are reported as ``failed`` and retried the next
 night; they are not quarantined, because the object itself may be fine. Run one ingest at a time per
@@ -20,6 +27,7 @@ bucket: the manifest is read at the start and rewritten at the end.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -100,7 +108,8 @@ class IngestReport:
     """What one run did. Counts: listed = new + skipped + duplicates + quarantined + failed."""
 
     listed: int = 0                   # objects under incoming/ (folder markers 'x/' excluded)
-    new: int = 0                      # images written to dest and added to the manifest
+    new: int = 0                      # images written to dest and added to the manifest (one withdrawn
+                                      # later in the same run for a conflict still counts; see ``conflicts``)
     skipped: int = 0                  # already in the manifest or the quarantine log (not downloaded)
     duplicates: int = 0               # same bytes and class as an image already held
     quarantined: int = 0              # refused this run (see ``quarantine``)
@@ -109,6 +118,9 @@ class IngestReport:
     missing: int = 0                  # manifest images missing from dest whose object is gone or changed
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    # one row per content hash that met a conflict this run: sha256, keys, classes, and ``withdrawn``,
+    # the dest path removed this run (None when the conflict was known from an earlier night)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
     classes: dict[str, int] = field(default_factory=dict)  # "ok" images per class in the manifest
     manifest_rows: int = 0
 
@@ -160,12 +172,12 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
 
 
 def read_manifest(store: Store) -> list[dict[str, Any]]:
-    """All manifest rows ("ok" images and "duplicate" records), in ingest order."""
+    """All manifest rows ("ok" images, "duplicate" and "conflict" records), in ingest order."""
     return _read_jsonl(store, MANIFEST_KEY)
 
 
 def read_quarantine(store: Store) -> list[dict[str, Any]]:
-    """All quarantine rows (key, etag, size, reason, at), oldest first."""
+    """All quarantine rows (key, etag, size, reason, at; conflicts also sha256 and class), oldest first."""
     return _read_jsonl(store, QUARANTINE_KEY)
 
 
@@ -275,6 +287,29 @@ def write_image(dest: Path, rel: str, data: bytes) -> None:
     write_atomic(path, lambda p: p.write_bytes(data))
 
 
+def withdraw_conflicts(dest: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Remove from ``dest`` the files of "conflict" rows (unless an "ok" row holds the same path).
+
+    Run every night, not only when a conflict is found: a run killed between removing a file and
+    rewriting the manifest, or a tree copied back from a backup, cannot bring a conflicting image
+    back into training. The folders of a class left without any "ok" image are removed when empty,
+    so training does not find a class with no images. Returns the dest-relative paths removed.
+    """
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    held = {r["path"] for r in ok}
+    removed = []
+    for rel in sorted({r["path"] for r in rows if r.get("status") == "conflict"} - held):
+        path = dest.joinpath(*PurePosixPath(safe_key(rel)).parts)
+        if path.is_file():
+            path.unlink()
+            removed.append(rel)
+    for cls in {rel.split("/")[1] for rel in removed} - {r["class"] for r in ok}:
+        for split in SPLITS:
+            with contextlib.suppress(OSError):  # absent, or holds files the manifest does not know
+                (dest / split / cls).rmdir()
+    return removed
+
+
 def make_tree(dest: Path, classes: Iterable[str]) -> None:
     """Create dest/<split>/<class>/ for every split and class, even empty ones.
 
@@ -371,6 +406,8 @@ def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None 
     quarantine_log = read_quarantine(store)
     seen = {identity(r) for r in rows} | {identity(r) for r in quarantine_log}
     owner = {r["sha256"]: r for r in rows if r.get("status", "ok") == "ok"}  # sha -> the row holding the file
+    conflicted = {r["sha256"] for r in rows if r.get("status") == "conflict"}
+    conflicts: dict[str, str | None] = {}  # sha met in a conflict this run -> dest path withdrawn this run
 
     listed = list_incoming(store)
     report = IngestReport(listed=len(listed))
@@ -386,10 +423,17 @@ def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None 
             elif not isinstance(result, Checked):
                 log.warning("download of %s failed (retried next run): %s", store.uri(info.key), result)
                 report.failures.append({"key": info.key, "etag": info.etag, "error": f"{type(result).__name__}: {result}"})
-            elif (first := owner.get(result.sha256)) and first["class"] != cls:
-                reason = f"conflict: same bytes as {first['key']} labelled {first['class']}"
-                report.quarantine.append(_quarantine_row(info, reason, now))
-            elif first:
+            elif result.sha256 in conflicted or (result.sha256 in owner and owner[result.sha256]["class"] != cls):
+                sha = result.sha256
+                reason = conflict_reason(sha, [*rows, *new_rows, *quarantine_log, *report.quarantine])
+                if sha in conflicted:  # held out on an earlier night or earlier in this run
+                    conflicts.setdefault(sha, None)
+                else:
+                    conflicts[sha] = mark_conflict(rows + new_rows, sha, info.key, cls, now)
+                    conflicted.add(sha)
+                    del owner[sha]
+                report.quarantine.append({**_quarantine_row(info, reason, now), "sha256": sha, "class": cls})
+            elif first := owner.get(result.sha256):
                 new_rows.append({**_manifest_row(info, cls, result, first["path"], now),
                                  "status": "duplicate", "duplicate_of": first["key"]})
                 report.duplicates += 1
@@ -402,13 +446,23 @@ def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None 
         for w in writes:
             w.result()  # a failed local write (disk full) stops the run before the manifest claims the file
 
+    # Before the manifest is rewritten: should the run die in between, the file is either gone or still
+    # "ok" in the manifest, and the next night finds the conflict again.
+    for rel in withdraw_conflicts(dest, rows + new_rows):
+        log.warning("removed %s from %s: its content is held out of training as a label conflict", rel, dest)
     report.quarantined, report.failed = len(report.quarantine), len(report.failures)
-    if new_rows:
+    report.conflicts = [conflict_summary(sha, rows + new_rows, quarantine_log + report.quarantine, path)
+                        for sha, path in conflicts.items()]
+    if new_rows or any(conflicts.values()):  # new rows, or rows just marked "conflict"
         store.put_bytes(MANIFEST_KEY, _jsonl(rows + new_rows))
     if report.quarantine:
         store.put_bytes(QUARANTINE_KEY, _jsonl(quarantine_log + report.quarantine))
     for q in report.quarantine:
         log.warning("quarantined %r: %s", q["key"], q["reason"])  # repr: a key may hold control characters
+    for c in report.conflicts:
+        log.warning("conflict: the same image (sha256 %s) is labelled %s under %s; none of it is used for "
+                    "training%s", c["sha256"], " and ".join(c["classes"]), c["keys"],
+                    f" ({c['withdrawn']} removed from {dest})" if c["withdrawn"] else "")
     report.classes = class_counts(rows + new_rows)
     make_tree(dest, report.classes)
     report.manifest_rows = len(rows) + len(new_rows)
@@ -417,6 +471,36 @@ def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None 
              report.listed, report.new, report.skipped, report.duplicates, report.quarantined, report.failed,
              report.restored, report.missing, report.manifest_rows, report.classes)
     return report
+
+
+def conflict_reason(sha256: str, rows: list[dict[str, Any]]) -> str:
+    """Quarantine reason for an object whose bytes are already held under another class, or held out as
+    a conflict: names up to three of the keys (manifest and quarantine rows) with those bytes, and their class."""
+    held = [f"{r['key']} labelled {r['class']}" for r in rows if r.get("sha256") == sha256]
+    more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+    return f"conflict: same bytes as {', '.join(held[:3])}{more}"
+
+
+def mark_conflict(rows: list[dict[str, Any]], sha256: str, key: str, cls: str, now: str) -> str | None:
+    """Mark every "ok"/"duplicate" row holding ``sha256`` as "conflict" (``key`` labelled ``cls`` has the
+    same bytes); return the dest path of the file that must leave dest (None if no row held one)."""
+    path = None
+    for r in rows:
+        if r["sha256"] == sha256 and r.get("status", "ok") in ("ok", "duplicate"):
+            if r.get("status", "ok") == "ok":
+                path = r["path"]
+            r.update(status="conflict", conflict_with=key, conflict_class=cls, conflict_at=now)
+    return path
+
+
+def conflict_summary(sha256: str, rows: list[dict[str, Any]], quarantined: list[dict[str, Any]],
+                     withdrawn: str | None) -> dict[str, Any]:
+    """One ``IngestReport.conflicts`` entry: every key and class seen with these bytes (manifest and
+    quarantine log), and the dest path withdrawn this run."""
+    seen = [(r["key"], r["class"]) for r in rows if r["sha256"] == sha256]
+    seen += [(q["key"], q["class"]) for q in quarantined if q.get("sha256") == sha256]
+    return {"sha256": sha256, "keys": sorted({k for k, _ in seen}), "classes": sorted({c for _, c in seen}),
+            "withdrawn": withdrawn}
 
 
 def _manifest_row(info: ObjectInfo, cls: str, img: Checked, path: str, now: str) -> dict[str, Any]:

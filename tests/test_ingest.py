@@ -246,9 +246,9 @@ def test_bad_objects_are_quarantined_once_and_never_touched(bucket: str, tmp_pat
 
 
 def test_same_bytes_under_two_classes_and_duplicates_across_nights(bucket: str, tmp_path: Path) -> None:
-    face = noisy_jpeg(seed=5)
+    face, other = noisy_jpeg(seed=5), png(40, 40, (1, 1, 1))
     upload(bucket, {"incoming/with_mask/a.jpg": face, "incoming/without_mask/b.jpg": face,
-                    "incoming/without_mask/other.png": png(40, 40, (1, 1, 1))})
+                    "incoming/without_mask/other.png": other})
     store = open_store(f"s3://{bucket}")
     dest = tmp_path / "face"
     r1 = ingest(store, dest, CFG)
@@ -256,21 +256,27 @@ def test_same_bytes_under_two_classes_and_duplicates_across_nights(bucket: str, 
     assert r1.quarantine[0]["key"] == "incoming/without_mask/b.jpg"
     assert r1.quarantine[0]["reason"] == "conflict: same bytes as incoming/with_mask/a.jpg labelled with_mask"
     sha = hashlib.sha256(face).hexdigest()
-    assert list(dest.rglob(f"{sha}.*")) == [dest / split_of(sha, CFG.split_fractions) / "with_mask" / f"{sha}.jpg"]
+    # Neither label can be trusted: the first copy leaves the training tree too (its row says "conflict").
+    assert not list(dest.rglob(f"{sha}.*"))
+    assert [c["sha256"] for c in r1.conflicts] == [sha]
+    assert {r["key"]: r["status"] for r in read_manifest(store)}["incoming/with_mask/a.jpg"] == "conflict"
 
-    # Next night: the same bytes again, once in the same class (duplicate) and once in another (conflict).
-    upload(bucket, {"incoming/with_mask/a_again.jpg": face, "incoming/without_mask/c.jpg": face})
+    # Next night: the same bytes again (refused, in either class) and a same-class copy of another image.
+    upload(bucket, {"incoming/with_mask/a_again.jpg": face, "incoming/without_mask/c.jpg": face,
+                    "incoming/without_mask/other_again.png": other})
     r2 = ingest(store, dest, CFG)
-    assert (r2.new, r2.duplicates, r2.quarantined, r2.skipped) == (0, 1, 1, 3)
-    assert r2.quarantine[0]["key"] == "incoming/without_mask/c.jpg" and "conflict" in r2.quarantine[0]["reason"]
-    dup = next(r for r in read_manifest(store) if r["key"] == "incoming/with_mask/a_again.jpg")
-    assert dup["status"] == "duplicate" and dup["duplicate_of"] == "incoming/with_mask/a.jpg" and dup["sha256"] == sha
+    assert (r2.new, r2.duplicates, r2.quarantined, r2.skipped) == (0, 1, 2, 3)
+    assert sorted(q["key"] for q in r2.quarantine) == ["incoming/with_mask/a_again.jpg", "incoming/without_mask/c.jpg"]
+    assert all(q["reason"].startswith("conflict: ") for q in r2.quarantine)
+    dup = next(r for r in read_manifest(store) if r["key"] == "incoming/without_mask/other_again.png")
+    assert dup["status"] == "duplicate" and dup["duplicate_of"] == "incoming/without_mask/other.png"
+    assert dup["sha256"] == hashlib.sha256(other).hexdigest()
     assert_dest_matches_manifest(store, dest)
-    # Two images, yet every split has every class folder, so the tree reads as already split.
+    # One image, yet every split has its class folder, so the tree reads as already split.
     assert sorted(p.relative_to(dest).as_posix() for p in dest.glob("*/*")) == [
-        f"{s}/{c}" for s in sorted(SPLITS) for c in ("with_mask", "without_mask")]
+        f"{s}/without_mask" for s in sorted(SPLITS)]
     r3 = ingest(store, dest, CFG)
-    assert (r3.new, r3.duplicates, r3.quarantined, r3.skipped) == (0, 0, 0, 5)
+    assert (r3.new, r3.duplicates, r3.quarantined, r3.skipped) == (0, 0, 0, 6)
 
 
 def test_local_folder_source(faces: Path, tmp_path: Path) -> None:
