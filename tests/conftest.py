@@ -97,7 +97,7 @@ def upload_faces(bucket: str, root: Path, per_class: int, seed: int, shuffle: bo
 
 def tree(face: Path) -> dict[str, str]:
     """file name (sha256.ext) -> split, for every image under face/."""
-    return {p.name: p.relative_to(face).parts[0] for p in face.rglob("*.*") if p.is_file()}
+    return {p.name: p.relative_to(face).parts[0] for p in face.rglob("*.*") if p.is_file() and not p.name.startswith(".")}
 
 
 def onnx_accuracy(model_path: Path, folder: Path) -> float:

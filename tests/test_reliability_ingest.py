@@ -286,25 +286,28 @@ BAD_BYTES = {  # name -> (bytes, expected reason fragment)
 }
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 from PIL import Image
 from faceclf.ingest import IngestConfig, ingest
 from faceclf.storage import S3Store
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    # VmHWM: this process's own peak RSS (per address space, fresh at exec). ru_maxrss is not: Linux
+    # carries the forking parent's RSS into it, so under a big pytest process it hides every peak.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
 
 store = S3Store(sys.argv[1])
 store.exists("warm-up")  # boto3 loaded and a connection made before the baseline
 before = peak_mb()
-report = ingest(store, sys.argv[2], IngestConfig(workers=4))
-after = peak_mb()
-# Control: decoding the 6500x6200 image (121 MB of RGB) does show up in the peak.
-Image.MAX_IMAGE_PIXELS = None
-with Image.open(sys.argv[3]) as img:
-    img.load()
-control = peak_mb()
-print(json.dumps({"report": report.to_dict(), "before": before, "after": after, "control": control}))
+if sys.argv[4] == "ingest":
+    report = ingest(store, sys.argv[2], IngestConfig(workers=4)).to_dict()
+else:  # control, in its own process: decoding the 6500x6200 image (121 MB of RGB) shows in the peak
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(sys.argv[3]) as img:
+        img.load()
+    report = None
+print(json.dumps({"report": report, "before": before, "after": peak_mb()}))
 """
 
 
@@ -320,13 +323,15 @@ def test_bad_bytes_quarantined_and_bombs_never_decoded(bucket: str, tmp_path: Pa
     (tmp_path / "huge.png").write_bytes(objects["incoming/with_mask/huge.png"])
     dest = tmp_path / "face"
 
-    # Ingest in a child process so its peak RSS is its own (RUSAGE_SELF there; RUSAGE_CHILDREN here
-    # would be the peak of every child this pytest process ever reaped, e.g. the moto server's).
-    out = subprocess.run([sys.executable, "-c", CHILD, bucket, str(dest), str(tmp_path / "huge.png")],
-                         capture_output=True, text=True, timeout=120, env=os.environ.copy())
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    grew, control = result["after"] - result["before"], result["control"] - result["after"]
+    # Ingest in a child process so its peak RSS (VmHWM) is its own, not this pytest process's.
+    def child(mode: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", CHILD, bucket, str(dest), str(tmp_path / "huge.png"), mode],
+                             capture_output=True, text=True, timeout=120, env=os.environ.copy())
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    result, probe = child("ingest"), child("control")  # separate processes: one peak cannot hide the other
+    grew, control = result["after"] - result["before"], probe["after"] - probe["before"]
     assert control > 100, f"the RSS probe did not see a 121 MB decode (+{control:.0f} MB): it proves nothing"
     assert grew < 100, f"ingest's peak RSS grew by {grew:.0f} MB: something was decoded (the bomb needs 1200 MB)"
     print(f"peak RSS: {result['before']:.0f} MB before ingest, +{grew:.0f} MB during it, +{control:.0f} MB decoding "
