@@ -159,15 +159,18 @@ def mark_published(run_dir: Path, result: dict[str, Any]) -> None:
 def resolve_location(bucket: str | None) -> str:
     """Where the night reads and writes: 's3://NAME' for a bucket name, a local folder for a path.
 
-    ``bucket`` defaults to $FACECLF_BUCKET. A value with a '/' (or an existing folder) is a local
-    folder with the bucket layout; anything else is an S3 bucket name.
+    ``bucket`` defaults to $FACECLF_BUCKET. A value with a '/' or starting with '.' is a local folder
+    with the bucket layout; anything else is an S3 bucket name, even if a folder of that name happens
+    to exist in the working directory (bucket names cannot contain '/').
     """
     value = bucket or os.environ.get(BUCKET_ENV)
     if not value:
-        raise ValueError(f"no bucket: pass bucket=NAME (or a local folder) or set {BUCKET_ENV}")
-    if value.startswith("s3://") or ("/" not in value and not Path(value).is_dir()):
-        return value if value.startswith("s3://") else f"s3://{value}"
-    return value
+        raise ValueError(f"no bucket: pass bucket=NAME (or a local folder path) or set {BUCKET_ENV}")
+    if value.startswith("s3://"):
+        return value
+    if "/" in value or value.startswith("."):
+        return value
+    return f"s3://{value}"
 
 
 @dataclass

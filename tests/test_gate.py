@@ -49,3 +49,19 @@ def test_nan_empty_or_single_class_never_promotes(bad: dict) -> None:
 def test_thresholds_are_validated() -> None:
     with pytest.raises(ValueError, match="min_accuracy must be in"):
         GateConfig(min_accuracy=1.5)
+
+
+def test_bucket_names_and_folders_are_told_apart(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from faceclf.night import resolve_location
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "faceclf-demo").mkdir()  # a folder named like the bucket must not shadow it
+    assert resolve_location("faceclf-demo") == "s3://faceclf-demo"
+    assert resolve_location("s3://b") == "s3://b"
+    assert resolve_location("./faceclf-demo") == "./faceclf-demo"
+    assert resolve_location(str(tmp_path / "x")) == str(tmp_path / "x")
+    monkeypatch.setenv("FACECLF_BUCKET", "nightly")
+    assert resolve_location(None) == "s3://nightly"
+    monkeypatch.delenv("FACECLF_BUCKET")
+    with pytest.raises(ValueError, match="no bucket"):
+        resolve_location(None)
