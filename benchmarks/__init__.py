@@ -1,0 +1,1 @@
+"""Benchmarks: figures next to their baselines, measured in the same run (python -m benchmarks)."""

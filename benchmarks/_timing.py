@@ -1,0 +1,87 @@
+"""Shared helpers of train_bench and score_bench: machine rows, timing, medians, the table printer."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DATASET = Path(__file__).resolve().parents[2] / "shared/datasets/face-mask"
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_bf16() -> bool:
+    """True when the CPU advertises native bf16 (avx512_bf16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def row(benchmark: str, what: str, value: Any, unit: str = "", baseline: str | None = None,
+        baseline_value: Any = None, ratio: float | None = None, note: str = "") -> dict[str, Any]:
+    """One result row with every key present."""
+    return {"benchmark": benchmark, "what": what, "value": value, "unit": unit, "baseline": baseline,
+            "baseline_value": baseline_value, "ratio": ratio, "note": note}
+
+
+def machine_rows(benchmark: str) -> list[dict[str, Any]]:
+    """Rows describing the machine the figures come from, and the GPU line (item 5)."""
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    rows = [
+        row(benchmark, "machine: CPU", cpu_model(), note=f"os.cpu_count()={os.cpu_count()}, capability {cap}, "
+            f"bf16 {'yes' if cpu_bf16() else 'no'}"),
+        row(benchmark, "machine: torch threads", torch.get_num_threads(), "threads",
+            note=f"torch {torch.__version__}, Python {platform.python_version()}"),
+    ]
+    if torch.cuda.is_available():
+        rows.append(row(benchmark, "GPU", torch.cuda.get_device_name(0), note="present; nothing measured on GPU here"))
+    else:
+        rows.append(row(benchmark, "GPU: none", "none", note="torch.cuda.is_available() is False; CPU figures only"))
+    return rows
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall seconds of one call."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def spread(xs: list[float]) -> str:
+    """'median of k: min..max' for notes."""
+    return f"median of {len(xs)} ({min(xs):.3g}..{max(xs):.3g})"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """A readable fixed-width table of the rows."""
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    print(f"{'benchmark':<9} {'what':<52} {'value':>11} {'unit':<9} {'baseline':<30} {'base value':>10} {'ratio':>7}  note")
+    for r in rows:
+        print(f"{r['benchmark']:<9} {r['what']:<52.52} {fmt(r['value']):>11.30} {r['unit']:<9.9} "
+              f"{fmt(r['baseline']):<30.30} {fmt(r['baseline_value']):>10} {fmt(r['ratio']):>7}  {r['note']}")

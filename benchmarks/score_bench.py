@@ -1,0 +1,169 @@
+"""Scoring throughput: faceclf.score end to end vs its parts (ONNX Runtime, torch eager, decode).
+
+    python -m benchmarks.score_bench [--quick]
+
+A model is trained for 1 epoch on a small generated face set (faceclf.pipeline.train_run, default
+settings: 96 px, batch 64) and exported with faceclf.export.export_onnx. Then, on the same images
+(the face-mask photos: all 1,376 files, --quick 200), interleaved, medians over repetitions:
+
+(a) faceclf.score.score end to end (decode of the next batch overlapped with inference, CSV written);
+(b) ONNX Runtime model only, on pre-decoded, pre-normalised float32 batches of 64;
+(c) torch eager model only on the same batches (eval, torch.no_grad);
+(d) decode only: faceclf.data.load_image over the files with score's thread count.
+
+Ratios: ORT/torch (goal >= 4) and end-to-end / min(decode-only, ORT model-only) (goal >= 0.8).
+Speed is measured, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks._timing import (
+    DATASET,
+    machine_rows,
+    median,
+    print_table,
+    row,
+    spread,
+    timed,
+)
+
+NAME = "score"
+GOAL_ORT_VS_TORCH = 4.0
+GOAL_E2E_VS_PARTS = 0.8
+
+
+def _train_and_export(work: Path) -> tuple[Path, Path]:
+    """1-epoch checkpoint on 120 generated faces (default RunConfig otherwise), exported to ONNX."""
+    from faceclf.config import RunConfig
+    from faceclf.export import export_onnx
+    from faceclf.pipeline import train_run
+    from faceclf.sample import generate_sample_faces
+
+    generate_sample_faces(work / "faces", per_class=60, seed=0)
+    cfg = RunConfig()
+    cfg.train.epochs = 1
+    train_run(work / "faces", work / "run", cfg)
+    ckpt = work / "run" / "checkpoint.pt"
+    onnx_path = work / "model.onnx"
+    export_onnx(ckpt, onnx_path)
+    return ckpt, onnx_path
+
+
+def _pick(files: list[Path], k: int | None) -> list[Path]:
+    """k files evenly spaced over the sorted list (both classes kept), or all of them."""
+    if not k or k >= len(files):
+        return files
+    return [files[round(i * (len(files) - 1) / (k - 1))] for i in range(k)]
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Measure and return the rows (see the module docstring)."""
+    from faceclf.config import ScoreConfig
+    from faceclf.data import decode_images, list_images, load_image
+    from faceclf.score import load_onnx_model, score
+    from faceclf.train import load_checkpoint, model_from_checkpoint
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("faceclf").setLevel(logging.WARNING)
+    rows = machine_rows(NAME)
+    if not DATASET.is_dir():
+        rows.append(row(NAME, "face-mask data set", None, note=f"not measured: {DATASET} is missing"))
+        return rows
+    reps = 3 if quick else 5
+    files = _pick(list_images(DATASET), 200 if quick else None)
+    n = len(files)
+    cfg = ScoreConfig(device="cpu")
+    with tempfile.TemporaryDirectory(prefix="faceclf-scorebench-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        ckpt_path, onnx_path = _train_and_export(work)
+        setup_s = time.perf_counter() - t0
+        om = load_onnx_model(onnx_path, "cpu")
+        size = om.image_size
+        tmodel = model_from_checkpoint(load_checkpoint(ckpt_path), "cpu")
+
+        images, _ok, failed = decode_images(files, size, cfg.decode_workers)
+        x = (images.numpy().astype(np.float32) / 255.0 - om.mean) / om.std  # (N, 3, S, S) float32
+        batches = [np.ascontiguousarray(x[i:i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
+        tbatches = [torch.from_numpy(b) for b in batches]
+        n_ok = len(x)
+
+        def e2e() -> float:
+            summary = score(onnx_path, files, work / "predictions.csv", cfg)
+            return summary.seconds  # from first batch to CSV written; excludes opening the model
+
+        def ort_only() -> None:
+            for b in batches:
+                om.session.run(None, {om.input_name: b})
+
+        @torch.no_grad()
+        def torch_only() -> None:
+            for b in tbatches:
+                tmodel(b)
+
+        def decode_only() -> None:
+            with ThreadPoolExecutor(max(1, cfg.decode_workers)) as pool:
+                list(pool.map(lambda p: load_image(p, size), files))
+
+        fns = {"e2e": e2e, "ort": lambda: timed(ort_only), "torch": lambda: timed(torch_only),
+               "decode": lambda: timed(decode_only)}
+        for f in fns.values():
+            f()  # warm-up (page cache, thread pools, ORT arena), not counted
+        t: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(reps):  # interleaved so background load hits all four alike
+            for k, f in fns.items():
+                t[k].append(f())
+        wall_e2e = timed(lambda: score(onnx_path, files, work / "predictions.csv", cfg))
+
+    ips = {k: (n if k in ("e2e", "decode") else n_ok) / median(v) for k, v in t.items()}
+    where = f"{n} face-mask files @{size}px, batch {cfg.batch_size}"
+    parts = min(ips["decode"], ips["ort"])
+    rows += [
+        row(NAME, "(a) faceclf.score end to end", ips["e2e"], "img/s", note=f"{where}; decode overlapped with ORT, "
+            f"{cfg.decode_workers} decode threads, CSV written; {spread(t['e2e'])} s; one call incl. opening the model: "
+            f"{n / wall_e2e:.0f} img/s"),
+        row(NAME, "(b) ONNX Runtime model only", ips["ort"], "img/s", note=f"pre-decoded float32 batches; "
+            f"provider {om.provider}; ORT default threads; {spread(t['ort'])} s"),
+        row(NAME, "(c) torch eager model only", ips["torch"], "img/s", note=f"same batches, eval + no_grad, "
+            f"{torch.get_num_threads()} torch threads; {spread(t['torch'])} s"),
+        row(NAME, "(d) decode only (load_image)", ips["decode"], "img/s", note=f"{cfg.decode_workers} threads "
+            f"(score's count); {spread(t['decode'])} s"),
+        row(NAME, "ORT vs torch eager (model only)", ips["ort"] / ips["torch"], "x", "(c) torch eager model only",
+            ips["torch"], ips["ort"] / ips["torch"], f"ORT/torch; goal >= {GOAL_ORT_VS_TORCH:g}: "
+            f"{'met' if ips['ort'] / ips['torch'] >= GOAL_ORT_VS_TORCH else 'NOT met'}"),
+        row(NAME, "end to end vs slower part", ips["e2e"] / parts, "x", "min(decode only, ORT only)", parts,
+            ips["e2e"] / parts, f"e2e/min(d, b); goal >= {GOAL_E2E_VS_PARTS:g}: "
+            f"{'met' if ips['e2e'] / parts >= GOAL_E2E_VS_PARTS else 'NOT met'}"),
+        row(NAME, "end to end vs serial bound", ips["e2e"] * (1 / ips["decode"] + 1 / ips["ort"]), "x",
+            "1/(1/decode + 1/ORT)", 1 / (1 / ips["decode"] + 1 / ips["ort"]), ips["e2e"] * (1 / ips["decode"] + 1 / ips["ort"]),
+            "informational: decode and ORT both need the same CPU cores, so with no spare core overlap cannot beat "
+            "running them one after the other"),
+        row(NAME, "setup: train 1 epoch + export", setup_s, "s", note="120 generated faces, default RunConfig; "
+            f"not part of the comparison; {len(failed)} of {n} files failed to decode"),
+    ]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.score_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="200 of the face-mask files, fewer repetitions")
+    a = p.parse_args(argv)
+    print_table(run(quick=a.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
