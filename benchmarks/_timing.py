@@ -74,14 +74,3 @@ def spread(xs: list[float]) -> str:
     return f"median of {len(xs)} ({min(xs):.3g}..{max(xs):.3g})"
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    """A readable fixed-width table of the rows."""
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    print(f"{'benchmark':<9} {'what':<52} {'value':>11} {'unit':<9} {'baseline':<30} {'base value':>10} {'ratio':>7}  note")
-    for r in rows:
-        print(f"{r['benchmark']:<9} {r['what']:<52.52} {fmt(r['value']):>11.30} {r['unit']:<9.9} "
-              f"{fmt(r['baseline']):<30.30} {fmt(r['baseline_value']):>10} {fmt(r['ratio']):>7}  {r['note']}")

@@ -13,7 +13,6 @@ says how our client compares with the AWS CLI's against that server, not against
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -26,7 +25,6 @@ from pathlib import Path
 from benchmarks.s3_fixture import (
     make_faces,
     median,
-    print_table,
     reset_ingest_state,
     row,
     upload_faces,
@@ -108,15 +106,7 @@ def run(quick: bool = False) -> list[dict]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ingest_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="500 images, 1 repetition")
-    a = p.parse_args(argv)
-    rows = run(quick=a.quick)
-    print_table(f"ingest vs aws s3 sync ({'quick' if a.quick else 'full'} run)", rows)
-    return 0
+if __name__ == "__main__":  # same as: python -m benchmarks --only ingest [--quick]
+    from benchmarks.__main__ import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main(["--only", "ingest", *sys.argv[1:]]))

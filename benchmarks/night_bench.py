@@ -16,7 +16,6 @@ export, upload).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import sys
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.s3_fixture import make_faces, print_table, row, upload_faces
+from benchmarks.s3_fixture import make_faces, row, upload_faces
 
 BENCH = "night"
 
@@ -103,15 +102,7 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.night_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="600 images, 1 epoch")
-    a = p.parse_args(argv)
-    rows = run(quick=a.quick)
-    print_table(f"one night, stage by stage ({'quick' if a.quick else 'full'} run)", rows)
-    return 0
+if __name__ == "__main__":  # same as: python -m benchmarks --only night [--quick]
+    from benchmarks.__main__ import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main(["--only", "night", *sys.argv[1:]]))

@@ -36,19 +36,6 @@ def machine() -> str:
         return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def print_table(title: str, rows: list[dict]) -> None:
-    """Machine line, title, then the rows as the suite's fixed-width table."""
-    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"== {title}")
-    try:
-        from benchmarks.__main__ import print_rows
-    except Exception:  # noqa: BLE001
-        print_rows = None
-    if print_rows is not None:
-        print_rows(rows)
-    else:
-        for r in rows:
-            print(r)
 
 
 def row(benchmark: str, what: str, value: float | None, unit: str, baseline: str | None = None,

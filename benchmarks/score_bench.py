@@ -17,8 +17,8 @@ Speed is measured, never asserted.
 
 from __future__ import annotations
 
-import argparse
 import logging
+import sys
 import tempfile
 import time
 import warnings
@@ -33,7 +33,6 @@ from benchmarks._timing import (
     DATASET,
     machine_rows,
     median,
-    print_table,
     row,
     spread,
     timed,
@@ -156,14 +155,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.score_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="200 of the face-mask files, fewer repetitions")
-    a = p.parse_args(argv)
-    print_table(run(quick=a.quick))
-    return 0
+if __name__ == "__main__":  # same as: python -m benchmarks --only score [--quick]
+    from benchmarks.__main__ import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["--only", "score", *sys.argv[1:]]))

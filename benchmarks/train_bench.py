@@ -19,8 +19,8 @@ stated in the notes.
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -36,7 +36,6 @@ from benchmarks._timing import (
     cpu_bf16,
     machine_rows,
     median,
-    print_table,
     row,
     spread,
     timed,
@@ -270,14 +269,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repetitions, 600 generated faces instead of 10,000")
-    a = p.parse_args(argv)
-    print_table(run(quick=a.quick))
-    return 0
+if __name__ == "__main__":  # same as: python -m benchmarks --only train [--quick]
+    from benchmarks.__main__ import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["--only", "train", *sys.argv[1:]]))
