@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -33,9 +34,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Delete temp files a killed writer left in ``folder`` (never a final file); return them."""
-    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+def remove_stale_temps(folder: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+    """Delete temp files a killed writer left in ``folder`` (never a final file); return them.
+
+    With ``name``, only the temps of that one final file (``atomic_path``'s ``.<name>.*.tmp``).
+    """
+    pattern = f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"
+    stale = [p for p in Path(folder).glob(pattern) if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

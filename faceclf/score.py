@@ -7,7 +7,6 @@ slower of the two sets the pace, not their sum.
 from __future__ import annotations
 
 import csv
-import glob
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from faceclf.atomic import atomic_path
+from faceclf.atomic import atomic_path, remove_stale_temps
 from faceclf.config import ScoreConfig
 from faceclf.data import list_images, try_load_image
 from faceclf.progress import progress
@@ -328,20 +327,6 @@ class ScoreSummary:
     version: str
 
 
-def remove_leftover_temps(out: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temp files a killed run left beside ``out`` (atomic_path's .<name>.*.tmp); return them.
-
-    Only that output's own pattern is touched. Two runs writing the same ``out`` at once are not
-    supported (the later os.replace would win anyway).
-    """
-    out = Path(out)
-    stale = [p for p in out.parent.glob(f".{glob.escape(out.name)}.*.tmp") if p.is_file()]
-    for p in stale:
-        log.warning("removing %s, left by an interrupted scoring run", p)
-        p.unlink(missing_ok=True)
-    return stale
-
-
 def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
           cfg: ScoreConfig | None = None, relative_to: Path | None = None, expected_sha256: str | None = None) -> ScoreSummary:
     """Score every image in ``inputs`` with the ONNX model and write ``out`` (CSV) atomically.
@@ -355,7 +340,8 @@ def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike
     model = load_onnx_model(model_path, cfg.device, expected_sha256)
     log.info("scoring with %s on %s (model version %s)", model.path, model.provider, model.version)
     paths = collect_inputs(inputs)
-    remove_leftover_temps(out)
+    for p in remove_stale_temps(Path(out).parent, Path(out).name):  # only this output's own leftovers
+        log.warning("removed %s, left by an interrupted scoring run", p)
     fields = ["path", "predicted_class", *[f"p_{c}" for c in model.classes], "error", "model_version"]
     errors = 0
     t0 = time.perf_counter()
