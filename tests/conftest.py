@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -81,16 +80,14 @@ def prefect_api():
         yield
 
 
-def upload_faces(bucket: str, root: Path, per_class: int, seed: int, shuffle: bool = False) -> int:
-    """Generate faces and put them under incoming/<class>/ (under a random class if ``shuffle``)."""
+def upload_faces(bucket: str, root: Path, per_class: int, seed: int) -> int:
+    """Generate faces and put them under incoming/<class>/."""
     from faceclf.storage import s3_client
 
     generate_sample_faces(root, per_class=per_class, size=48, seed=seed)
-    rng = random.Random(seed)
     client, n = s3_client(), 0
     for p in sorted(root.rglob("*.*")):
-        label = rng.choice(["with_mask", "without_mask"]) if shuffle else p.parent.name
-        client.put_object(Bucket=bucket, Key=f"incoming/{label}/s{seed}-{p.name}", Body=p.read_bytes())
+        client.put_object(Bucket=bucket, Key=f"incoming/{p.parent.name}/s{seed}-{p.name}", Body=p.read_bytes())
         n += 1
     return n
 

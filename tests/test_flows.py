@@ -60,10 +60,13 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
     champion_after_2 = registry.read_champion(store)
     assert champion_after_2["version"] in (n1["version"], n2["version"])
 
-    # Night 3: three times as many new images with shuffled labels: the candidate learns from noise,
-    # is worse than the champion on the same test set, and is rejected; the champion stays.
-    upload_faces(bucket, tmp_path / "night3", per_class=240, seed=33, shuffle=True)
-    n3 = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0, **FAST)
+    # Night 3: new images, but a candidate that has barely trained (one epoch at a learning rate
+    # of 1e-7, i.e. its random initialisation: ~50%) is worse than the champion re-scored on the
+    # same test set, and is rejected with that reason even with the absolute bars at 0; the
+    # champion stays. (Shuffled labels made this flaky: a noisy test set can tie the champion.)
+    upload_faces(bucket, tmp_path / "night3", per_class=40, seed=33)
+    n3 = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0,
+               **{**FAST, "epochs": 1, "learning_rate": 1e-7})
     assert not n3["promoted"]
     assert any("worse than champion" in r for r in n3["reasons"]), n3["reasons"]
     assert "**Decision: REJECTED**" in night_artifacts()["face-night-report"].data
