@@ -131,6 +131,27 @@ def test_score_writes_one_row_per_image_with_errors_inline(onnx_model: Path, tra
         assert len(list(csv.DictReader(f))) == len(rows)
 
 
+@pytest.mark.parametrize("prefetch,workers", [(1, 1), (3, 2), (50, 3)])
+def test_decoding_ahead_keeps_every_row_in_input_order(onnx_model: Path, trained_run: Path, tmp_path: Path,
+                                                        prefetch: int, workers: int) -> None:
+    from faceclf.config import ScoreConfig
+    from faceclf.score import score_rows
+
+    files = _test_images(trained_run)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    paths = [*files[:5], broken, *files[5:]]
+    model = load_onnx_model(onnx_model, "cpu")
+    reference = list(score_rows(model, paths, ScoreConfig(batch_size=len(paths), device="cpu")))
+    rows = list(score_rows(model, paths, ScoreConfig(batch_size=2, decode_workers=workers,
+                                                     prefetch_batches=prefetch, device="cpu")))
+    assert [r["path"] for r in rows] == [str(p) for p in paths] == [r["path"] for r in reference]
+    assert [r["predicted_class"] for r in rows] == [r["predicted_class"] for r in reference]
+    assert [bool(r["error"]) for r in rows] == [p == broken for p in paths]
+    with pytest.raises(ValueError, match="prefetch_batches must be >= 1, got 0"):
+        ScoreConfig(prefetch_batches=0)
+
+
 def test_score_missing_input_and_foreign_model_are_clear_errors(onnx_model: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         score(onnx_model, [tmp_path / "missing"], tmp_path / "p.csv")
