@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 KNOWN_CLASSES = ("with_mask", "without_mask", "with_sunglasses")
@@ -77,7 +78,11 @@ def draw_face(cls: str, size: int, rng: random.Random) -> Image.Image:
             d.line([cx - ex + fw * 0.1, ey, cx + ex - fw * 0.1, ey], fill=(15, 15, 20), width=max(1, w // 50))
     img = img.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR, fillcolor=_jitter((128, 128, 128), rng, 90))
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5))).resize((size, size), Image.Resampling.BILINEAR)
-    noise = Image.effect_noise((size, size), rng.uniform(2, 14)).convert("RGB")
+    # Gaussian grey noise around 128 from our own seeded generator (PIL's effect_noise draws from the
+    # C library's rand(), whose state depends on everything the process did before: not repeatable).
+    sigma = rng.uniform(2, 14)
+    grey = np.random.default_rng(rng.getrandbits(64)).normal(128.0, sigma, (size, size)).clip(0, 255)
+    noise = Image.fromarray(grey.astype(np.uint8)).convert("RGB")
     return Image.blend(img, noise, 0.08)
 
 

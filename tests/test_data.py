@@ -157,3 +157,19 @@ def test_augment_rotates_each_image_differently() -> None:
     assert out.shape == x.shape
     diffs = [(out[i] - out[0]).abs().mean().item() for i in range(1, 8)]
     assert min(diffs) > 1e-3  # per-image angles, not one angle for the batch
+
+
+def test_sample_faces_are_the_same_bytes_for_the_same_seed_whatever_ran_before(tmp_path: Path) -> None:
+    # Tests and demos rely on this: the split of a generated face follows its bytes. PIL's
+    # effect_noise (C rand(), process-wide state) once made the bytes depend on earlier calls.
+    from faceclf.sample import generate_sample_faces
+
+    def digest(root: Path) -> list[str]:
+        generate_sample_faces(root, per_class=3, size=32, seed=7)
+        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.*"))]
+
+    first = digest(tmp_path / "a")
+    Image.effect_noise((16, 16), 10)  # moves the C library's rand() state
+    assert digest(tmp_path / "b") == first
+    generate_sample_faces(tmp_path / "c", per_class=3, size=32, seed=8)
+    assert digest(tmp_path / "d") == first and len(set(first)) == 6
