@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--patience", type=int, default=t.patience, help="early stop after this many epochs without a better val loss")
     tr.add_argument("--seed", type=int, default=t.seed)
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=t.device)
-    tr.add_argument("--no-amp", action="store_true", help="full fp32 on CUDA")
+    tr.add_argument("--no-amp", action="store_true", help="full fp32: no bf16/fp16 autocast (used on CUDA and on CPUs with native bf16)")
+    tr.add_argument("--no-channels-last", action="store_true", help="keep NCHW activations instead of channels_last")
     tr.add_argument("--threads", type=int, default=t.num_threads, help="torch CPU threads (0: torch's default)")
     tr.add_argument("--image-size", type=int, default=d.image_size)
     tr.add_argument("--split", type=float, nargs=3, default=d.split_fractions, metavar=("TRAIN", "VAL", "TEST"))
@@ -109,7 +110,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         model=ModelConfig(image_size=a.image_size, conv_channels=tuple(a.channels), fc_hidden=a.fc_hidden, dropout=a.dropout,
                           batch_norm=a.batch_norm),
         train=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr, weight_decay=a.weight_decay,
-                          patience=a.patience, seed=a.seed, device=a.device, amp=not a.no_amp, num_threads=a.threads),
+                          patience=a.patience, seed=a.seed, device=a.device, amp=not a.no_amp, channels_last=not a.no_channels_last,
+                          num_threads=a.threads),
     )
 
 

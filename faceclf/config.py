@@ -104,7 +104,9 @@ class TrainConfig:
     patience: int = PATIENCE
     seed: int = SEED
     device: str = "auto"              # "auto" picks cuda when available, else cpu
-    amp: bool = True                  # mixed precision; only ever used on CUDA
+    amp: bool = True                  # bf16 autocast on CUDA (fp16 + GradScaler without bf16) and on
+                                      # CPUs with native bf16 (AVX512-BF16/AMX); elsewhere full fp32
+    channels_last: bool = True        # NHWC activations: faster convolutions on CPU and CUDA
     num_threads: int = 0              # torch CPU threads; 0 keeps torch's default
 
     def __post_init__(self) -> None:

@@ -80,9 +80,10 @@ class Trainer:
     batch_size: int
     amp_dtype: torch.dtype | None      # None: full fp32
     scaler: torch.amp.GradScaler | None
+    memory_format: torch.memory_format = torch.contiguous_format
 
     def autocast(self):
-        """Mixed-precision context on CUDA when enabled, a no-op otherwise."""
+        """Mixed-precision context when ``amp_dtype`` is set, a no-op otherwise."""
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
@@ -93,25 +94,42 @@ class Trainer:
         if train:
             x = augment(x, generator, self.data_cfg.max_rotation_deg, self.data_cfg.hflip_prob)
         x = normalize(x, self.data_cfg.mean, self.data_cfg.std)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.contiguous(memory_format=self.memory_format)  # same layout as the weights
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU advertises native bf16 arithmetic (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo).
+
+    Without it, bf16 autocast on CPU is emulated and slower than fp32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype for training on ``device``: bf16 where the hardware has it, fp16 on older
+    GPUs, None (fp32) when disabled or on a CPU without native bf16."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
 def make_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device) -> Trainer:
-    """Build model, AdamW, one-cycle schedule and AMP settings for ``device``."""
-    model = build_model(cfg.model).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    """Build model, AdamW, one-cycle schedule and AMP/memory-layout settings for ``device``."""
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = build_model(cfg.model).to(device, memory_format=memory_format)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.train.learning_rate, total_steps=cfg.train.epochs * steps_per_epoch, pct_start=0.2
     )
-    amp_dtype, scaler = None, None
-    if device.type == "cuda" and cfg.train.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    return Trainer(model, opt, sched, cfg.data, device, cfg.train.batch_size, amp_dtype, scaler)
+    amp_dtype = amp_dtype_for(device, cfg.train.amp)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # fp16 gradients underflow
+    return Trainer(model, opt, sched, cfg.data, device, cfg.train.batch_size, amp_dtype, scaler, memory_format)
 
 
 def train_one_epoch(tr: Trainer, split: TensorSplit, generator: torch.Generator) -> float:
@@ -150,11 +168,12 @@ def predict_log_probs(model: nn.Module, images_u8: torch.Tensor, data_cfg: DataC
     """Eval-mode log-probabilities (N, C) for uint8 images (N, 3, S, S), computed in batches."""
     model.eval()
     out = []
+    weights = next(model.parameters())
+    layout = torch.channels_last if weights.dim() == 4 and weights.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format  # follow the model's layout; always fp32, so metrics match the ONNX model
     for idx in batch_indices(len(images_u8), batch_size, None):
         x = normalize(images_u8[idx].to(device).float().div_(255.0), data_cfg.mean, data_cfg.std)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float().cpu())
+        out.append(model(x.contiguous(memory_format=layout)).float().cpu())
     return torch.cat(out) if out else torch.empty((0, model.cfg.num_classes))
 
 
