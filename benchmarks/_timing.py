@@ -24,15 +24,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def cpu_bf16() -> bool:
-    """True when the CPU advertises native bf16 (avx512_bf16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def row(benchmark: str, what: str, value: Any, unit: str = "", baseline: str | None = None,
         baseline_value: Any = None, ratio: float | None = None, note: str = "") -> dict[str, Any]:
     """One result row with every key present."""
@@ -44,15 +35,17 @@ def machine_rows(benchmark: str) -> list[dict[str, Any]]:
     """Rows describing the machine the figures come from, and the GPU line (item 5)."""
     import torch
 
+    from faceclf.train import cpu_has_native_bf16
+
     cap = torch.backends.cpu.get_cpu_capability()
     rows = [
         row(benchmark, "machine: CPU", cpu_model(), note=f"os.cpu_count()={os.cpu_count()}, capability {cap}, "
-            f"bf16 {'yes' if cpu_bf16() else 'no'}"),
+            f"native bf16 {'yes' if cpu_has_native_bf16() else 'no'}"),
         row(benchmark, "machine: torch threads", torch.get_num_threads(), "threads",
             note=f"torch {torch.__version__}, Python {platform.python_version()}"),
     ]
     if torch.cuda.is_available():
-        rows.append(row(benchmark, "GPU", torch.cuda.get_device_name(0), note="present; nothing measured on GPU here"))
+        rows.append(row(benchmark, "GPU", torch.cuda.get_device_name(0), note="present; GPU figures: the gpu benchmark"))
     else:
         rows.append(row(benchmark, "GPU: none", "none", note="torch.cuda.is_available() is False; CPU figures only"))
     return rows

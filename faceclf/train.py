@@ -9,6 +9,7 @@ Files written into the run folder (all atomically):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -130,6 +131,20 @@ def make_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device) -> 
     amp_dtype = amp_dtype_for(device, cfg.train.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # fp16 gradients underflow
     return Trainer(model, opt, sched, cfg.data, device, cfg.train.batch_size, amp_dtype, scaler, memory_format)
+
+
+def split_on_device(split: TensorSplit, device: torch.device, max_share: float = 0.25) -> TensorSplit:
+    """The split with its uint8 images and labels moved to ``device`` once, so a GPU epoch gathers,
+    augments and trains without a host copy per batch. Stays on the host for the CPU, and when the
+    images would take more than ``max_share`` of the GPU's free memory."""
+    if device.type != "cuda":
+        return split
+    free, _total = torch.cuda.mem_get_info(device)
+    if split.images.nelement() * split.images.element_size() > max_share * free:
+        log.info("train images stay in host memory: %.0f MB is over %.0f%% of the GPU's free %.0f MB",
+                 split.images.nbytes / 1e6, max_share * 100, free / 1e6)
+        return split
+    return dataclasses.replace(split, images=split.images.to(device), labels=split.labels.to(device))
 
 
 def train_one_epoch(tr: Trainer, split: TensorSplit, generator: torch.Generator) -> float:
@@ -293,6 +308,7 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
     generator = seed_everything(cfg.train.seed)
     steps = math.ceil(len(train.labels) / cfg.train.batch_size)
     tr = make_trainer(cfg, steps, device)
+    train = split_on_device(train, device)
     history: list[dict[str, Any]] = []
     best_val_loss, best_epoch, version, start = math.inf, -1, version or new_version(), 0
     if resume:
