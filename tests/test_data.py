@@ -173,3 +173,29 @@ def test_sample_faces_are_the_same_bytes_for_the_same_seed_whatever_ran_before(t
     assert digest(tmp_path / "b") == first
     generate_sample_faces(tmp_path / "c", per_class=3, size=32, seed=8)
     assert digest(tmp_path / "d") == first and len(set(first)) == 6
+
+
+@pytest.mark.parametrize("height,width", [(96, 96), (32, 48)])
+def test_rotation_grid_is_affine_grid_of_the_same_rotation_and_mirror(height: int, width: int) -> None:
+    import torch.nn.functional as F
+
+    from faceclf.data import rotation_grid
+
+    g = torch.Generator().manual_seed(3)
+    angle = (torch.rand(16, generator=g) * 2 - 1) * 0.5
+    sx = torch.where(torch.rand(16, generator=g) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos * sx, -sin, torch.zeros(16)], 1),
+                         torch.stack([sin * sx, cos, torch.zeros(16)], 1)], 1)  # (16, 2, 3)
+    want = F.affine_grid(theta, [16, 3, height, width], align_corners=False)
+    assert torch.allclose(rotation_grid(cos, sin, sx, height, width), want, atol=1e-6)
+
+
+def test_normalising_before_or_after_augmenting_gives_the_same_batch() -> None:
+    from faceclf.data import normalize
+
+    images = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8)
+    mean, std = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
+    after = normalize(augment(images.float() / 255.0, torch.Generator().manual_seed(1), 10.0, 0.5), mean, std)
+    before = augment(normalize(images, mean, std), torch.Generator().manual_seed(1), 10.0, 0.5)
+    assert torch.allclose(before, after, atol=1e-4)
