@@ -6,7 +6,6 @@ augmentation then works on batched tensors, so no epoch pays for JPEG decoding a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -20,12 +19,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from faceclf.layout import (  # re-exported: the torch-free part of the data layout
+    SPLITS,
+    find_classes,
+    list_images,
+    sha256_file,
+    split_of,
+)
 from faceclf.progress import progress
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -61,46 +65,6 @@ class DatasetSplits:
             s: {c: sum(r.label == i for r in self.split(s)) for i, c in enumerate(self.classes)}
             for s in SPLITS
         }
-
-
-def is_image_file(path: Path) -> bool:
-    """True for visible files with an allowed image extension."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def find_classes(root: Path) -> list[str]:
-    """Class names: the sorted names of the visible sub-folders of ``root``."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {str(root)!r} does not exist or is not a folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{str(root)!r} holds no class folders (expected e.g. {root}/with_mask/*.jpg)")
-    return classes
-
-
-def list_images(folder: Path) -> list[Path]:
-    """All image files below ``folder``, recursively, sorted for a stable order."""
-    return sorted(p for p in folder.rglob("*") if is_image_file(p))
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes: the identity of an image across names and nights."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def split_of(sha256: str, fractions: Sequence[float]) -> str:
-    """Assign a split from the content hash alone, so it never changes between runs or nights.
-
-    The first 64 bits of the hash, read as a number in [0, 1), are cut at the cumulative fractions.
-    """
-    u = int(sha256[:16], 16) / 2**64
-    train, val, _ = fractions
-    if u < train:
-        return "train"
-    if u < train + val:
-        return "val"
-    return "test"
 
 
 def is_presplit(root: Path) -> bool:

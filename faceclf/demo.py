@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import faceclf
 from faceclf import registry
-from faceclf.data import find_classes, list_images
+from faceclf.layout import find_classes, list_images
 from faceclf.services import (
     LOCAL_S3_ENV,
     local_s3_env,

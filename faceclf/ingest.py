@@ -44,7 +44,7 @@ from PIL import Image
 
 from faceclf.atomic import write_atomic
 from faceclf.config import SPLIT_FRACTIONS, check_split_fractions
-from faceclf.data import SPLITS, split_of
+from faceclf.layout import SPLITS, split_of
 from faceclf.progress import progress
 from faceclf.storage import ObjectInfo, Store, safe_key
 

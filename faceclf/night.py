@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from faceclf.atomic import write_json_atomic, write_text_atomic
-from faceclf.data import SPLITS, find_classes, list_images
 from faceclf.export import ExportReport, export_onnx
 from faceclf.gate import Decision
+from faceclf.layout import SPLITS, find_classes, list_images
 from faceclf.registry import (
     DECISION_FILE,
     MODEL_FILE,

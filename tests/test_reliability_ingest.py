@@ -29,7 +29,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from faceclf.data import SPLITS, split_of
 from faceclf.ingest import (
     MANIFEST_KEY,
     QUARANTINE_KEY,
@@ -43,6 +42,7 @@ from faceclf.ingest import (
     read_manifest,
     read_quarantine,
 )
+from faceclf.layout import SPLITS, split_of
 from faceclf.services import free_port, moto_s3_server
 from faceclf.storage import (
     LocalStore,
