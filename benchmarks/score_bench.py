@@ -8,7 +8,8 @@ settings: 96 px, batch 64) and exported with faceclf.export.export_onnx. Then, o
 
 (a) faceclf.score.score end to end (decode of the next batch overlapped with inference, CSV written);
 (b) ONNX Runtime model only, on pre-decoded, pre-normalised float32 batches of 64;
-(c) torch eager model only on the same batches (eval, torch.no_grad);
+(c) torch eager model only on the same batches (eval, torch.no_grad), default allocator; (c2) the same
+    after faceclf.train.reuse_freed_memory() (measured last: it cannot be undone in-process);
 (d) decode only: faceclf.data.load_image over the files with score's thread count.
 
 Ratios: ORT/torch (goal >= 4) and end-to-end / min(decode-only, ORT model-only) (goal >= 0.8).
@@ -18,6 +19,7 @@ Speed is measured, never asserted.
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,19 +46,20 @@ GOAL_E2E_VS_PARTS = 0.8
 
 
 def _train_and_export(work: Path) -> tuple[Path, Path]:
-    """1-epoch checkpoint on 120 generated faces (default RunConfig otherwise), exported to ONNX."""
-    from faceclf.config import RunConfig
-    from faceclf.export import export_onnx
-    from faceclf.pipeline import train_run
+    """1-epoch checkpoint on 120 generated faces (default settings otherwise), exported to ONNX.
+
+    Trained in a child process (`faceclf train`, `faceclf export`), so this process stays what a
+    `faceclf score` process is: training tunes the allocator (faceclf.train.reuse_freed_memory),
+    which would speed up the torch eager baseline here.
+    """
     from faceclf.sample import generate_sample_faces
 
     generate_sample_faces(work / "faces", per_class=60, seed=0)
-    cfg = RunConfig()
-    cfg.train.epochs = 1
-    train_run(work / "faces", work / "run", cfg)
-    ckpt = work / "run" / "checkpoint.pt"
-    onnx_path = work / "model.onnx"
-    export_onnx(ckpt, onnx_path)
+    ckpt, onnx_path = work / "run" / "checkpoint.pt", work / "model.onnx"
+    for args in (["train", str(work / "faces"), "--out", str(work / "run"), "--epochs", "1"],
+                 ["export", str(ckpt), "--out", str(onnx_path)]):
+        subprocess.run([sys.executable, "-m", "faceclf.cli", *args], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     return ckpt, onnx_path
 
 
@@ -125,6 +128,13 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             for k, f in fns.items():
                 t[k].append(f())
         wall_e2e = timed(lambda: score(onnx_path, files, work / "predictions.csv", cfg))
+        # Last, because it cannot be undone in this process: torch eager with glibc keeping freed
+        # memory, as faceclf's training runs (model-only torch inference allocates MBs per batch).
+        from faceclf.train import reuse_freed_memory
+
+        tuned = reuse_freed_memory()
+        torch_only()
+        t_tuned = [timed(torch_only) for _ in range(reps)]
 
     ips = {k: (n if k in ("e2e", "decode") else n_ok) / median(v) for k, v in t.items()}
     where = f"{n} face-mask files @{size}px, batch {cfg.batch_size}"
@@ -137,11 +147,17 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             f"provider {om.provider}; ORT default threads; {spread(t['ort'])} s"),
         row(NAME, "(c) torch eager model only", ips["torch"], "img/s", note=f"same batches, eval + no_grad, "
             f"{torch.get_num_threads()} torch threads; {spread(t['torch'])} s"),
+        row(NAME, "(c2) torch eager, allocator tuned", n_ok / median(t_tuned), "img/s", note="same as (c) after "
+            f"faceclf.train.reuse_freed_memory() ({'applied' if tuned else 'not available here'}): glibc keeps freed "
+            f"memory instead of unmapping it; {spread(t_tuned)} s"),
         row(NAME, "(d) decode only (load_image)", ips["decode"], "img/s", note=f"{cfg.decode_workers} threads "
             f"(score's count); {spread(t['decode'])} s"),
         row(NAME, "ORT vs torch eager (model only)", ips["ort"] / ips["torch"], "x", "(c) torch eager model only",
             ips["torch"], ips["ort"] / ips["torch"], f"ORT/torch; goal >= {GOAL_ORT_VS_TORCH:g}: "
             f"{'met' if ips['ort'] / ips['torch'] >= GOAL_ORT_VS_TORCH else 'NOT met'}"),
+        row(NAME, "ORT vs torch eager, allocator tuned", ips["ort"] * median(t_tuned) / n_ok, "x",
+            "(c2) torch eager, allocator tuned", n_ok / median(t_tuned), ips["ort"] * median(t_tuned) / n_ok,
+            "ORT/(c2): the stronger torch baseline"),
         row(NAME, "end to end vs slower part", ips["e2e"] / parts, "x", "min(decode only, ORT only)", parts,
             ips["e2e"] / parts, f"e2e/min(d, b); goal >= {GOAL_E2E_VS_PARTS:g}: "
             f"{'met' if ips['e2e'] / parts >= GOAL_E2E_VS_PARTS else 'NOT met'}"),
