@@ -11,7 +11,6 @@ a missing object is a FileNotFoundError, as for a folder.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import random
@@ -23,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from faceclf.atomic import write_atomic
+from faceclf.layout import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,7 @@ class LocalStore(Store):
                 continue
             key = p.relative_to(self.root).as_posix()
             if key.startswith(prefix):
-                with open(p, "rb") as f:
-                    etag = hashlib.file_digest(f, "sha256").hexdigest()
-                yield ObjectInfo(key, etag, p.stat().st_size)
+                yield ObjectInfo(key, sha256_file(p), p.stat().st_size)
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
