@@ -66,6 +66,10 @@ def decide(candidate: dict[str, Any], cfg: GateConfig, champion: dict[str, Any] 
     Fails on: accuracy or any class below its bar, NaN/missing numbers, an empty or single-class
     test set, or accuracy below the champion's minus the tolerance.
     """
+    champ_acc = champion.get("accuracy") if champion else None
+    if candidate.get("diverged"):  # nothing was measured: the one reason says why
+        return Decision(False, [f"training diverged: {candidate['diverged']}"], None, champion_version,
+                        champ_acc if _finite(champ_acc) else None, asdict(cfg))
     reasons = gate_failures(candidate, cfg.min_accuracy, cfg.min_class_accuracy)
     per_class = candidate.get("per_class_accuracy") or {}
     measured = [c for c, v in per_class.items() if v is not None]
@@ -76,7 +80,6 @@ def decide(candidate: dict[str, Any], cfg: GateConfig, champion: dict[str, Any] 
     if not _finite(candidate.get("loss")):
         reasons.append(f"test loss {candidate.get('loss')} is not a finite number")
     acc = candidate.get("accuracy")
-    champ_acc = champion.get("accuracy") if champion else None
     if champion is not None:
         if not _finite(champ_acc):
             reasons.append(f"the champion's re-scored accuracy {champ_acc} is not a number; refusing to replace it blindly")

@@ -83,6 +83,28 @@ def data_classes(face_dir: Path) -> dict[str, int]:
     return counts
 
 
+def record_divergence(run_dir: Path, version: str, face_dir: Path, reason: str) -> dict[str, Any]:
+    """metrics.json for a run whose training diverged: nothing measured, the reason kept.
+
+    The night then goes on like any rejected one (the gate fails it, the report and decision are
+    published, the champion stays), instead of ending as a bare failed flow run.
+    """
+    classes = find_classes(face_dir / "train")
+    per_class_n = {c: len(list_images(face_dir / "test" / c)) if (face_dir / "test" / c).is_dir() else 0
+                   for c in classes}
+    unmeasured = {"loss": None, "accuracy": None, "per_class_accuracy": {c: None for c in classes},
+                  "confusion_matrix": None, "n": sum(per_class_n.values()), "per_class_n": per_class_n,
+                  "diverged": reason}
+    counts = {s: sum(len(list_images(d)) for d in (face_dir / s).iterdir() if d.is_dir())
+              if (face_dir / s).is_dir() else 0 for s in SPLITS}
+    metrics = {"classes": classes, "best_epoch": None, "device": None, "version": version,
+               "val": {**unmeasured, "n": counts["val"], "per_class_n": {}}, "test": unmeasured,
+               "data": {"counts": counts}, "diverged": reason}
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    log.error("training diverged (%s): the night records a rejected version %s", reason, version)
+    return metrics
+
+
 def champion_classes(store: Store) -> list[str] | None:
     """The classes the champion was trained on (from its metrics.json); None before the first promotion."""
     pointer = read_champion(store)

@@ -11,12 +11,13 @@ def _pct(x: float | None) -> str:
 
 def per_class_rows(classes: Sequence[str], candidate: dict[str, Any], champion: dict[str, Any] | None) -> list[dict[str, Any]]:
     """One row per class: test images, candidate accuracy, champion accuracy (same test set)."""
-    cm = candidate["confusion_matrix"]
+    cm = candidate.get("confusion_matrix")
     rows = []
     for i, c in enumerate(classes):
         rows.append({
             "class": c,
-            "test_images": int(sum(cm[i])) if i < len(cm) else 0,
+            "test_images": (int(sum(cm[i])) if i < len(cm) else 0) if cm is not None
+            else candidate.get("per_class_n", {}).get(c),
             "candidate_accuracy": candidate["per_class_accuracy"].get(c),
             "champion_accuracy": (champion or {}).get("per_class_accuracy", {}).get(c) if champion else None,
         })
@@ -58,7 +59,8 @@ def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any],
         "",
         "## Test results",
         "",
-        f"Test loss {test['loss']:.4f}, accuracy {_pct(test['accuracy'])} on {test['n']} images "
+        f"Test loss {'n/a' if test['loss'] is None else format(test['loss'], '.4f')}, accuracy "
+        f"{_pct(test['accuracy'])} on {test['n']} images "
         f"(best epoch {metrics.get('best_epoch')}, trained on {metrics.get('device')}).",
         "",
         "| class | test images | candidate | champion |",
@@ -68,7 +70,8 @@ def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any],
         "",
         "## Confusion matrix (test)",
         "",
-        confusion_markdown(classes, test["confusion_matrix"]),
+        confusion_markdown(classes, test["confusion_matrix"]) if test.get("confusion_matrix") is not None
+        else "Not measured: no weights were kept.",
         "",
     ]
     return "\n".join(lines)

@@ -298,6 +298,10 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+class TrainingDiverged(RuntimeError):
+    """Every epoch's validation loss was NaN/inf: no weights are worth keeping (history.csv shows it)."""
+
+
 @dataclass
 class FitResult:
     """Where fitting ended: the best epoch and its val loss, the per-epoch history, the model version."""
@@ -377,5 +381,6 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
             break
     bar.close()
     if best_epoch < 0:
-        raise RuntimeError("no epoch produced a finite validation loss; no weights were kept (check the data and learning rate)")
+        raise TrainingDiverged("no epoch produced a finite validation loss; no weights were kept "
+                               "(check the data and learning rate)")
     return FitResult(best_epoch, best_val_loss, history, version, device.type)

@@ -22,7 +22,7 @@ from faceclf import night
 from faceclf.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from faceclf.gate import Decision, GateConfig, decide
 from faceclf.storage import open_store
-from faceclf.train import new_version
+from faceclf.train import TrainingDiverged, new_version
 from flows.common import IO_RETRIES
 
 
@@ -62,8 +62,11 @@ def train_candidate(face_dir: str, run: dict[str, Any], cfg: dict[str, Any]) -> 
 
     if run["trained"]:
         return night.read_json(Path(run["run_dir"]) / "metrics.json")
-    return train_run(face_dir, run["run_dir"], RunConfig.from_dict(cfg), resume=run["resume"] and
-                     (Path(run["run_dir"]) / "last.pt").is_file(), version=run["version"])
+    try:
+        return train_run(face_dir, run["run_dir"], RunConfig.from_dict(cfg), resume=run["resume"] and
+                         (Path(run["run_dir"]) / "last.pt").is_file(), version=run["version"])
+    except TrainingDiverged as e:  # a rejected night with its reason, not a bare failed run
+        return night.record_divergence(Path(run["run_dir"]), run["version"], Path(face_dir), str(e))
 
 
 @task(cache_policy=NONE, **IO_RETRIES)

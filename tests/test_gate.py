@@ -46,6 +46,14 @@ def test_nan_empty_or_single_class_never_promotes(bad: dict) -> None:
     assert not decide(bad, GateConfig()).promote
 
 
+def test_a_diverged_candidate_is_rejected_with_that_one_reason_whatever_the_gate() -> None:
+    diverged = {**metrics(None, {"with_mask": None, "without_mask": None}, loss=None), "diverged": "no finite val loss"}
+    champion = metrics(0.97, {"with_mask": 0.97, "without_mask": 0.97})
+    d = decide(diverged, GateConfig(min_accuracy=0.0, min_class_accuracy=0.0, tolerance=1.0), champion, "v1")
+    assert not d.promote and d.reasons == ["training diverged: no finite val loss"]
+    assert d.champion_accuracy == 0.97 and d.summary() == "rejected: training diverged: no finite val loss"
+
+
 def test_thresholds_are_validated() -> None:
     with pytest.raises(ValueError, match="min_accuracy must be in"):
         GateConfig(min_accuracy=1.5)

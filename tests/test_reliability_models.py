@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import csv
+import json
 import math
 import os
 import signal
@@ -414,13 +415,20 @@ def test_a_night_whose_training_diverges_promotes_nothing(prefect_api, bucket: s
     champion_before = store.get_bytes(registry.CHAMPION_KEY)
     upload_faces(bucket, tmp_path / "night", per_class=80, seed=11)
 
-    try:
-        night = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0,
-                      **{**FAST, "epochs": 3, "learning_rate": 1e9})
-    except RuntimeError as e:  # fit() kept no weights: every epoch's val loss was NaN
-        assert "no epoch produced a finite validation loss" in str(e)
-    else:
-        assert not night["promoted"], night
+    # lr 1e30: every epoch's validation loss is NaN, so fit() keeps no weights at all.
+    night = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0,
+                  **{**FAST, "epochs": 3, "learning_rate": 1e30})
+    assert not night["promoted"] and night["test_accuracy"] is None, night
+    assert len(night["reasons"]) == 1
+    assert night["reasons"][0].startswith("training diverged: no epoch produced a finite validation loss")
+    # The night is on record as a rejected version with its reason, not just a failed flow run.
+    decision = json.loads(store.get_bytes(registry.version_key(night["version"], "decision.json")))
+    assert decision["promote"] is False and decision["reasons"] == night["reasons"]
+    report = store.get_bytes(registry.version_key(night["version"], "report.md")).decode()
+    assert "**Decision: REJECTED**" in report and "training diverged" in report and "Not measured" in report
+    assert not store.exists(registry.version_key(night["version"], "checkpoint.pt"))
+    listed = {v["version"]: v for v in registry.list_versions(store)}
+    assert listed[night["version"]]["gate_passed"] is False and not listed[night["version"]]["has_model"]
     assert store.get_bytes(registry.CHAMPION_KEY) == champion_before
     models = {o.key.split("/")[2] for o in store.list(registry.MODELS_PREFIX) if o.key.endswith("/model.onnx")}
     assert models == {VERSION}
