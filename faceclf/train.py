@@ -12,6 +12,7 @@ import csv
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -121,9 +122,7 @@ def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
-_MALLOC_TUNED = False
-
-
+@functools.cache
 def reuse_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse instead of handing it back to the OS; True if it did.
 
@@ -132,16 +131,12 @@ def reuse_freed_memory() -> bool:
     page faults and zeroing again (measured: 7-15% of a face-mask epoch, most of it in augmentation).
     Peak memory is unchanged; the process keeps what it reached until it exits. No-op off glibc.
     """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return True
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
-        _MALLOC_TUNED = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
-        _MALLOC_TUNED = False
-    return _MALLOC_TUNED
+        return False
 
 
 def make_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device) -> Trainer:
@@ -166,7 +161,7 @@ def split_on_device(split: TensorSplit, device: torch.device, max_share: float =
     if device.type != "cuda":
         return split
     free, _total = torch.cuda.mem_get_info(device)
-    if split.images.nelement() * split.images.element_size() > max_share * free:
+    if split.images.nbytes > max_share * free:
         log.info("train images stay in host memory: %.0f MB is over %.0f%% of the GPU's free %.0f MB",
                  split.images.nbytes / 1e6, max_share * 100, free / 1e6)
         return split
@@ -213,7 +208,7 @@ def predict_log_probs(model: nn.Module, images_u8: torch.Tensor, data_cfg: DataC
     layout = torch.channels_last if weights.dim() == 4 and weights.is_contiguous(memory_format=torch.channels_last) \
         else torch.contiguous_format  # follow the model's layout; always fp32, so metrics match the ONNX model
     for idx in batch_indices(len(images_u8), batch_size, None):
-        x = normalize(images_u8[idx].to(device).float().div_(255.0), data_cfg.mean, data_cfg.std)
+        x = normalize(images_u8[idx].to(device), data_cfg.mean, data_cfg.std)
         out.append(model(x.contiguous(memory_format=layout)).float().cpu())
     return torch.cat(out) if out else torch.empty((0, model.cfg.num_classes))
 
