@@ -72,14 +72,21 @@ def night_lock(face_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def data_classes(face_dir: Path) -> dict[str, int]:
-    """Images per class in face_dir/{train,val,test}/<class>/ (the ingested tree)."""
-    counts: dict[str, int] = {}
+def images_per_split(face_dir: Path) -> dict[str, dict[str, int]]:
+    """Images per split per class in face_dir/{train,val,test}/<class>/ (the ingested tree)."""
+    counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
-        folders = (face_dir / split).iterdir() if (face_dir / split).is_dir() else []
-        for d in folders:
-            if d.is_dir() and not d.name.startswith("."):
-                counts[d.name] = counts.get(d.name, 0) + len(list_images(d))
+        folders = sorted((face_dir / split).iterdir()) if (face_dir / split).is_dir() else []
+        counts[split] = {d.name: len(list_images(d)) for d in folders if d.is_dir() and not d.name.startswith(".")}
+    return counts
+
+
+def data_classes(face_dir: Path) -> dict[str, int]:
+    """Images per class over all splits of the ingested tree."""
+    counts: dict[str, int] = {}
+    for per_class in images_per_split(face_dir).values():
+        for c, n in per_class.items():
+            counts[c] = counts.get(c, 0) + n
     return counts
 
 
@@ -90,16 +97,17 @@ def record_divergence(run_dir: Path, version: str, face_dir: Path, reason: str) 
     published, the champion stays), instead of ending as a bare failed flow run.
     """
     classes = find_classes(face_dir / "train")
-    per_class_n = {c: len(list_images(face_dir / "test" / c)) if (face_dir / "test" / c).is_dir() else 0
-                   for c in classes}
-    unmeasured = {"loss": None, "accuracy": None, "per_class_accuracy": {c: None for c in classes},
-                  "confusion_matrix": None, "n": sum(per_class_n.values()), "per_class_n": per_class_n,
-                  "diverged": reason}
-    counts = {s: sum(len(list_images(d)) for d in (face_dir / s).iterdir() if d.is_dir())
-              if (face_dir / s).is_dir() else 0 for s in SPLITS}
+    per_split = images_per_split(face_dir)
+
+    def unmeasured(split: str) -> dict[str, Any]:
+        per_class_n = {c: per_split[split].get(c, 0) for c in classes}
+        return {"loss": None, "accuracy": None, "per_class_accuracy": {c: None for c in classes},
+                "confusion_matrix": None, "n": sum(per_class_n.values()), "per_class_n": per_class_n,
+                "diverged": reason}
+
     metrics = {"classes": classes, "best_epoch": None, "device": None, "version": version,
-               "val": {**unmeasured, "n": counts["val"], "per_class_n": {}}, "test": unmeasured,
-               "data": {"counts": counts}, "diverged": reason}
+               "val": unmeasured("val"), "test": unmeasured("test"),
+               "data": {"counts": {s: sum(n.values()) for s, n in per_split.items()}}, "diverged": reason}
     write_json_atomic(run_dir / "metrics.json", metrics)
     log.error("training diverged (%s): the night records a rejected version %s", reason, version)
     return metrics
