@@ -27,11 +27,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from benchmarks._timing import DATASET, machine_rows, median, row, spread, timed
-from benchmarks.score_bench import _pick, _train_and_export
+from benchmarks.score_bench import _pick, _train_and_export, model_batches
 from benchmarks.train_bench import (
     _config,
     _faceclf_epoch,
@@ -98,8 +97,7 @@ def score_rows(device: torch.device, files: list[Path], reps: int) -> list[dict[
         om = load_onnx_model(onnx_path, device.type)
         tmodel = model_from_checkpoint(load_checkpoint(ckpt_path), device)
         images, _, _ = decode_images(files, om.image_size, cfg.decode_workers)
-        x = (images.numpy().astype(np.float32) / 255.0 - om.mean) / om.std  # (N, 3, S, S) float32
-        batches = [np.ascontiguousarray(x[i:i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
+        batches = model_batches(om, images, cfg.batch_size)
         host = [torch.from_numpy(b).pin_memory() if device.type == "cuda" else torch.from_numpy(b) for b in batches]
 
         def ort_only() -> None:
@@ -122,7 +120,7 @@ def score_rows(device: torch.device, files: list[Path], reps: int) -> list[dict[
         for _ in range(reps):
             for k, f in fns.items():
                 t[k].append(f())
-    n_ok, n = len(x), len(files)
+    n_ok, n = len(images), len(files)
     ips = {"ort": n_ok / median(t["ort"]), "torch": n_ok / median(t["torch"]), "e2e": n / median(t["e2e"])}
     where = f"{n} face-mask files @{om.image_size}px, batch {cfg.batch_size}"
     return [

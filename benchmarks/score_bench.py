@@ -63,6 +63,12 @@ def _train_and_export(work: Path) -> tuple[Path, Path]:
     return ckpt, onnx_path
 
 
+def model_batches(om, images: torch.Tensor, batch_size: int) -> list[np.ndarray]:
+    """uint8 images (N, 3, S, S) -> the model's float32 input, normalised, in contiguous batches."""
+    x = (images.numpy().astype(np.float32) / 255.0 - om.mean) / om.std  # (N, 3, S, S) float32
+    return [np.ascontiguousarray(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
 def _pick(files: list[Path], k: int | None) -> list[Path]:
     """k files evenly spaced over the sorted list (both classes kept), or all of them."""
     if not k or k >= len(files):
@@ -97,10 +103,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         tmodel = model_from_checkpoint(load_checkpoint(ckpt_path), "cpu")
 
         images, _ok, failed = decode_images(files, size, cfg.decode_workers)
-        x = (images.numpy().astype(np.float32) / 255.0 - om.mean) / om.std  # (N, 3, S, S) float32
-        batches = [np.ascontiguousarray(x[i:i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
+        batches = model_batches(om, images, cfg.batch_size)
         tbatches = [torch.from_numpy(b) for b in batches]
-        n_ok = len(x)
+        n_ok = len(images)
 
         def e2e() -> float:
             summary = score(onnx_path, files, work / "predictions.csv", cfg)
