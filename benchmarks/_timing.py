@@ -35,7 +35,7 @@ def machine_rows(benchmark: str) -> list[dict[str, Any]]:
     """Rows describing the machine the figures come from, and the GPU line (item 5)."""
     import torch
 
-    from faceclf.train import cpu_has_native_bf16
+    from faceclf.training.loop import cpu_has_native_bf16
 
     cap = torch.backends.cpu.get_cpu_capability()
     rows = [

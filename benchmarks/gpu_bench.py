@@ -11,7 +11,7 @@ Training, on N generated 64 px faces (10,000; --quick 600), interleaved, medians
                 memory), fp32 model on the GPU: the input pipeline is the part that matters here.
 Scoring, on the face-mask photos (all 1,376; --quick 200), batch 64, pre-decoded float32 batches
 copied from the host in both cases: ONNX Runtime's CUDA provider vs torch eager on CUDA; and
-faceclf.score end to end.
+faceclf.serving.score end to end.
 
 Without a CUDA GPU nothing is measured and one row says so. ``measure`` takes any device, so the
 tests run this very code on the CPU.
@@ -45,8 +45,8 @@ NAME = "gpu"
 
 def train_rows(device: torch.device, n_images: int, reps: int) -> list[dict[str, Any]]:
     """faceclf AMP vs faceclf fp32 vs the seed pipeline: training images/s on ``device``."""
-    from faceclf.sample import generate_sample_faces
-    from faceclf.train import amp_dtype_for
+    from faceclf.devtools.sample import generate_sample_faces
+    from faceclf.training.loop import amp_dtype_for
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="faceclf-gpubench-") as tmp:
@@ -85,11 +85,11 @@ def train_rows(device: torch.device, n_images: int, reps: int) -> list[dict[str,
 
 
 def score_rows(device: torch.device, files: list[Path], reps: int) -> list[dict[str, Any]]:
-    """ONNX Runtime vs torch eager (model only) and faceclf.score end to end, on ``device``."""
+    """ONNX Runtime vs torch eager (model only) and faceclf.serving.score end to end, on ``device``."""
     from faceclf.config import ScoreConfig
-    from faceclf.data import decode_images
-    from faceclf.score import load_onnx_model, score
-    from faceclf.train import load_checkpoint, model_from_checkpoint
+    from faceclf.dataset.images import decode_images
+    from faceclf.serving.score import load_onnx_model, score
+    from faceclf.training.loop import load_checkpoint, model_from_checkpoint
 
     cfg = ScoreConfig(device=device.type)
     with tempfile.TemporaryDirectory(prefix="faceclf-gpuscore-") as tmp:
@@ -130,14 +130,14 @@ def score_rows(device: torch.device, files: list[Path], reps: int) -> list[dict[
             f"no_grad, host->device copy included; {spread(t['torch'])} s"),
         row(NAME, "score: ORT vs torch eager", ips["ort"] / ips["torch"], "x", "score: torch eager model only",
             ips["torch"], ips["ort"] / ips["torch"], "ORT / torch on the same device"),
-        row(NAME, "score: faceclf.score end to end", ips["e2e"], "img/s", note=f"{where}; {cfg.decode_workers} decode "
+        row(NAME, "score: faceclf.serving.score end to end", ips["e2e"], "img/s", note=f"{where}; {cfg.decode_workers} decode "
             f"threads, {cfg.prefetch_batches} batches decoded ahead; {spread(t['e2e'])} s"),
     ]
 
 
 def measure(device: torch.device, n_images: int, n_files: int | None, reps: int) -> list[dict[str, Any]]:
     """Every row of this benchmark on ``device`` (a GPU in real runs; the CPU in tests)."""
-    from faceclf.data import list_images
+    from faceclf.dataset.images import list_images
 
     rows = train_rows(device, n_images, reps)
     if DATASET.is_dir():

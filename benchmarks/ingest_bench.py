@@ -2,7 +2,7 @@
 
 A moto S3 server on 127.0.0.1 holds N small distinct face JPEGs under incoming/<class>/ (N=10,000;
 --quick: 500). Timed, alternately and back to back in the same run:
-  ours: faceclf.ingest.ingest(S3Store(bucket), fresh dest): list, download (16 threads), validate,
+  ours: faceclf.dataset.ingest.ingest(S3Store(bucket), fresh dest): list, download (16 threads), validate,
         sha256, split, write the files and the manifest;
   aws:  `aws s3 sync s3://BUCKET/incoming/ DIR --endpoint-url URL --only-show-errors` into a fresh folder
         (download only: no validation, hashing or manifest).
@@ -34,8 +34,8 @@ BENCH = "ingest"
 
 
 def _time_ours(bucket: str, root: Path, rep: int) -> tuple[float, dict]:
-    from faceclf.ingest import ingest
-    from faceclf.storage import S3Store
+    from faceclf.dataset.ingest import ingest
+    from faceclf.store.objects import S3Store
 
     reset_ingest_state(bucket)
     dest = root / f"ours-{rep}" / "face"
@@ -47,7 +47,7 @@ def _time_ours(bucket: str, root: Path, rep: int) -> tuple[float, dict]:
 
 
 def _time_aws(bucket: str, endpoint: str, root: Path, rep: int) -> tuple[float, int]:
-    from faceclf.services import LOCAL_S3_ENV
+    from faceclf.devtools.services import LOCAL_S3_ENV
 
     dest = root / f"aws-{rep}"
     dest.mkdir(parents=True)
@@ -71,7 +71,7 @@ def _aws() -> str:
 
 def run(quick: bool = False) -> list[dict]:
     """Rows: ingest and aws-sync medians (s), the ratio ours/aws, images/s for each, upload time."""
-    from faceclf.services import local_s3_env, moto_s3_server
+    from faceclf.devtools.services import local_s3_env, moto_s3_server
 
     n = 500 if quick else 10_000
     reps = 1 if quick else 2

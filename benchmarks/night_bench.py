@@ -2,12 +2,12 @@
 
 N generated 64x64 face JPEGs (N=10,000; --quick: 600) are uploaded to a moto S3 server on 127.0.0.1
 under incoming/<class>/, then the night's library calls run in sequence, each timed:
-  ingest    faceclf.ingest.ingest(S3Store(bucket), face/)
-  train     faceclf.pipeline.train_run(face/, run/, RunConfig() with epochs=3; --quick: 1)
+  ingest    faceclf.dataset.ingest.ingest(S3Store(bucket), face/)
+  train     faceclf.training.run.train_run(face/, run/, RunConfig() with epochs=3; --quick: 1)
             (includes decoding all splits, val+test evaluation of the best checkpoint and the plots)
-  export    faceclf.export.export_onnx(run/checkpoint.pt, run/model.onnx) (checker + parity test)
-  evaluate  faceclf.score.evaluate_onnx(run/model.onnx, face/test): re-scoring on the test split
-  upload    faceclf.registry.publish_version(...) + set_champion(...) to the bucket
+  export    faceclf.serving.export.export_onnx(run/checkpoint.pt, run/model.onnx) (checker + parity test)
+  evaluate  faceclf.serving.score.evaluate_onnx(run/model.onnx, face/test): re-scoring on the test split
+  upload    faceclf.store.registry.publish_version(...) + set_champion(...) to the bucket
 Calling the library functions in sequence is the night without Prefect's overhead (no server,
 worker, flow-run process or task state round trips). Export runs before evaluate because the
 re-score uses the exported model; rows are listed in the night's order (ingest, train, evaluate,
@@ -31,13 +31,13 @@ BENCH = "night"
 def run(quick: bool = False) -> list[dict]:
     """Rows: seconds per stage (share of the total in the note), the total, and the slowest stage."""
     from faceclf.config import RunConfig
-    from faceclf.export import export_onnx
-    from faceclf.ingest import ingest
-    from faceclf.pipeline import train_run
-    from faceclf.registry import MODEL_FILE, publish_version, set_champion
-    from faceclf.score import evaluate_onnx
-    from faceclf.services import local_s3_env, moto_s3_server
-    from faceclf.storage import S3Store
+    from faceclf.serving.export import export_onnx
+    from faceclf.dataset.ingest import ingest
+    from faceclf.training.run import train_run
+    from faceclf.store.registry import MODEL_FILE, publish_version, set_champion
+    from faceclf.serving.score import evaluate_onnx
+    from faceclf.devtools.services import local_s3_env, moto_s3_server
+    from faceclf.store.objects import S3Store
 
     n = 600 if quick else 10_000
     epochs = 1 if quick else 3

@@ -1,7 +1,7 @@
 """Shared fixture for the ingest and night benchmarks: many distinct small face JPEGs in a moto bucket.
 
 Drawing 10,000 faces takes minutes, so a few hundred to 1,000 base faces are drawn with
-faceclf.sample.generate_sample_faces and the rest are cheap variants of them: one pixel changed
+faceclf.devtools.sample.generate_sample_faces and the rest are cheap variants of them: one pixel changed
 (a different pixel per variant) and re-encoded with a different JPEG quality, optionally mirrored.
 Every file's bytes are checked to be distinct (ingest drops exact duplicates), and each stays a
 valid RGB JPEG of the base size (>= 32x32).
@@ -51,7 +51,7 @@ def median(xs: list[float]) -> float:
 
 def make_faces(n: int, size: int = 64, base_per_class: int | None = None, seed: int = 0) -> list[tuple[str, str, bytes]]:
     """``n`` distinct JPEGs, (class, file name, bytes), half per class; returns them in class order."""
-    from faceclf.sample import generate_sample_faces
+    from faceclf.devtools.sample import generate_sample_faces
 
     per_class = -(-n // len(CLASSES))
     base_per_class = min(per_class, base_per_class or 500)
@@ -93,7 +93,7 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 
 def upload_faces(bucket: str, faces: list[tuple[str, str, bytes]], workers: int = 32) -> float:
     """Create ``bucket`` and put every face under incoming/<class>/<name> in parallel; return seconds."""
-    from faceclf.storage import s3_client
+    from faceclf.store.objects import s3_client
 
     client = s3_client(max_pool_connections=workers)
     client.create_bucket(Bucket=bucket)
@@ -105,8 +105,8 @@ def upload_faces(bucket: str, faces: list[tuple[str, str, bytes]], workers: int 
 
 def reset_ingest_state(bucket: str) -> None:
     """Delete the manifest and quarantine log so that the next ingest downloads everything again."""
-    from faceclf.ingest import MANIFEST_KEY, QUARANTINE_KEY
-    from faceclf.storage import s3_client
+    from faceclf.dataset.ingest import MANIFEST_KEY, QUARANTINE_KEY
+    from faceclf.store.objects import s3_client
 
     client = s3_client()
     for key in (MANIFEST_KEY, QUARANTINE_KEY):

@@ -1,16 +1,16 @@
-"""Scoring throughput: faceclf.score end to end vs its parts (ONNX Runtime, torch eager, decode).
+"""Scoring throughput: faceclf.serving.score end to end vs its parts (ONNX Runtime, torch eager, decode).
 
     python -m benchmarks.score_bench [--quick]
 
-A model is trained for 1 epoch on a small generated face set (faceclf.pipeline.train_run, default
-settings: 96 px, batch 64) and exported with faceclf.export.export_onnx. Then, on the same images
+A model is trained for 1 epoch on a small generated face set (faceclf.training.run.train_run, default
+settings: 96 px, batch 64) and exported with faceclf.serving.export.export_onnx. Then, on the same images
 (the face-mask photos: all 1,376 files, --quick 200), interleaved, medians over repetitions:
 
-(a) faceclf.score.score end to end (decode of the next batch overlapped with inference, CSV written);
+(a) faceclf.serving.score.score end to end (decode of the next batch overlapped with inference, CSV written);
 (b) ONNX Runtime model only, on pre-decoded, pre-normalised float32 batches of 64;
 (c) torch eager model only on the same batches (eval, torch.no_grad), default allocator; (c2) the same
-    after faceclf.train.reuse_freed_memory() (measured last: it cannot be undone in-process);
-(d) decode only: faceclf.data.load_image over the files with score's thread count.
+    after faceclf.training.loop.reuse_freed_memory() (measured last: it cannot be undone in-process);
+(d) decode only: faceclf.dataset.images.load_image over the files with score's thread count.
 
 Ratios: ORT/torch (goal >= 4) and end-to-end / min(decode-only, ORT model-only) (goal >= 0.8).
 Speed is measured, never asserted.
@@ -49,10 +49,10 @@ def _train_and_export(work: Path) -> tuple[Path, Path]:
     """1-epoch checkpoint on 120 generated faces (default settings otherwise), exported to ONNX.
 
     Trained in a child process (`faceclf train`, `faceclf export`), so this process stays what a
-    `faceclf score` process is: training tunes the allocator (faceclf.train.reuse_freed_memory),
+    `faceclf score` process is: training tunes the allocator (faceclf.training.loop.reuse_freed_memory),
     which would speed up the torch eager baseline here.
     """
-    from faceclf.sample import generate_sample_faces
+    from faceclf.devtools.sample import generate_sample_faces
 
     generate_sample_faces(work / "faces", per_class=60, seed=0)
     ckpt, onnx_path = work / "run" / "checkpoint.pt", work / "model.onnx"
@@ -79,9 +79,9 @@ def _pick(files: list[Path], k: int | None) -> list[Path]:
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Measure and return the rows (see the module docstring)."""
     from faceclf.config import ScoreConfig
-    from faceclf.data import decode_images, list_images, load_image
-    from faceclf.score import load_onnx_model, score
-    from faceclf.train import load_checkpoint, model_from_checkpoint
+    from faceclf.dataset.images import decode_images, list_images, load_image
+    from faceclf.serving.score import load_onnx_model, score
+    from faceclf.training.loop import load_checkpoint, model_from_checkpoint
 
     warnings.filterwarnings("ignore")
     logging.getLogger("faceclf").setLevel(logging.WARNING)
@@ -135,7 +135,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         wall_e2e = timed(lambda: score(onnx_path, files, work / "predictions.csv", cfg))
         # Last, because it cannot be undone in this process: torch eager with glibc keeping freed
         # memory, as faceclf's training runs (model-only torch inference allocates MBs per batch).
-        from faceclf.train import reuse_freed_memory
+        from faceclf.training.loop import reuse_freed_memory
 
         tuned = reuse_freed_memory()
         torch_only()
@@ -145,7 +145,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     where = f"{n} face-mask files @{size}px, batch {cfg.batch_size}"
     parts = min(ips["decode"], ips["ort"])
     rows += [
-        row(NAME, "(a) faceclf.score end to end", ips["e2e"], "img/s", note=f"{where}; decode overlapped with ORT, "
+        row(NAME, "(a) faceclf.serving.score end to end", ips["e2e"], "img/s", note=f"{where}; decode overlapped with ORT, "
             f"{cfg.decode_workers} decode threads, CSV written; {spread(t['e2e'])} s; one call incl. opening the model: "
             f"{n / wall_e2e:.0f} img/s"),
         row(NAME, "(b) ONNX Runtime model only", ips["ort"], "img/s", note=f"pre-decoded float32 batches; "
@@ -153,7 +153,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         row(NAME, "(c) torch eager model only", ips["torch"], "img/s", note=f"same batches, eval + no_grad, "
             f"{torch.get_num_threads()} torch threads; {spread(t['torch'])} s"),
         row(NAME, "(c2) torch eager, allocator tuned", n_ok / median(t_tuned), "img/s", note="same as (c) after "
-            f"faceclf.train.reuse_freed_memory() ({'applied' if tuned else 'not available here'}): glibc keeps freed "
+            f"faceclf.training.loop.reuse_freed_memory() ({'applied' if tuned else 'not available here'}): glibc keeps freed "
             f"memory instead of unmapping it; {spread(t_tuned)} s"),
         row(NAME, "(d) decode only (load_image)", ips["decode"], "img/s", note=f"{cfg.decode_workers} threads "
             f"(score's count); {spread(t['decode'])} s"),

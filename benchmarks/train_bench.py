@@ -5,7 +5,7 @@
 For each data set (the face-mask photos at the default 96 px, and N generated 64 px faces) the three
 are measured in the same run, interleaved, on the same train images, same FaceCNN, batch 64:
 
-- faceclf: images decoded once (discover + load_split), then faceclf.train.train_one_epoch with a
+- faceclf: images decoded once (discover + load_split), then faceclf.training.loop.train_one_epoch with a
   make_trainer() Trainer (uint8 tensor -> batched flip/rotate on tensors -> AdamW step), with its
   default arithmetic: channels_last, and bf16 autocast where the CPU has native bf16.
 - seed:    torchvision ImageFolder (symlinks to the same files) + per-epoch PIL transforms, DataLoader
@@ -15,7 +15,7 @@ are measured in the same run, interleaved, on the same train images, same FaceCN
            faceclf/floor is the input pipeline's overhead. Extra rows show what moves the floor from
            the seed's fp32 NCHW arithmetic (channels_last, bf16 autocast, torch.compile, batch 32/128).
 
-Then, on the face-mask photos, test accuracy after full training (faceclf.pipeline.train_run with the
+Then, on the face-mask photos, test accuracy after full training (faceclf.training.run.train_run with the
 default config vs the seed pipeline with the same model, optimiser, schedule, epochs and best-val-loss
 weights), on the same content-hash test split.
 
@@ -64,7 +64,7 @@ def _config(image_size: int, num_classes: int):
 
 def _load_train(root: Path, image_size: int):
     """faceclf's own path: discover + load_split of the train split (decoded once)."""
-    from faceclf.data import discover, load_split
+    from faceclf.dataset.images import discover, load_split
 
     cfg = _config(image_size, 2)
     splits = discover(root, cfg.data.split_fractions, cfg.data.decode_workers)
@@ -82,7 +82,7 @@ def _sync(device: torch.device) -> None:
 def _faceclf_epoch(cfg, train, device: torch.device = torch.device("cpu")) -> Callable[[], float]:
     """A closure running one real faceclf epoch (one Trainer kept across repetitions, the train split
     placed on ``device`` as fit() places it)."""
-    from faceclf.train import (
+    from faceclf.training.loop import (
         make_trainer,
         seed_everything,
         split_on_device,
@@ -118,7 +118,7 @@ def _seed_epoch(cfg, folder: Path, batch_size: int = 64, device: torch.device = 
     fp32 model on ``device`` (batches copied from pinned host memory on CUDA)."""
     from torchvision import datasets
 
-    from faceclf.model import build_model
+    from faceclf.training.model import build_model
 
     ds = datasets.ImageFolder(str(folder), transform=_seed_transforms(cfg, train=True))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
@@ -145,7 +145,7 @@ def _seed_epoch(cfg, folder: Path, batch_size: int = 64, device: torch.device = 
 def _floor_epoch(cfg, n: int, batch_size: int, channels_last: bool = False, bf16: bool = False,
                  compile_model: bool = False) -> Callable[[], float]:
     """A closure: forward+backward+AdamW step over in-memory float batches covering n images."""
-    from faceclf.model import build_model
+    from faceclf.training.model import build_model
 
     s = cfg.data.image_size
     torch.manual_seed(cfg.train.seed)
@@ -177,19 +177,19 @@ def _floor_epoch(cfg, n: int, batch_size: int, channels_last: bool = False, bf16
 
 def _faceclf_arithmetic(cfg) -> tuple[bool, bool]:
     """(channels_last, bf16 autocast) as faceclf's Trainer resolves them on this CPU."""
-    from faceclf.train import amp_dtype_for
+    from faceclf.training.loop import amp_dtype_for
 
     return cfg.train.channels_last, amp_dtype_for(torch.device("cpu"), cfg.train.amp) is not None
 
 
 def _bf16_works(cfg) -> tuple[bool, str]:
     """Whether CPU autocast to bf16 runs this model (forward+backward) here, and why not."""
-    from faceclf.train import cpu_has_native_bf16
+    from faceclf.training.loop import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
         return False, "CPU has no native bf16 (avx512_bf16/amx_bf16 absent)"
     try:
-        from faceclf.model import build_model
+        from faceclf.training.model import build_model
 
         m = build_model(cfg.model)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -202,7 +202,7 @@ def _bf16_works(cfg) -> tuple[bool, str]:
 
 def _subset(train, k: int):
     """k images of a decoded split, evenly spaced (so both classes stay), as a TensorSplit."""
-    from faceclf.data import TensorSplit
+    from faceclf.dataset.images import TensorSplit
 
     n = len(train.labels)
     if k >= n:
@@ -303,7 +303,7 @@ def seed_fit_accuracy(cfg, trees: dict[str, Path]) -> float:
     keep the weights with the best validation loss, and return their test accuracy."""
     from torchvision import datasets
 
-    from faceclf.model import build_model
+    from faceclf.training.model import build_model
 
     def loader(split: str, train: bool) -> torch.utils.data.DataLoader:
         ds = datasets.ImageFolder(str(trees[split]), transform=_seed_transforms(cfg, train))
@@ -344,8 +344,8 @@ def seed_fit_accuracy(cfg, trees: dict[str, Path]) -> float:
 def accuracy_rows(root: Path, epochs: int | None = None) -> list[dict[str, Any]]:
     """Test accuracy of faceclf's full training vs the seed pipeline's, same splits/model/epochs."""
     from faceclf.config import RunConfig
-    from faceclf.data import discover
-    from faceclf.pipeline import train_run
+    from faceclf.dataset.images import discover
+    from faceclf.training.run import train_run
 
     cfg = RunConfig()
     if epochs:
@@ -379,7 +379,7 @@ def accuracy_rows(root: Path, epochs: int | None = None) -> list[dict[str, Any]]
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Measure and return the rows (see the module docstring)."""
-    from faceclf.sample import generate_sample_faces
+    from faceclf.devtools.sample import generate_sample_faces
 
     warnings.filterwarnings("ignore", category=UserWarning)
     rows = machine_rows(NAME)

@@ -116,7 +116,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
 
 
 def _gate(metrics: dict[str, Any], a: argparse.Namespace) -> None:
-    from faceclf.metrics import gate_failures
+    from faceclf.training.metrics import gate_failures
 
     if a.min_accuracy is None and a.min_class_accuracy is None:
         return
@@ -127,7 +127,7 @@ def _gate(metrics: dict[str, Any], a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from faceclf.pipeline import train_run
+    from faceclf.training.run import train_run
 
     metrics = train_run(a.data, a.out, run_config_from_args(a), resume=a.resume)
     print(json.dumps({"run": str(Path(a.out)), "best_epoch": metrics["best_epoch"], "device": metrics["device"],
@@ -136,7 +136,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from faceclf.evaluate import evaluate_checkpoint
+    from faceclf.training.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(a.checkpoint, a.data, a.split, a.device)
     print(json.dumps(metrics, indent=2))
@@ -144,7 +144,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from faceclf.export import export_onnx
+    from faceclf.serving.export import export_onnx
 
     report = export_onnx(a.checkpoint, a.out, version=a.version)
     print(json.dumps({"onnx": str(report.path), "version": report.version, "max_abs_diff": report.max_abs_diff,
@@ -152,7 +152,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_score(a: argparse.Namespace) -> None:
-    from faceclf.score import score
+    from faceclf.serving.score import score
 
     s = score(a.model, a.images, a.out, ScoreConfig(batch_size=a.batch_size, decode_workers=a.workers, device=a.device),
               expected_sha256=a.sha256)
@@ -161,24 +161,24 @@ def cmd_score(a: argparse.Namespace) -> None:
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
-    from faceclf.sample import generate_sample_faces
+    from faceclf.devtools.sample import generate_sample_faces
 
     counts = generate_sample_faces(a.out, per_class=a.per_class, size=a.size, seed=a.seed)
     print(f"wrote {sum(counts.values())} images to {a.out}: {counts}")
 
 
 def cmd_ingest(a: argparse.Namespace) -> None:
-    from faceclf.ingest import ingest
-    from faceclf.storage import open_store
+    from faceclf.dataset.ingest import ingest
+    from faceclf.store.objects import open_store
 
     report = ingest(open_store(a.source), Path(a.dest))
     print(json.dumps(report.to_dict(), indent=2))
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    from faceclf import registry
-    from faceclf.night import resolve_location
-    from faceclf.storage import open_store
+    from faceclf.store import registry
+    from faceclf.nightly.night import resolve_location
+    from faceclf.store.objects import open_store
 
     store = open_store(resolve_location(a.bucket))
     if a.models_command == "list":
@@ -196,7 +196,7 @@ def cmd_models(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    from faceclf.demo import run_demo
+    from faceclf.devtools.demo import run_demo
 
     run_demo(a.folder, a.out, epochs=a.epochs)
 

@@ -13,9 +13,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from faceclf import night, registry
-from faceclf.score import score as score_images
-from faceclf.storage import download_prefix, open_store
+from faceclf.nightly import night
+from faceclf.store import registry
+from faceclf.serving.score import score as score_images
+from faceclf.store.objects import download_prefix, open_store
 from flows.common import IO_RETRIES
 
 

@@ -18,18 +18,18 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
-from faceclf import night
+from faceclf.nightly import night
 from faceclf.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from faceclf.gate import Decision, GateConfig, decide
-from faceclf.storage import open_store
-from faceclf.train import TrainingDiverged, new_version
+from faceclf.nightly.gate import Decision, GateConfig, decide
+from faceclf.store.objects import open_store
+from faceclf.training.loop import TrainingDiverged, new_version
 from flows.common import IO_RETRIES
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def ingest_images(location: str, face_dir: str) -> dict[str, Any]:
     """New images from LOCATION/incoming/ into face_dir (train/val/test), manifest updated."""
-    from faceclf.ingest import ingest
+    from faceclf.dataset.ingest import ingest
 
     return ingest(open_store(location), Path(face_dir)).to_dict()
 
@@ -58,7 +58,7 @@ def prepare_run(runs_dir: str, face_dir: str, cfg: dict[str, Any]) -> dict[str, 
 @task(cache_policy=NONE)
 def train_candidate(face_dir: str, run: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     """Train on face_dir's train/val (or continue from last.pt), evaluate on test; returns metrics.json."""
-    from faceclf.pipeline import train_run
+    from faceclf.training.run import train_run
 
     if run["trained"]:
         return night.read_json(Path(run["run_dir"]) / "metrics.json")

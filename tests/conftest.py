@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from faceclf.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from faceclf.sample import generate_sample_faces
+from faceclf.devtools.sample import generate_sample_faces
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = REPO.parent / "shared" / "datasets" / "face-mask"
@@ -38,7 +38,7 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(faces: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished training run on ``faces`` (shared by export/score/evaluate tests; do not modify)."""
-    from faceclf.pipeline import train_run
+    from faceclf.training.run import train_run
 
     run = tmp_path_factory.mktemp("run")
     train_run(faces, run, tiny_config(epochs=6))
@@ -48,7 +48,7 @@ def trained_run(faces: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
     """A real S3 HTTP endpoint (moto server mode) on 127.0.0.1; boto3 in this process points at it."""
-    from faceclf.services import local_s3_env, moto_s3_server
+    from faceclf.devtools.services import local_s3_env, moto_s3_server
 
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with moto_s3_server(log) as url, local_s3_env(url):
@@ -60,7 +60,7 @@ def bucket(s3_endpoint: str) -> str:
     """A new, empty bucket on the local S3 endpoint, unique per test."""
     import uuid
 
-    from faceclf.storage import s3_client
+    from faceclf.store.objects import s3_client
 
     name = f"faceclf-test-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
@@ -82,7 +82,7 @@ def prefect_api():
 
 def upload_faces(bucket: str, root: Path, per_class: int, seed: int) -> int:
     """Generate faces and put them under incoming/<class>/."""
-    from faceclf.storage import s3_client
+    from faceclf.store.objects import s3_client
 
     generate_sample_faces(root, per_class=per_class, size=48, seed=seed)
     client, n = s3_client(), 0
@@ -101,7 +101,7 @@ def onnx_accuracy(model_path: Path, folder: Path) -> float:
     """Accuracy of an exported model on folder/<class>/*, preprocessed from its own metadata alone."""
     import onnxruntime as ort
 
-    from faceclf.data import load_image
+    from faceclf.dataset.images import load_image
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map

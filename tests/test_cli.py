@@ -112,9 +112,9 @@ def test_ingest_command_prints_the_summary(faces: Path, tmp_path: Path) -> None:
 
 def test_models_list_and_promote(trained_run: Path, tmp_path: Path) -> None:
     """Two versions in a local registry; `models promote` moves champion.json (a manual rollback)."""
-    from faceclf import registry
-    from faceclf.export import export_onnx
-    from faceclf.storage import LocalStore
+    from faceclf.store import registry
+    from faceclf.serving.export import export_onnx
+    from faceclf.store.objects import LocalStore
 
     store = LocalStore(tmp_path / "bucket")
     model = export_onnx(trained_run / "checkpoint.pt", tmp_path / "model.onnx").path

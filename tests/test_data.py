@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from faceclf.data import (
+from faceclf.dataset.images import (
     SPLITS,
     augment,
     decode_images,
@@ -66,7 +66,7 @@ def test_same_bytes_under_two_classes_is_dropped_as_conflict(faces: Path, tmp_pa
 
 
 def test_deduplicate_keeps_first_of_each_hash() -> None:
-    from faceclf.data import ImageRecord
+    from faceclf.dataset.images import ImageRecord
 
     recs = [ImageRecord(Path("a"), 0, "h1"), ImageRecord(Path("b"), 0, "h1"), ImageRecord(Path("c"), 1, "h2")]
     kept, dups, conflicts = deduplicate(recs, ["x", "y"])
@@ -162,7 +162,7 @@ def test_augment_rotates_each_image_differently() -> None:
 def test_sample_faces_are_the_same_bytes_for_the_same_seed_whatever_ran_before(tmp_path: Path) -> None:
     # Tests and demos rely on this: the split of a generated face follows its bytes. PIL's
     # effect_noise (C rand(), process-wide state) once made the bytes depend on earlier calls.
-    from faceclf.sample import generate_sample_faces
+    from faceclf.devtools.sample import generate_sample_faces
 
     def digest(root: Path) -> list[str]:
         generate_sample_faces(root, per_class=3, size=32, seed=7)
@@ -179,7 +179,7 @@ def test_sample_faces_are_the_same_bytes_for_the_same_seed_whatever_ran_before(t
 def test_rotation_grid_is_affine_grid_of_the_same_rotation_and_mirror(height: int, width: int) -> None:
     import torch.nn.functional as F
 
-    from faceclf.data import rotation_grid
+    from faceclf.dataset.images import rotation_grid
 
     g = torch.Generator().manual_seed(3)
     angle = (torch.rand(16, generator=g) * 2 - 1) * 0.5
@@ -192,7 +192,7 @@ def test_rotation_grid_is_affine_grid_of_the_same_rotation_and_mirror(height: in
 
 
 def test_normalising_before_or_after_augmenting_gives_the_same_batch() -> None:
-    from faceclf.data import normalize
+    from faceclf.dataset.images import normalize
 
     images = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8)
     mean, std = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)

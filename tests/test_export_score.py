@@ -13,11 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import faceclf.export as E
-from faceclf.data import load_image, normalize
-from faceclf.export import ExportParityError, check_parity, export_onnx
-from faceclf.score import CPU_PROVIDER, load_onnx_model, providers_for, score
-from faceclf.train import load_checkpoint, model_from_checkpoint
+import faceclf.serving.export as E
+from faceclf.dataset.images import load_image, normalize
+from faceclf.serving.export import ExportParityError, check_parity, export_onnx
+from faceclf.serving.score import CPU_PROVIDER, load_onnx_model, providers_for, score
+from faceclf.training.loop import load_checkpoint, model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_score_writes_one_row_per_image_with_errors_inline(onnx_model: Path, tra
 def test_decoding_ahead_keeps_every_row_in_input_order(onnx_model: Path, trained_run: Path, tmp_path: Path,
                                                         prefetch: int, workers: int) -> None:
     from faceclf.config import ScoreConfig
-    from faceclf.score import score_rows
+    from faceclf.serving.score import score_rows
 
     files = _test_images(trained_run)
     broken = tmp_path / "broken.jpg"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import FAST, LENIENT, onnx_accuracy, tree, upload_faces
 
-from faceclf import registry
-from faceclf.sample import generate_sample_faces
-from faceclf.storage import open_store, s3_client
+from faceclf.store import registry
+from faceclf.devtools.sample import generate_sample_faces
+from faceclf.store.objects import open_store, s3_client
 
 
 def night_artifacts() -> dict:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from faceclf.gate import GateConfig, decide
+from faceclf.nightly.gate import GateConfig, decide
 
 
 def metrics(acc: float, per_class: dict, n: int = 100, loss: float = 0.1) -> dict:
@@ -60,7 +60,7 @@ def test_thresholds_are_validated() -> None:
 
 
 def test_bucket_names_and_folders_are_told_apart(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    from faceclf.night import resolve_location
+    from faceclf.nightly.night import resolve_location
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "faceclf-demo").mkdir()  # a folder named like the bucket must not shadow it

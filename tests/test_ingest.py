@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from faceclf.data import SPLITS, discover, split_of
-from faceclf.ingest import (
+from faceclf.dataset.images import SPLITS, discover, split_of
+from faceclf.dataset.ingest import (
     MANIFEST_KEY,
     QUARANTINE_KEY,
     IngestConfig,
@@ -25,7 +25,7 @@ from faceclf.ingest import (
     read_manifest,
     read_quarantine,
 )
-from faceclf.storage import LocalStore, S3Store, Store, open_store, s3_client
+from faceclf.store.objects import LocalStore, S3Store, Store, open_store, s3_client
 
 CFG = IngestConfig(workers=8)
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from faceclf.config import ModelConfig
-from faceclf.model import build_model, model_config_from_dict
+from faceclf.training.model import build_model, model_config_from_dict
 
 
 @pytest.mark.parametrize("classes", [2, 3])

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from faceclf.ingest import (
+from faceclf.dataset.ingest import (
     MANIFEST_KEY,
     QUARANTINE_KEY,
     Checked,
@@ -42,9 +42,9 @@ from faceclf.ingest import (
     read_manifest,
     read_quarantine,
 )
-from faceclf.layout import SPLITS, split_of
-from faceclf.services import free_port, moto_s3_server
-from faceclf.storage import (
+from faceclf.dataset.layout import SPLITS, split_of
+from faceclf.devtools.services import free_port, moto_s3_server
+from faceclf.store.objects import (
     LocalStore,
     ObjectInfo,
     S3Store,
@@ -288,8 +288,8 @@ BAD_BYTES = {  # name -> (bytes, expected reason fragment)
 CHILD = r"""
 import json, sys
 from PIL import Image
-from faceclf.ingest import IngestConfig, ingest
-from faceclf.storage import S3Store
+from faceclf.dataset.ingest import IngestConfig, ingest
+from faceclf.store.objects import S3Store
 
 def peak_mb():
     # VmHWM: this process's own peak RSS (per address space, fresh at exec). ru_maxrss is not: Linux

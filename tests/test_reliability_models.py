@@ -27,15 +27,15 @@ import pytest
 import torch
 from conftest import FAST, upload_faces
 
-from faceclf import registry
+from faceclf.store import registry
 from faceclf.config import DataConfig, ScoreConfig
-from faceclf.data import load_image, load_split
-from faceclf.evaluate import evaluate_checkpoint
-from faceclf.export import check_parity, export_onnx, parity_batch
-from faceclf.gate import GateConfig, decide
-from faceclf.score import evaluate_onnx, load_onnx_model, predict_proba, score
-from faceclf.storage import open_store, s3_client
-from faceclf.train import (
+from faceclf.dataset.images import load_image, load_split
+from faceclf.training.evaluate import evaluate_checkpoint
+from faceclf.serving.export import check_parity, export_onnx, parity_batch
+from faceclf.nightly.gate import GateConfig, decide
+from faceclf.serving.score import evaluate_onnx, load_onnx_model, predict_proba, score
+from faceclf.store.objects import open_store, s3_client
+from faceclf.training.loop import (
     evaluate,
     load_checkpoint,
     model_from_checkpoint,

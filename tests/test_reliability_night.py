@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import FAST, LENIENT, REPO, upload_faces
 
-from faceclf import night, registry
-from faceclf.storage import open_store, s3_client
+from faceclf.nightly import night
+from faceclf.store import registry
+from faceclf.store.objects import open_store, s3_client
 
 NIGHT = {**FAST, **LENIENT}
 
@@ -43,7 +44,7 @@ def test_a_new_class_stops_the_night_before_training(prefect_api, bucket: str, t
     params = {"bucket": bucket, "face_dir": str(tmp_path / "face"), "runs_dir": str(tmp_path / "runs"), **NIGHT}
     first = train(**params)
     assert first["promoted"]
-    from faceclf.sample import generate_sample_faces
+    from faceclf.devtools.sample import generate_sample_faces
 
     generate_sample_faces(tmp_path / "new", per_class=40, size=48, seed=12, classes=("with_sunglasses",))
     for p in (tmp_path / "new" / "with_sunglasses").iterdir():
@@ -61,7 +62,7 @@ def test_a_new_class_stops_the_night_before_training(prefect_api, bucket: str, t
 
 
 def test_a_class_too_small_to_split_stops_the_night(prefect_api, bucket: str, tmp_path: Path) -> None:
-    from faceclf.sample import generate_sample_faces
+    from faceclf.devtools.sample import generate_sample_faces
     from flows.train import train
 
     upload_faces(bucket, tmp_path / "n1", per_class=60, seed=11)
@@ -83,7 +84,7 @@ def test_an_empty_incoming_prefix_stops_the_night(prefect_api, bucket: str, tmp_
 
 def test_a_night_killed_mid_epoch_resumes_to_the_same_result(prefect_api, bucket: str, tmp_path: Path) -> None:
     from faceclf.config import RunConfig
-    from faceclf.pipeline import train_run
+    from faceclf.training.run import train_run
     from flows.train import train
 
     upload_faces(bucket, tmp_path / "n1", per_class=80, seed=11)
@@ -124,7 +125,7 @@ def test_killed_between_upload_and_promotion_keeps_the_champion_and_promotes_onc
     # test is the crash there, not whether this small candidate beats the champion).
     promote = {**NIGHT, "min_accuracy": 0.0, "min_class_accuracy": 0.0, "tolerance": 1.0}
     # The process dies (no cleanup, like SIGKILL) exactly where champion.json would be rewritten.
-    proc = night_in_subprocess(bucket, face, runs, params=promote, prelude="import os, faceclf.night as n\n"
+    proc = night_in_subprocess(bucket, face, runs, params=promote, prelude="import os, faceclf.nightly.night as n\n"
                                "n.set_champion = lambda *a, **k: os._exit(137)")
     assert proc.wait(timeout=600) == 137, "night 2 ended without reaching promotion"
     pending = sorted(runs.iterdir())[-1]
@@ -158,8 +159,8 @@ def test_a_second_night_on_the_same_folder_is_refused(prefect_api, bucket: str, 
 
 WRITER = """
 import sys, torch, json
-from faceclf.train import save_checkpoint
-from faceclf.storage import LocalStore
+from faceclf.training.loop import save_checkpoint
+from faceclf.store.objects import LocalStore
 path, store_root = sys.argv[1], sys.argv[2]
 store = LocalStore(store_root)
 i = 0
@@ -174,8 +175,8 @@ while True:  # rewrite a 20 MB checkpoint and a manifest as fast as possible unt
 @pytest.mark.parametrize("delay", [0.3, 0.7, 1.3])
 def test_killed_during_a_write_leaves_the_previous_file_whole(tmp_path: Path, delay: float) -> None:
     """SIGKILL a process mid-way through checkpoint and manifest rewrites: the final paths always load."""
-    from faceclf.atomic import remove_stale_temps
-    from faceclf.train import load_checkpoint
+    from faceclf.store.atomic import remove_stale_temps
+    from faceclf.training.loop import load_checkpoint
 
     ckpt, store = tmp_path / "run" / "checkpoint.pt", tmp_path / "bucket"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ckpt), str(store)], cwd=REPO, stdout=subprocess.PIPE)

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from faceclf.services import (
+from faceclf.devtools.services import (
     api_request,
     moto_s3_server,
     prefect_cli,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from faceclf.storage import LocalStore, S3Store, Store, open_store, s3_client, safe_key
+from faceclf.store.objects import LocalStore, S3Store, Store, open_store, s3_client, safe_key
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from faceclf.atomic import write_atomic, write_text_atomic
+from faceclf.store.atomic import write_atomic, write_text_atomic
 from faceclf.config import DataConfig, RunConfig
-from faceclf.data import TensorSplit, augment, normalize
-from faceclf.metrics import summarize
-from faceclf.model import FaceCNN, build_model, model_config_from_dict
+from faceclf.dataset.images import TensorSplit, augment, normalize
+from faceclf.training.metrics import summarize
+from faceclf.training.model import FaceCNN, build_model, model_config_from_dict
 from faceclf.progress import progress
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ import onnx
 import torch
 
 from faceclf import __version__
-from faceclf.atomic import atomic_path
-from faceclf.data import normalize
-from faceclf.train import load_checkpoint, model_from_checkpoint
+from faceclf.store.atomic import atomic_path
+from faceclf.dataset.images import normalize
+from faceclf.training.loop import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def check_parity(onnx_path: Path, model: torch.nn.Module, batch: torch.Tensor) -
     """
     import onnxruntime as ort  # imported here: only export and score need it
 
-    from faceclf.score import check_external_data
+    from faceclf.serving.score import check_external_data
 
     check_external_data(onnx.load(str(onnx_path), load_external_data=False), Path(onnx_path))
     with torch.no_grad():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from faceclf.layout import (  # re-exported: the torch-free part of the data layout
+from faceclf.dataset.layout import (  # re-exported: the torch-free part of the data layout
     SPLITS,
     find_classes,
     list_images,

@@ -1,6 +1,6 @@
 """The face/ folder layout without torch: which files are images, the classes, content-hash splits.
 
-Ingest, the registry and the night's checks need these and nothing else from faceclf.data, so they
+Ingest, the registry and the night's checks need these and nothing else from faceclf.dataset.images, so they
 stay importable without torch (~1 s and ~500 MB less for `faceclf ingest`).
 """
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from faceclf.storage import Store
+from faceclf.store.objects import Store
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from faceclf.atomic import write_json_atomic, write_text_atomic
-from faceclf.export import ExportReport, export_onnx
-from faceclf.gate import Decision
-from faceclf.layout import SPLITS, find_classes, list_images
-from faceclf.registry import (
+from faceclf.store.atomic import write_json_atomic, write_text_atomic
+from faceclf.serving.export import ExportReport, export_onnx
+from faceclf.nightly.gate import Decision
+from faceclf.dataset.layout import SPLITS, find_classes, list_images
+from faceclf.store.registry import (
     DECISION_FILE,
     MODEL_FILE,
     fetch_champion,
@@ -30,9 +30,9 @@ from faceclf.registry import (
     sha256_bytes,
     version_key,
 )
-from faceclf.report import render_report
-from faceclf.score import evaluate_onnx
-from faceclf.storage import Store
+from faceclf.nightly.report import render_report
+from faceclf.serving.score import evaluate_onnx
+from faceclf.store.objects import Store
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from faceclf.atomic import write_atomic
-from faceclf.layout import sha256_file
+from faceclf.store.atomic import write_atomic
+from faceclf.dataset.layout import sha256_file
 
 log = logging.getLogger(__name__)
 

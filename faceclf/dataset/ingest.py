@@ -42,11 +42,11 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image
 
-from faceclf.atomic import write_atomic
+from faceclf.store.atomic import write_atomic
 from faceclf.config import SPLIT_FRACTIONS, check_split_fractions
-from faceclf.layout import SPLITS, split_of
+from faceclf.dataset.layout import SPLITS, split_of
 from faceclf.progress import progress
-from faceclf.storage import ObjectInfo, Store, safe_key
+from faceclf.store.objects import ObjectInfo, Store, safe_key
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def withdraw_conflicts(dest: Path, rows: list[dict[str, Any]]) -> list[str]:
 def make_tree(dest: Path, classes: Iterable[str]) -> None:
     """Create dest/<split>/<class>/ for every split and class, even empty ones.
 
-    With all three split folders present ``faceclf.data.discover`` reads dest as already split
+    With all three split folders present ``faceclf.dataset.images.discover`` reads dest as already split
     (instead of taking 'train' and 'val' for class names), and every split has the same class
     folders, so an empty one is reported by name rather than shifting the class indices.
     """

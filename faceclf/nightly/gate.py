@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from faceclf.metrics import gate_failures
+from faceclf.training.metrics import gate_failures
 
 # Defaults, in one place.
 MIN_ACCURACY = 0.90        # overall test accuracy a candidate must reach

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from faceclf.atomic import atomic_path, remove_stale_temps
+from faceclf.store.atomic import atomic_path, remove_stale_temps
 from faceclf.config import ScoreConfig
-from faceclf.data import list_images, try_load_image
+from faceclf.dataset.images import list_images, try_load_image
 from faceclf.progress import progress
 
 if TYPE_CHECKING:
@@ -231,13 +231,13 @@ def predict_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
 def evaluate_onnx(model_path: str | os.PathLike[str], data: str | os.PathLike[str], cfg: ScoreConfig | None = None,
                   expected_sha256: str | None = None) -> dict:
     """Metrics of an exported model on a folder of class folders (e.g. face/test): the same dict as
-    ``faceclf.train.evaluate``. Used to re-score the champion on tonight's test set.
+    ``faceclf.training.loop.evaluate``. Used to re-score the champion on tonight's test set.
 
     An existing folder without images gives n=0 and NaN loss/accuracy (which the gate rejects)
     rather than an error; a class the model does not know is an error.
     """
-    from faceclf.data import decode_images
-    from faceclf.metrics import summarize
+    from faceclf.dataset.images import decode_images
+    from faceclf.training.metrics import summarize
 
     cfg = cfg or ScoreConfig()
     model = load_onnx_model(model_path, cfg.device, expected_sha256)

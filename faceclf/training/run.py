@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from faceclf.atomic import remove_stale_temps, write_json_atomic, write_text_atomic
+from faceclf.store.atomic import remove_stale_temps, write_json_atomic, write_text_atomic
 from faceclf.config import RunConfig
-from faceclf.data import (
+from faceclf.dataset.images import (
     SPLITS,
     DatasetSplits,
     TensorSplit,
@@ -20,8 +20,8 @@ from faceclf.data import (
     load_split,
     require_every_class,
 )
-from faceclf.plots import plot_confusion, plot_history
-from faceclf.train import (
+from faceclf.training.plots import plot_confusion, plot_history
+from faceclf.training.loop import (
     evaluate,
     fit,
     load_checkpoint,

@@ -6,8 +6,8 @@ import os
 from typing import Any
 
 from faceclf.config import DataConfig
-from faceclf.data import discover, load_split, require_every_class
-from faceclf.train import (
+from faceclf.dataset.images import discover, load_split, require_every_class
+from faceclf.training.loop import (
     evaluate,
     load_checkpoint,
     model_from_checkpoint,

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import faceclf
-from faceclf import registry
-from faceclf.layout import find_classes, list_images
-from faceclf.services import (
+from faceclf.store import registry
+from faceclf.dataset.layout import find_classes, list_images
+from faceclf.devtools.services import (
     LOCAL_S3_ENV,
     local_s3_env,
     moto_s3_server,
@@ -28,7 +28,7 @@ from faceclf.services import (
     prefect_worker,
     wait_for_flow_run,
 )
-from faceclf.storage import S3Store, s3_client
+from faceclf.store.objects import S3Store, s3_client
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def choose_data(folder: str | Path | None, out: Path) -> Path:
     if face.is_dir() and list_images(face):
         find_classes(face)
         return face
-    from faceclf.sample import generate_sample_faces
+    from faceclf.devtools.sample import generate_sample_faces
 
     sample = out / "sample-faces"
     if not (sample.is_dir() and list_images(sample)):

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from faceclf.atomic import write_atomic  # noqa: E402
+from faceclf.store.atomic import write_atomic  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -1,0 +1,1 @@
+"""ONNX export, model-file safety checks and ONNX Runtime scoring."""

@@ -1,0 +1,1 @@
+"""The CNN, its training loop, checkpoints, metrics, plots and a whole training run."""
