@@ -116,7 +116,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
 
 
 def _gate(metrics: dict[str, Any], a: argparse.Namespace) -> None:
-    from faceclf.training.metrics import gate_failures
+    from faceclf.nightly.gate import gate_failures
 
     if a.min_accuracy is None and a.min_class_accuracy is None:
         return

@@ -36,6 +36,26 @@ DECODE_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity"
 SCORE_BATCH_SIZE = 64
 SCORE_PREFETCH_BATCHES = 2            # batches decoding ahead of the one in ONNX Runtime
 
+# Ingest (incoming/ -> face/): limits checked before and after download.
+INGEST_WORKERS = 16                   # download threads; <= the S3 client's pooled connections
+S3_POOL = 32                          # HTTP connections per S3 client; more ingest threads would wait
+S3_RETRIES = 8                        # retries after the first attempt (botocore standard mode: backoff,
+                                      # 5xx, throttling, connection errors); AWS_MAX_ATTEMPTS / AWS_RETRY_MODE win
+S3_CONNECT_TIMEOUT = 10               # seconds; botocore's 60 s default makes an unreachable endpoint slow to report
+S3_BODY_ATTEMPTS = 3                  # GETs whose body breaks off mid-download (botocore does not retry those)
+MAX_BYTES = 25 * 2**20                # larger objects are refused from the listing, never downloaded
+MIN_SIDE = 32                         # smaller images hold too little face to learn from
+MAX_SIDE = 16384                      # longest side accepted (after the pixel-count guard below)
+MAX_PIXELS = 40_000_000               # decompression-bomb guard, checked from the header before decoding
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")  # what the bytes must be (judged from the bytes, never the name)
+MAX_CLASS_CHARS = 64                  # class names become folder names and model labels
+MAX_NAME_BYTES = 200                  # object names longer than this are refused
+
+# Promotion gate.
+MIN_ACCURACY = 0.90                   # overall test accuracy a candidate must reach
+MIN_CLASS_ACCURACY = 0.85             # every class's test accuracy must reach this
+TOLERANCE = 0.0                       # candidate accuracy may trail the champion's by at most this much
+
 
 def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """(train, val, test) shares as floats; ValueError unless three non-negative numbers summing to 1."""
@@ -161,3 +181,46 @@ def json_ready(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_ready(v) for v in obj]
     return obj
+
+
+@dataclass
+class IngestConfig:
+    """Limits and parallelism of one ingest run."""
+
+    workers: int = INGEST_WORKERS
+    max_bytes: int = MAX_BYTES
+    min_side: int = MIN_SIDE
+    max_side: int = MAX_SIDE
+    max_pixels: int = MAX_PIXELS
+    allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
+    split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= S3_POOL:
+            raise ValueError(f"workers must be in [1, {S3_POOL}] (the S3 connection pool), got {self.workers}")
+        for name in ("max_bytes", "min_side", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_side < self.min_side:
+            raise ValueError(f"max_side must be >= min_side ({self.min_side}), got {self.max_side}")
+        self.allowed_formats = tuple(f.upper() for f in self.allowed_formats)
+        if not self.allowed_formats:
+            raise ValueError(f"allowed_formats must not be empty, got {self.allowed_formats}")
+        self.split_fractions = check_split_fractions(self.split_fractions)
+
+
+@dataclass
+class GateConfig:
+    """Thresholds of the promotion gate."""
+
+    min_accuracy: float = MIN_ACCURACY
+    min_class_accuracy: float = MIN_CLASS_ACCURACY
+    tolerance: float = TOLERANCE
+
+    def __post_init__(self) -> None:
+        for name in ("min_accuracy", "min_class_accuracy"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")

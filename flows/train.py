@@ -20,7 +20,8 @@ from prefect.cache_policies import NONE
 
 from faceclf.nightly import night
 from faceclf.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from faceclf.nightly.gate import Decision, GateConfig, decide
+from faceclf.config import GateConfig
+from faceclf.nightly.gate import Decision, decide
 from faceclf.store.objects import open_store
 from faceclf.training.loop import TrainingDiverged, new_version
 from flows.common import IO_RETRIES

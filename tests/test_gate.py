@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from faceclf.nightly.gate import GateConfig, decide
+from faceclf.config import GateConfig
+from faceclf.nightly.gate import decide
 
 
 def metrics(acc: float, per_class: dict, n: int = 100, loss: float = 0.1) -> dict:

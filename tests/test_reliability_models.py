@@ -32,7 +32,8 @@ from faceclf.config import DataConfig, ScoreConfig
 from faceclf.dataset.images import load_image, load_split
 from faceclf.training.evaluate import evaluate_checkpoint
 from faceclf.serving.export import check_parity, export_onnx, parity_batch
-from faceclf.nightly.gate import GateConfig, decide
+from faceclf.config import GateConfig
+from faceclf.nightly.gate import decide
 from faceclf.serving.score import evaluate_onnx, load_onnx_model, predict_proba, score
 from faceclf.store.objects import open_store, s3_client
 from faceclf.training.loop import (

@@ -6,29 +6,22 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from faceclf.training.metrics import gate_failures
-
-# Defaults, in one place.
-MIN_ACCURACY = 0.90        # overall test accuracy a candidate must reach
-MIN_CLASS_ACCURACY = 0.85  # every class's test accuracy must reach this
-TOLERANCE = 0.0            # candidate accuracy may trail the champion's by at most this much
+from faceclf.config import GateConfig
 
 
-@dataclass
-class GateConfig:
-    """Thresholds of the promotion gate."""
+def gate_failures(metrics: dict[str, Any], min_accuracy: float, min_class_accuracy: float) -> list[str]:
+    """Reasons ``metrics`` misses the bar, one sentence each; empty when it passes.
 
-    min_accuracy: float = MIN_ACCURACY
-    min_class_accuracy: float = MIN_CLASS_ACCURACY
-    tolerance: float = TOLERANCE
-
-    def __post_init__(self) -> None:
-        for name in ("min_accuracy", "min_class_accuracy"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
-        if self.tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+    NaN or unmeasured values fail: a model is never passed on numbers that do not exist.
+    """
+    reasons = []
+    acc = metrics.get("accuracy")
+    if acc is None or not math.isfinite(acc) or acc < min_accuracy:
+        reasons.append(f"accuracy {acc} is below the minimum {min_accuracy}")
+    for cls, value in metrics.get("per_class_accuracy", {}).items():
+        if value is None or not math.isfinite(value) or value < min_class_accuracy:
+            reasons.append(f"class {cls!r} accuracy {value} is below the minimum {min_class_accuracy}")
+    return reasons
 
 
 @dataclass

@@ -21,17 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from faceclf.config import S3_BODY_ATTEMPTS, S3_CONNECT_TIMEOUT, S3_POOL, S3_RETRIES
 from faceclf.store.atomic import write_atomic
 from faceclf.dataset.layout import sha256_file
 
 log = logging.getLogger(__name__)
-
-DEFAULT_POOL = 32        # HTTP connections per S3 client; >= the download threads that share it
-S3_RETRIES = 8           # retries after the first attempt (botocore standard mode: backoff, 5xx, throttling,
-                         # connection errors); AWS_MAX_ATTEMPTS / AWS_RETRY_MODE in the environment win
-S3_CONNECT_TIMEOUT = 10  # seconds; botocore's 60 s default makes an unreachable endpoint slow to report
-BODY_ATTEMPTS = 3        # GETs whose body breaks off mid-download (botocore does not retry those)
-
 
 class StoreError(RuntimeError):
     """An object store failure, as one line: what went wrong, the bucket and the endpoint.
@@ -149,7 +143,7 @@ class LocalStore(Store):
         return str(self.root / key) if key else str(self.root)  # display only (may be a prefix): not validated
 
 
-def s3_client(max_pool_connections: int = DEFAULT_POOL):
+def s3_client(max_pool_connections: int = S3_POOL):
     """A boto3 S3 client: standard retry mode, a pool sized for threads, a short connect timeout.
 
     Standard mode retries with jittered exponential backoff on 500/502/503/504, throttling codes
@@ -261,11 +255,11 @@ class S3Store(Store):
                     yield ObjectInfo(obj["Key"], obj["ETag"].strip('"'), int(obj["Size"]))
 
     def get_bytes(self, key: str) -> bytes:
-        """The object's content. A body that breaks off mid-download is fetched again (BODY_ATTEMPTS
+        """The object's content. A body that breaks off mid-download is fetched again (S3_BODY_ATTEMPTS
         in all): botocore retries a request only until its response headers have arrived."""
         from botocore.exceptions import HTTPClientError, IncompleteReadError
 
-        for attempt in range(1, BODY_ATTEMPTS + 1):
+        for attempt in range(1, S3_BODY_ATTEMPTS + 1):
             with self._errors(key):
                 try:
                     body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
@@ -274,10 +268,10 @@ class S3Store(Store):
                 try:
                     return body.read()
                 except (HTTPClientError, IncompleteReadError) as e:  # reset or short body after the headers
-                    if attempt == BODY_ATTEMPTS:
+                    if attempt == S3_BODY_ATTEMPTS:
                         raise
                     log.warning("download of s3://%s/%s broke off (%s); attempt %d of %d", self.bucket, key,
-                                type(e).__name__, attempt + 1, BODY_ATTEMPTS)
+                                type(e).__name__, attempt + 1, S3_BODY_ATTEMPTS)
             time.sleep(random.uniform(0, 2 ** (attempt - 1)))  # jittered exponential backoff, as botocore's
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -322,6 +316,6 @@ def download_prefix(store: Store, prefix: str, dest: Path, workers: int = 16) ->
 
     objects = list(store.list(prefix))
     targets = [dest.joinpath(*PurePosixPath(safe_key(o.key)).parts) for o in objects]
-    with ThreadPoolExecutor(max(1, min(workers, DEFAULT_POOL))) as pool:
+    with ThreadPoolExecutor(max(1, min(workers, S3_POOL))) as pool:
         list(pool.map(lambda ot: store.download(ot[0].key, ot[1]), zip(objects, targets)))
     return targets

@@ -35,18 +35,3 @@ def summarize(loss_sum: float, preds: torch.Tensor, labels: torch.Tensor, classe
         "confusion_matrix": cm.tolist(),
         "n": n,
     }
-
-
-def gate_failures(metrics: dict[str, Any], min_accuracy: float, min_class_accuracy: float) -> list[str]:
-    """Reasons ``metrics`` misses the bar, one sentence each; empty when it passes.
-
-    NaN or unmeasured values fail: a model is never passed on numbers that do not exist.
-    """
-    reasons = []
-    acc = metrics.get("accuracy")
-    if acc is None or not math.isfinite(acc) or acc < min_accuracy:
-        reasons.append(f"accuracy {acc} is below the minimum {min_accuracy}")
-    for cls, value in metrics.get("per_class_accuracy", {}).items():
-        if value is None or not math.isfinite(value) or value < min_class_accuracy:
-            reasons.append(f"class {cls!r} accuracy {value} is below the minimum {min_class_accuracy}")
-    return reasons
