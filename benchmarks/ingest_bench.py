@@ -35,7 +35,7 @@ BENCH = "ingest"
 
 def _time_ours(bucket: str, root: Path, rep: int) -> tuple[float, dict]:
     from faceclf.dataset.ingest import ingest
-    from faceclf.store.objects import S3Store
+    from faceclf.store.s3 import S3Store
 
     reset_ingest_state(bucket)
     dest = root / f"ours-{rep}" / "face"

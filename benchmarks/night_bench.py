@@ -37,7 +37,7 @@ def run(quick: bool = False) -> list[dict]:
     from faceclf.store.registry import MODEL_FILE, publish_version, set_champion
     from faceclf.serving.score import evaluate_onnx
     from faceclf.devtools.services import local_s3_env, moto_s3_server
-    from faceclf.store.objects import S3Store
+    from faceclf.store.s3 import S3Store
 
     n = 600 if quick else 10_000
     epochs = 1 if quick else 3

@@ -93,7 +93,7 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 
 def upload_faces(bucket: str, faces: list[tuple[str, str, bytes]], workers: int = 32) -> float:
     """Create ``bucket`` and put every face under incoming/<class>/<name> in parallel; return seconds."""
-    from faceclf.store.objects import s3_client
+    from faceclf.store.s3 import s3_client
 
     client = s3_client(max_pool_connections=workers)
     client.create_bucket(Bucket=bucket)
@@ -106,7 +106,7 @@ def upload_faces(bucket: str, faces: list[tuple[str, str, bytes]], workers: int 
 def reset_ingest_state(bucket: str) -> None:
     """Delete the manifest and quarantine log so that the next ingest downloads everything again."""
     from faceclf.dataset.ingest import MANIFEST_KEY, QUARANTINE_KEY
-    from faceclf.store.objects import s3_client
+    from faceclf.store.s3 import s3_client
 
     client = s3_client()
     for key in (MANIFEST_KEY, QUARANTINE_KEY):

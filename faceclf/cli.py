@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from faceclf.config import DataConfig, ModelConfig, RunConfig, ScoreConfig, TrainConfig
+from faceclf.config import DEVICES, DataConfig, ModelConfig, RunConfig, ScoreConfig, TrainConfig, with_overrides
 
 log = logging.getLogger("faceclf")
 
@@ -24,9 +25,36 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-class-accuracy", type=float, default=None, help="exit 1 if any class's test accuracy is below this")
 
 
+def add_config_options(p: argparse.ArgumentParser, config: type) -> list[str]:
+    """Add a --flag for every field of the dataclass ``config`` declared with ``faceclf.config.option``;
+    returns the field names (the argparse destinations). Defaults and help come from the field itself.
+
+    A bool that defaults to True becomes --no-<name>; one that defaults to False, --<name>; a tuple
+    takes as many values as its default has (or one or more, for a variable-length tuple).
+    """
+    names = []
+    for f in dataclasses.fields(config):
+        if "help" not in f.metadata:
+            continue
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if isinstance(f.default, bool):
+            flag, kwargs["help"] = (flag.replace("--", "--no-"), "turn off: " + kwargs["help"]) if f.default else (flag, kwargs["help"])
+            kwargs.update(action="store_false" if f.default else "store_true")
+        elif isinstance(f.default, tuple):
+            fixed = "..." not in str(f.type)
+            kwargs.update(type=type(f.default[0]), nargs=len(f.default) if fixed else "+", default=f.default)
+        else:
+            kwargs.update(type=type(f.default), default=f.default, choices=f.metadata["choices"])
+        if "default" in kwargs and not isinstance(f.default, bool):
+            kwargs["help"] += f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
+        p.add_argument(flag, **kwargs)
+        names.append(f.name)
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Argument parser for every subcommand; defaults come from faceclf.config."""
-    d, m, t, s = DataConfig(), ModelConfig(), TrainConfig(), ScoreConfig()
+    """Argument parser for every subcommand; options and defaults come from faceclf.config's dataclasses."""
     parser = argparse.ArgumentParser(prog="faceclf", description="Train, evaluate, export and score a face-image classifier.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -37,30 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, last.pt, history.csv, metrics.json, plots)")
     tr.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from RUN/last.pt with RUN/config.json (other training flags are ignored)")
-    tr.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs; early stopping usually ends sooner")
-    tr.add_argument("--batch-size", type=int, default=t.batch_size)
-    tr.add_argument("--lr", type=float, default=t.learning_rate, help="peak learning rate (one-cycle AdamW)")
-    tr.add_argument("--weight-decay", type=float, default=t.weight_decay)
-    tr.add_argument("--patience", type=int, default=t.patience, help="early stop after this many epochs without a better val loss")
-    tr.add_argument("--seed", type=int, default=t.seed)
-    tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=t.device)
-    tr.add_argument("--no-amp", action="store_true", help="full fp32: no bf16/fp16 autocast (used on CUDA and on CPUs with native bf16)")
-    tr.add_argument("--no-channels-last", action="store_true", help="keep NCHW activations instead of channels_last")
-    tr.add_argument("--threads", type=int, default=t.num_threads, help="torch CPU threads (0: torch's default)")
-    tr.add_argument("--image-size", type=int, default=d.image_size)
-    tr.add_argument("--split", type=float, nargs=3, default=d.split_fractions, metavar=("TRAIN", "VAL", "TEST"))
-    tr.add_argument("--workers", type=int, default=d.decode_workers, help="image decoding threads")
-    tr.add_argument("--channels", type=int, nargs="+", default=m.conv_channels, help="conv block widths")
-    tr.add_argument("--fc-hidden", type=int, default=m.fc_hidden)
-    tr.add_argument("--dropout", type=float, default=m.dropout)
-    tr.add_argument("--batch-norm", action="store_true", help="add batch norm after each convolution (default: the seed's plain blocks)")
+    for config in (TrainConfig, DataConfig, ModelConfig):
+        add_config_options(tr, config)
     _add_gate_args(tr)
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on the test split of DATA; prints the metrics JSON")
     ev.add_argument("checkpoint")
     ev.add_argument("data")
     ev.add_argument("--split", choices=("train", "val", "test"), default="test")
-    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ev.add_argument("--device", choices=DEVICES, default="auto")
     _add_gate_args(ev)
 
     ex = sub.add_parser("export", help="export a checkpoint to ONNX (checked, parity-tested against torch)")
@@ -72,9 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("model", help="model.onnx written by `faceclf export`")
     sc.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     sc.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>..., error, model_version")
-    sc.add_argument("--batch-size", type=int, default=s.batch_size)
-    sc.add_argument("--workers", type=int, default=s.decode_workers, help="image decoding threads")
-    sc.add_argument("--device", choices=("auto", "cpu", "cuda"), default=s.device)
+    add_config_options(sc, ScoreConfig)
     sc.add_argument("--sha256", default=None, metavar="HEX",
                     help="refuse the model unless its sha256 is HEX (e.g. champion.json's model_sha256)")
 
@@ -104,15 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_config_from_args(a: argparse.Namespace) -> RunConfig:
-    """Resolve the train subcommand's flags into a RunConfig (validated by the dataclasses)."""
-    return RunConfig(
-        data=DataConfig(image_size=a.image_size, split_fractions=tuple(a.split), decode_workers=a.workers),
-        model=ModelConfig(image_size=a.image_size, conv_channels=tuple(a.channels), fc_hidden=a.fc_hidden, dropout=a.dropout,
-                          batch_norm=a.batch_norm),
-        train=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr, weight_decay=a.weight_decay,
-                          patience=a.patience, seed=a.seed, device=a.device, amp=not a.no_amp, channels_last=not a.no_channels_last,
-                          num_threads=a.threads),
-    )
+    """Resolve the train subcommand's options into a RunConfig (validated by the dataclasses)."""
+    names = {f.name for c in (DataConfig, ModelConfig, TrainConfig) for f in dataclasses.fields(c) if "help" in f.metadata}
+    return with_overrides(RunConfig(), **{n: getattr(a, n) for n in names})
+
+
+def config_from_args(config: type, a: argparse.Namespace) -> Any:
+    """An instance of ``config`` with the options ``add_config_options`` added, as parsed."""
+    return config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(config) if "help" in f.metadata})
 
 
 def _gate(metrics: dict[str, Any], a: argparse.Namespace) -> None:
@@ -154,8 +164,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 def cmd_score(a: argparse.Namespace) -> None:
     from faceclf.serving.score import score
 
-    s = score(a.model, a.images, a.out, ScoreConfig(batch_size=a.batch_size, decode_workers=a.workers, device=a.device),
-              expected_sha256=a.sha256)
+    s = score(a.model, a.images, a.out, config_from_args(ScoreConfig, a), expected_sha256=a.sha256)
     print(f"scored {s.scored} of {s.images} images ({s.errors} errors) in {s.seconds:.2f}s: "
           f"{s.images_per_s:.1f} images/s on {s.provider}; model {s.version}; wrote {s.out}")
 

@@ -57,6 +57,17 @@ MIN_CLASS_ACCURACY = 0.85             # every class's test accuracy must reach t
 TOLERANCE = 0.0                       # candidate accuracy may trail the champion's by at most this much
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def option(default: Any, help: str, flag: str | None = None, choices: Sequence[str] | None = None) -> Any:
+    """A config field that is also a command-line option: its default, help text and (optional) flag name.
+
+    ``faceclf.cli`` builds its options from these, so the CLI never holds a copy of a default.
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
 def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """(train, val, test) shares as floats; ValueError unless three non-negative numbers summing to 1."""
     values = tuple(float(f) for f in fractions)
@@ -69,13 +80,14 @@ def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, flo
 class DataConfig:
     """How images are found, split and preprocessed."""
 
-    image_size: int = IMAGE_SIZE
-    split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS
+    image_size: int = option(IMAGE_SIZE, "square side the images are resized to (the CNN's input)")
+    split_fractions: tuple[float, float, float] = option(SPLIT_FRACTIONS, "train / val / test shares of a folder "
+                                                         "of class folders", flag="--split")
     mean: tuple[float, float, float] = MEAN
     std: tuple[float, float, float] = STD
-    max_rotation_deg: float = MAX_ROTATION_DEG
-    hflip_prob: float = HFLIP_PROB
-    decode_workers: int = DECODE_WORKERS
+    max_rotation_deg: float = option(MAX_ROTATION_DEG, "training augmentation: rotation up to this many degrees")
+    hflip_prob: float = option(HFLIP_PROB, "training augmentation: horizontal flip probability")
+    decode_workers: int = option(DECODE_WORKERS, "image decoding threads", flag="--workers")
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -92,10 +104,10 @@ class ModelConfig:
     num_classes: int = 2
     image_size: int = IMAGE_SIZE
     in_channels: int = 3
-    conv_channels: tuple[int, ...] = CONV_CHANNELS
-    fc_hidden: int = FC_HIDDEN
-    dropout: float = DROPOUT
-    batch_norm: bool = BATCH_NORM
+    conv_channels: tuple[int, ...] = option(CONV_CHANNELS, "conv block widths", flag="--channels")
+    fc_hidden: int = option(FC_HIDDEN, "width of the hidden fully connected layer")
+    dropout: float = option(DROPOUT, "dropout before each fully connected layer")
+    batch_norm: bool = option(BATCH_NORM, "add batch norm after each convolution (default: the seed's plain blocks)")
 
     def __post_init__(self) -> None:
         self.conv_channels = tuple(int(c) for c in self.conv_channels)
@@ -117,23 +129,23 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and run control."""
 
-    epochs: int = EPOCHS
-    batch_size: int = BATCH_SIZE
-    learning_rate: float = LEARNING_RATE
-    weight_decay: float = WEIGHT_DECAY
-    patience: int = PATIENCE
-    seed: int = SEED
-    device: str = "auto"              # "auto" picks cuda when available, else cpu
-    amp: bool = True                  # bf16 autocast on CUDA (fp16 + GradScaler without bf16) and on
-                                      # CPUs with native bf16 (AVX512-BF16/AMX); elsewhere full fp32
-    channels_last: bool = True        # NHWC activations: faster convolutions on CPU and CUDA
-    num_threads: int = 0              # torch CPU threads; 0 keeps torch's default
+    epochs: int = option(EPOCHS, "maximum epochs; early stopping usually ends sooner")
+    batch_size: int = option(BATCH_SIZE, "images per training step")
+    learning_rate: float = option(LEARNING_RATE, "peak learning rate (one-cycle AdamW)", flag="--lr")
+    weight_decay: float = option(WEIGHT_DECAY, "AdamW weight decay")
+    patience: int = option(PATIENCE, "early stop after this many epochs without a better val loss")
+    seed: int = option(SEED, "seed of shuffling, augmentation and initialisation")
+    device: str = option("auto", "auto: cuda when available, else cpu", choices=DEVICES)
+    amp: bool = option(True, "bf16/fp16 autocast (used on CUDA and on CPUs with native bf16; "
+                       "elsewhere full fp32)")
+    channels_last: bool = option(True, "NHWC activations (faster convolutions on CPU and CUDA)")
+    num_threads: int = option(0, "torch CPU threads (0: torch's default)", flag="--threads")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
 
@@ -141,10 +153,10 @@ class TrainConfig:
 class ScoreConfig:
     """Batch scoring with ONNX Runtime."""
 
-    batch_size: int = SCORE_BATCH_SIZE
-    decode_workers: int = DECODE_WORKERS
-    prefetch_batches: int = SCORE_PREFETCH_BATCHES
-    device: str = "auto"              # "auto": CUDA provider only where a GPU is present
+    batch_size: int = option(SCORE_BATCH_SIZE, "images per ONNX Runtime call")
+    decode_workers: int = option(DECODE_WORKERS, "image decoding threads", flag="--workers")
+    prefetch_batches: int = option(SCORE_PREFETCH_BATCHES, "batches decoding ahead of the one in the model")
+    device: str = option("auto", "auto: the CUDA provider only where a GPU is present", choices=DEVICES)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "decode_workers", "prefetch_batches"):
@@ -172,6 +184,21 @@ class RunConfig:
             model=ModelConfig(**d.get("model", {})),
             train=TrainConfig(**d.get("train", {})),
         )
+
+
+def with_overrides(cfg: RunConfig, **values: Any) -> RunConfig:
+    """A copy of ``cfg`` with each named field set in every part that has it (``image_size`` is both the
+    data's and the model's); None keeps the default. Flow parameters and CLI options arrive this way,
+    by field name, so no list of fields is kept by hand."""
+    parts = {name: dataclasses.asdict(getattr(cfg, name)) for name in ("data", "model", "train")}
+    for key, value in values.items():
+        owners = [p for p in parts.values() if key in p]
+        if not owners:
+            raise ValueError(f"{key!r} is not a setting of the data, model or training config")
+        for p in owners:
+            if value is not None:
+                p[key] = tuple(value) if isinstance(value, list) else value
+    return RunConfig.from_dict(parts)
 
 
 def json_ready(obj: Any) -> Any:

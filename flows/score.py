@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,35 @@ from prefect.cache_policies import NONE
 
 from faceclf.nightly import night
 from faceclf.store import registry
+from faceclf.config import ScoreConfig
+from faceclf.serving.score import ScoreSummary
 from faceclf.serving.score import score as score_images
 from faceclf.store.objects import download_prefix, open_store
 from flows.common import IO_RETRIES
 
 
+_SCORE = ScoreConfig()  # the flow's defaults are the config's
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """A model file downloaded and verified against the registry's sha256."""
+
+    version: str
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What to score: folders/files, and the folder their keys are relative to (None for a local source)."""
+
+    inputs: list[str]
+    relative_to: Path | None
+
+
 @task(cache_policy=NONE, **IO_RETRIES)
-def fetch_model(location: str, version: str | None, work: str) -> dict[str, str]:
+def fetch_model(location: str, version: str | None, work: str) -> FetchedModel:
     """Download the champion's (or ``version``'s) model.onnx, checking its sha256 against the registry."""
     store = open_store(location)
     dest = Path(work) / "model.onnx"
@@ -33,31 +56,26 @@ def fetch_model(location: str, version: str | None, work: str) -> dict[str, str]
         version = found[0]["version"]
     else:
         path = registry.fetch_model(store, version, dest)
-    return {"version": version, "path": str(path), "sha256": registry.sha256_bytes(Path(path).read_bytes())}
+    return FetchedModel(version, Path(path), registry.sha256_bytes(Path(path).read_bytes()))
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
-def gather_images(location: str, source: str, work: str) -> dict[str, Any]:
+def gather_images(location: str, source: str, work: str) -> ScoreInputs:
     """The images to score: a local folder as it is, or every object under a prefix of the store."""
     if Path(source).is_dir():
-        return {"inputs": [source], "relative_to": None}
+        return ScoreInputs([source], None)
     root = Path(work) / "images"
     paths = download_prefix(open_store(location), source, root)
     if not paths:
         raise ValueError(f"nothing to score under {open_store(location).uri(source)}")
-    return {"inputs": [str(root)], "relative_to": str(root)}
+    return ScoreInputs([str(root)], root)
 
 
 @task(cache_policy=NONE)
-def score_batch(model: dict[str, str], images: dict[str, Any], out_csv: str, batch_size: int) -> dict[str, Any]:
+def score_batch(model: FetchedModel, images: ScoreInputs, out_csv: str, batch_size: int) -> ScoreSummary:
     """ONNX Runtime batch scoring of the verified model (its sha256 is checked again as it loads)."""
-    from faceclf.config import ScoreConfig
-
-    rel = Path(images["relative_to"]) if images["relative_to"] else None
-    s = score_images(model["path"], images["inputs"], out_csv, ScoreConfig(batch_size=batch_size), relative_to=rel,
-                     expected_sha256=model["sha256"])
-    return {"images": s.images, "errors": s.errors, "images_per_s": round(s.images_per_s, 1),
-            "provider": s.provider, "version": s.version}
+    return score_images(model.path, images.inputs, out_csv, ScoreConfig(batch_size=batch_size),
+                        relative_to=images.relative_to, expected_sha256=model.sha256)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -74,7 +92,7 @@ def publish_predictions(location: str, out_csv: str, output: str) -> str:
 
 @flow(name="score", log_prints=True)
 def score(bucket: str | None = None, source: str = "incoming/", version: str | None = None,
-          output: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+          output: str | None = None, batch_size: int = _SCORE.batch_size) -> dict[str, Any]:
     """Score ``source`` (a prefix in the bucket, or a local folder) with the champion or ``version``.
 
     Predictions (path or key, predicted class, probabilities, error, model version) go to
@@ -89,9 +107,10 @@ def score(bucket: str | None = None, source: str = "incoming/", version: str | N
         summary = score_batch(model, images, out_csv, batch_size)
         target = output or f"predictions/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}/predictions.csv"
         where = publish_predictions(location, out_csv, target)
-    logger.info("scored %d images (%d errors) with model %s on %s at %.1f images/s -> %s", summary["images"],
-                summary["errors"], model["version"], summary["provider"], summary["images_per_s"], where)
-    return {**summary, "predictions": where}
+    logger.info("scored %d images (%d errors) with model %s on %s at %.1f images/s -> %s", summary.images,
+                summary.errors, model.version, summary.provider, summary.images_per_s, where)
+    return {"images": summary.images, "errors": summary.errors, "images_per_s": round(summary.images_per_s, 1),
+            "provider": summary.provider, "version": summary.version, "predictions": where}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Prefect flow `train`: one night of retraining, as thin tasks over faceclf.
 
-    ingest -> train -> re-score champion -> gate -> export (if promoted) -> report -> publish
+    ingest -> check classes -> train -> re-score champion -> gate -> export (if promoted) -> publish
 
-Retries only on the tasks that do I/O with the bucket. Deployed as `train/face` (deployments/prefect.yaml).
+Tasks pass typed values (FaceSet, ChampionRef, NightRun, RunMetrics, Decision, Published). Retries only
+on the tasks that do I/O with the bucket. Deployed as `train/face` (deployments/prefect.yaml).
 """
 
 from __future__ import annotations
@@ -18,154 +19,144 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
-from faceclf.nightly import night
-from faceclf.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from faceclf.config import GateConfig
+from faceclf.config import GateConfig, RunConfig, with_overrides
+from faceclf.dataset.faceset import FaceSet
+from faceclf.dataset.ingest import IngestReport
+from faceclf.nightly import night, runs
 from faceclf.nightly.gate import Decision, decide
+from faceclf.nightly.lock import night_lock
+from faceclf.serving.export import ExportReport
 from faceclf.store.objects import open_store
-from faceclf.training.loop import TrainingDiverged, new_version
+from faceclf.store.registry import ChampionRef, champion_ref
+from faceclf.training.fit import TrainingDiverged, new_version
+from faceclf.training.metrics import RunMetrics
 from flows.common import IO_RETRIES
 
+_RUN, _GATE = RunConfig(), GateConfig()  # the flow's defaults are the config's, never copies
+
 
 @task(cache_policy=NONE, **IO_RETRIES)
-def ingest_images(location: str, face_dir: str) -> dict[str, Any]:
-    """New images from LOCATION/incoming/ into face_dir (train/val/test), manifest updated."""
+def ingest_images(location: str, face_dir: str) -> IngestReport:
+    """New images from LOCATION/incoming/ into face_dir (train/val/test), manifest updated; its FaceSet."""
     from faceclf.dataset.ingest import ingest
 
-    return ingest(open_store(location), Path(face_dir)).to_dict()
+    return ingest(open_store(location), Path(face_dir))
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
-def check_data(location: str, face_dir: str, allow_new_classes: bool) -> list[str]:
+def read_champion(location: str) -> ChampionRef | None:
+    """champion.json, read once for the whole night (None before the first promotion)."""
+    return champion_ref(open_store(location))
+
+
+@task(cache_policy=NONE)
+def check_data(faceset: FaceSet, champion: ChampionRef | None, allow_new_classes: bool) -> list[str]:
     """Stop before training if there is nothing to train on or a class appeared/vanished."""
-    return night.check_classes(Path(face_dir), night.champion_classes(open_store(location)), allow_new_classes)
+    return night.check_classes(faceset, champion, allow_new_classes)
 
 
 @task(cache_policy=NONE)
-def prepare_run(runs_dir: str, face_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def prepare_run(runs_dir: str, faceset: FaceSet, cfg: dict[str, Any]) -> runs.NightRun:
     """Resume tonight's unfinished run (same data, same config) or start a new one."""
-    logger = get_run_logger()
-    fingerprint = night.data_fingerprint(Path(face_dir))
-    pending = night.find_pending_run(Path(runs_dir), cfg, fingerprint)
+    pending = runs.find_pending_run(Path(runs_dir), cfg, faceset.fingerprint())
     if pending:
-        logger.info("resuming unfinished night %s (%s)", pending.version,
-                    "trained; gate and publish" if pending.trained else "training from last.pt")
-        return {"run_dir": str(pending.run_dir), "version": pending.version, "resume": True, "trained": pending.trained}
-    version = new_version()
-    run_dir = night.start_run(Path(runs_dir), version, cfg, fingerprint)
-    return {"run_dir": str(run_dir), "version": version, "resume": False, "trained": False}
+        get_run_logger().info("resuming unfinished night %s (%s)", pending.version,
+                              "trained; gate and publish" if pending.trained else "training from last.pt")
+        return pending
+    return runs.start_run(Path(runs_dir), new_version(), cfg, faceset.fingerprint())
 
 
 @task(cache_policy=NONE)
-def train_candidate(face_dir: str, run: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train on face_dir's train/val (or continue from last.pt), evaluate on test; returns metrics.json."""
+def train_candidate(faceset: FaceSet, run: runs.NightRun, cfg: dict[str, Any]) -> RunMetrics:
+    """Train on the FaceSet's train/val (or continue from last.pt), evaluate on test; metrics.json's content."""
     from faceclf.training.run import train_run
 
-    if run["trained"]:
-        return night.read_json(Path(run["run_dir"]) / "metrics.json")
+    if run.trained:
+        return RunMetrics.from_dict(runs.read_json(run.run_dir / "metrics.json"))
     try:
-        return train_run(face_dir, run["run_dir"], RunConfig.from_dict(cfg), resume=run["resume"] and
-                         (Path(run["run_dir"]) / "last.pt").is_file(), version=run["version"])
+        return RunMetrics.from_dict(train_run(faceset, run.run_dir, RunConfig.from_dict(cfg),
+                                              resume=run.resume and (run.run_dir / "last.pt").is_file(),
+                                              version=run.version))
     except TrainingDiverged as e:  # a rejected night with its reason, not a bare failed run
-        return night.record_divergence(Path(run["run_dir"]), run["version"], Path(face_dir), str(e))
+        return RunMetrics.from_dict(night.record_divergence(run.run_dir, run.version, faceset, str(e)))
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
-def rescore_champion(location: str, test_dir: str, run_dir: str) -> dict[str, Any] | None:
+def rescore_champion(location: str, champion: ChampionRef | None, faceset: FaceSet,
+                     run: runs.NightRun) -> night.ChampionScore | None:
     """The current champion's metrics on tonight's test set (None before the first promotion)."""
-    found = night.rescore_champion(open_store(location), Path(test_dir), Path(run_dir))
-    return {"version": found.version, "metrics": found.metrics} if found else None
+    return night.rescore_champion(open_store(location), champion, faceset, run.run_dir)
 
 
 @task(cache_policy=NONE)
-def gate_candidate(test_metrics: dict[str, Any], gate: dict[str, float], champion: dict[str, Any] | None) -> dict[str, Any]:
+def gate_candidate(metrics: RunMetrics, gate: GateConfig, champion: night.ChampionScore | None) -> Decision:
     """Promote or reject, with every failed rule spelled out."""
-    decision = decide(test_metrics, GateConfig(**gate), champion["metrics"] if champion else None,
-                      champion["version"] if champion else None)
-    return decision.to_dict()
+    return decide(metrics.test, gate, champion.metrics if champion else None, champion.version if champion else None)
 
 
 @task(cache_policy=NONE)
-def export_model(run_dir: str) -> dict[str, Any]:
+def export_model(run: runs.NightRun) -> ExportReport:
     """ONNX export of the best checkpoint, checked and parity-tested in onnxruntime."""
-    report = night.export_candidate(Path(run_dir))
-    return {"path": str(report.path), "max_abs_diff": report.max_abs_diff}
+    return night.export_candidate(run.run_dir)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
-def publish(location: str, run_dir: str, decision: dict[str, Any], metrics: dict[str, Any],
-            data: dict[str, Any], champion: dict[str, Any] | None) -> dict[str, Any]:
+def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunMetrics, data: dict[str, Any],
+            score: night.ChampionScore | None, champion: ChampionRef | None) -> night.Published:
     """Upload the version (report, decision, checkpoint, model if promoted); move champion.json last."""
-    d = Decision(**decision)
-    champ = night.ChampionScore(champion["version"], champion["metrics"]) if champion else None
-    files = night.write_night_files(Path(run_dir), d, metrics, data, champ)
-    result = night.publish(open_store(location), metrics["version"], files, d, metrics)
-    night.mark_published(Path(run_dir), result)
-    result["report_md"] = (Path(run_dir) / "report.md").read_text()
+    files = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data, score)
+    result = night.publish(open_store(location), run.run_dir, files, decision, metrics.to_dict(), champion)
+    runs.mark_published(run.run_dir, result.version, result.promoted)
     return result
 
 
-def training_config(epochs: int, image_size: int, batch_size: int, seed: int,
-                    conv_channels: list[int] | None, learning_rate: float | None) -> dict[str, Any]:
-    """The run's resolved config as a plain dict (what train_candidate receives)."""
-    t = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed)
-    if learning_rate is not None:
-        t.learning_rate = learning_rate
-    m = ModelConfig(image_size=image_size, **({"conv_channels": tuple(conv_channels)} if conv_channels else {}))
-    return RunConfig(data=DataConfig(image_size=image_size), model=m, train=t).to_dict()
-
-
-def publish_artifacts(result: dict[str, Any], metrics: dict[str, Any], decision: dict[str, Any],
-                      champion: dict[str, Any] | None) -> None:
+def publish_artifacts(result: night.Published, metrics: RunMetrics, decision: Decision,
+                      champion: night.ChampionScore | None) -> None:
     """Report (markdown), per-class accuracy (table) and a link to the model version in the bucket."""
-    create_markdown_artifact(result["report_md"], key="face-night-report", description=Decision(**decision).summary())
-    champ_pc = (champion or {}).get("metrics", {}).get("per_class_accuracy", {})
+    create_markdown_artifact(result.report_md, key="face-night-report", description=decision.summary())
+    champ_pc = champion.metrics.get("per_class_accuracy", {}) if champion else {}
     create_table_artifact([{"class": c, "candidate_accuracy": a, "champion_accuracy": champ_pc.get(c)}
-                           for c, a in metrics["test"]["per_class_accuracy"].items()],
+                           for c, a in metrics.test["per_class_accuracy"].items()],
                           key="face-per-class-accuracy", description="test accuracy per class")
-    link = result["uris"].get("model.onnx") or result["uris"].get("decision.json")
-    create_link_artifact(link, link_text=f"model {metrics['version']}", key="face-model",
-                         description="promoted model" if decision["promote"] else "rejected candidate's decision")
+    link = result.uris.get("model.onnx") or result.uris.get("decision.json")
+    create_link_artifact(link, link_text=f"model {metrics.version}", key="face-model",
+                         description="promoted model" if decision.promote else "rejected candidate's decision")
 
 
 @flow(name="train", log_prints=True)
 def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "runs",
-          min_accuracy: float = 0.90, min_class_accuracy: float = 0.85, tolerance: float = 0.0,
-          epochs: int = 15, image_size: int = 96, batch_size: int = 64, seed: int = 0,
-          conv_channels: list[int] | None = None, learning_rate: float | None = None,
+          min_accuracy: float = _GATE.min_accuracy, min_class_accuracy: float = _GATE.min_class_accuracy,
+          tolerance: float = _GATE.tolerance, epochs: int = _RUN.train.epochs,
+          image_size: int = _RUN.data.image_size, batch_size: int = _RUN.train.batch_size,
+          seed: int = _RUN.train.seed, conv_channels: list[int] | None = None, learning_rate: float | None = None,
           allow_new_classes: bool = False) -> dict[str, Any]:
     """One night: ingest new images, train a candidate, gate it against the champion, publish.
 
     ``bucket``: an S3 bucket name (default $FACECLF_BUCKET) or a local folder with the same layout.
-    A rerun after a crash resumes the unfinished run (same data and settings) and promotes it once.
+    Training settings left out (or None) keep faceclf.config's defaults. A rerun after a crash resumes
+    the unfinished run (same data and settings) and promotes it once.
     """
-    logger = get_run_logger()
     location = night.resolve_location(bucket)
-    gate = GateConfig(min_accuracy, min_class_accuracy, tolerance).__dict__
-    cfg = training_config(epochs, image_size, batch_size, seed, conv_channels, learning_rate)
-
-    with night.night_lock(Path(face_dir)):  # one night at a time on this face/ folder
-        data = ingest_images(location, face_dir)
-        check_data(location, face_dir, allow_new_classes)
-        run = prepare_run(runs_dir, face_dir, cfg)
-        metrics = train_candidate(face_dir, run, cfg)
-        champion = rescore_champion(location, str(Path(face_dir) / "test"), run["run_dir"])
-        decision = gate_candidate(metrics["test"], gate, champion)
-        if decision["promote"]:
-            export_model(run["run_dir"])
-        result = publish(location, run["run_dir"], decision, metrics, _data_counts(data, metrics), champion)
-    publish_artifacts(result, metrics, decision, champion)
-    logger.info("%s; model %s in %s", Decision(**decision).summary(), run["version"], location)
-    return {"version": run["version"], "promoted": decision["promote"], "reasons": decision["reasons"],
-            "test_accuracy": metrics["test"]["accuracy"], "ingest": data, "uris": result["uris"],
-            "champion": result["champion"], "resumed": run["resume"]}
-
-
-def _data_counts(ingest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """The counts the report's data table shows."""
-    counts = {f"ingest: {k}": ingest.get(k) for k in ("listed", "new", "skipped", "duplicates", "quarantined")}
-    counts.update({f"{s} images": n for s, n in metrics["data"]["counts"].items()})
-    return counts
+    gate = GateConfig(min_accuracy, min_class_accuracy, tolerance)
+    cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
+                         conv_channels=conv_channels, learning_rate=learning_rate).to_dict()
+    with night_lock(Path(face_dir)):  # one night at a time on this face/ folder
+        report = ingest_images(location, face_dir)
+        champion = read_champion(location)
+        check_data(report.faceset, champion, allow_new_classes)
+        run = prepare_run(runs_dir, report.faceset, cfg)
+        metrics = train_candidate(report.faceset, run, cfg)
+        score = rescore_champion(location, champion, report.faceset, run)
+        decision = gate_candidate(metrics, gate, score)
+        if decision.promote:
+            export_model(run)
+        result = publish(location, run, decision, metrics, night.report_counts(report.to_dict(), metrics.to_dict()),
+                         score, champion)
+    publish_artifacts(result, metrics, decision, score)
+    get_run_logger().info("%s; model %s in %s", decision.summary(), run.version, location)
+    return {"version": run.version, "promoted": decision.promote, "reasons": decision.reasons,
+            "test_accuracy": metrics.test["accuracy"], "ingest": report.to_dict(), "uris": result.uris,
+            "champion": result.champion, "resumed": run.resume}
 
 
 if __name__ == "__main__":

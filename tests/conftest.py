@@ -60,7 +60,7 @@ def bucket(s3_endpoint: str) -> str:
     """A new, empty bucket on the local S3 endpoint, unique per test."""
     import uuid
 
-    from faceclf.store.objects import s3_client
+    from faceclf.store.s3 import s3_client
 
     name = f"faceclf-test-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
@@ -82,7 +82,7 @@ def prefect_api():
 
 def upload_faces(bucket: str, root: Path, per_class: int, seed: int) -> int:
     """Generate faces and put them under incoming/<class>/."""
-    from faceclf.store.objects import s3_client
+    from faceclf.store.s3 import s3_client
 
     generate_sample_faces(root, per_class=per_class, size=48, seed=seed)
     client, n = s3_client(), 0
@@ -101,7 +101,7 @@ def onnx_accuracy(model_path: Path, folder: Path) -> float:
     """Accuracy of an exported model on folder/<class>/*, preprocessed from its own metadata alone."""
     import onnxruntime as ort
 
-    from faceclf.dataset.images import load_image
+    from faceclf.dataset.preprocess import load_image
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map

@@ -11,17 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from faceclf.dataset.images import (
-    SPLITS,
-    augment,
-    decode_images,
-    deduplicate,
-    discover,
-    load_image,
-    require_every_class,
-    sha256_file,
-    split_of,
-)
+from faceclf.dataset.discover import deduplicate, discover
+from faceclf.dataset.faceset import FaceImage
+from faceclf.dataset.layout import SPLITS, sha256_file, split_of
+from faceclf.dataset.preprocess import Preprocess, load_image
+from faceclf.dataset.tensors import augment, decode_images
 
 FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -38,11 +32,11 @@ def test_split_of_is_stable_and_follows_fractions() -> None:
 
 def test_discover_drops_exact_duplicates_and_never_shares_an_image_between_splits(faces: Path) -> None:
     splits = discover(faces, FRACTIONS, workers=2)
-    assert splits.classes == ["with_mask", "without_mask"]
+    assert splits.classes == ("with_mask", "without_mask")
     assert splits.duplicates == 3
     hashes = [r.sha256 for s in SPLITS for r in splits.split(s)]
     assert len(hashes) == len(set(hashes)) == 120
-    assert all(r.sha256 == sha256_file(r.path) for r in splits.train[:5])
+    assert all(r.sha256 == sha256_file(splits.file(r)) for r in splits.split("train")[:5])
 
 
 def test_split_depends_on_content_not_name_or_run(faces: Path, tmp_path: Path) -> None:
@@ -61,16 +55,15 @@ def test_same_bytes_under_two_classes_is_dropped_as_conflict(faces: Path, tmp_pa
     src = sorted((root / "with_mask").glob("with_mask_*.jpg"))[0]
     shutil.copy(src, root / "without_mask" / "mislabelled.jpg")
     splits = discover(root, FRACTIONS)
-    assert splits.conflicts == [sha256_file(src)]
+    assert splits.conflicts == (sha256_file(src),)
     assert all(r.sha256 != sha256_file(src) for s in SPLITS for r in splits.split(s))
 
 
 def test_deduplicate_keeps_first_of_each_hash() -> None:
-    from faceclf.dataset.images import ImageRecord
-
-    recs = [ImageRecord(Path("a"), 0, "h1"), ImageRecord(Path("b"), 0, "h1"), ImageRecord(Path("c"), 1, "h2")]
-    kept, dups, conflicts = deduplicate(recs, ["x", "y"])
-    assert [r.path.name for r in kept] == ["a", "c"] and dups == 1 and conflicts == []
+    recs = [FaceImage("h1", "x", "train", "a", 1), FaceImage("h1", "x", "train", "b", 1),
+            FaceImage("h2", "y", "train", "c", 1)]
+    kept, dups, conflicts = deduplicate(recs)
+    assert [r.path for r in kept] == ["a", "c"] and dups == 1 and conflicts == []
 
 
 def test_presplit_tree_is_used_as_is(faces: Path, tmp_path: Path) -> None:
@@ -94,7 +87,7 @@ def test_missing_class_in_a_split_is_an_error_naming_it(faces: Path, tmp_path: P
     Image.new("RGB", (40, 40), (1, 2, 3)).save(root / "rare" / "other.png")
     splits = discover(root, FRACTIONS)
     with pytest.raises(ValueError, match="class 'rare' has no images in the (train|val|test) split"):
-        require_every_class(splits)
+        splits.require_every_class()
 
 
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
@@ -136,7 +129,7 @@ def test_load_image_rejects_garbage_and_bombs(tmp_path: Path, monkeypatch: pytes
 def test_decode_images_reports_failures_and_keeps_the_rest(faces: Path, tmp_path: Path) -> None:
     good = sorted((faces / "with_mask").glob("*.jpg"))[:3]
     (tmp_path / "trunc.jpg").write_bytes(good[0].read_bytes()[:200])
-    images, ok, failed = decode_images([good[0], tmp_path / "trunc.jpg", *good[1:]], 32, workers=2)
+    images, ok, failed = decode_images([good[0], tmp_path / "trunc.jpg", *good[1:]], Preprocess(32), workers=2)
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert ok == [0, 2, 3]
     assert failed[0][0] == tmp_path / "trunc.jpg" and "cannot decode" in failed[0][1]
@@ -179,7 +172,7 @@ def test_sample_faces_are_the_same_bytes_for_the_same_seed_whatever_ran_before(t
 def test_rotation_grid_is_affine_grid_of_the_same_rotation_and_mirror(height: int, width: int) -> None:
     import torch.nn.functional as F
 
-    from faceclf.dataset.images import rotation_grid
+    from faceclf.dataset.tensors import rotation_grid
 
     g = torch.Generator().manual_seed(3)
     angle = (torch.rand(16, generator=g) * 2 - 1) * 0.5
@@ -192,10 +185,44 @@ def test_rotation_grid_is_affine_grid_of_the_same_rotation_and_mirror(height: in
 
 
 def test_normalising_before_or_after_augmenting_gives_the_same_batch() -> None:
-    from faceclf.dataset.images import normalize
+    from faceclf.dataset.tensors import normalize
 
     images = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8)
-    mean, std = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
-    after = normalize(augment(images.float() / 255.0, torch.Generator().manual_seed(1), 10.0, 0.5), mean, std)
-    before = augment(normalize(images, mean, std), torch.Generator().manual_seed(1), 10.0, 0.5)
+    preset = Preprocess.of(24, (0.5, 0.45, 0.4), (0.25, 0.2, 0.3))
+    after = normalize(augment(images.float(), torch.Generator().manual_seed(1), 10.0, 0.5), preset)
+    before = augment(normalize(images, preset), torch.Generator().manual_seed(1), 10.0, 0.5)
     assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_faceset_counts_fingerprint_and_order_do_not_depend_on_names(faces: Path, tmp_path: Path) -> None:
+    a = discover(faces, FRACTIONS, workers=2)
+    copy = tmp_path / "faces"
+    shutil.copytree(faces, copy)
+    for p in (copy / "with_mask").glob("*"):
+        p.rename(p.with_name("z_" + p.name))
+    b = discover(copy, FRACTIONS, workers=2)
+    assert a.fingerprint() == b.fingerprint() and a.counts() == b.counts()
+    assert sum(a.class_totals().values()) == len(a.images) == 120
+    assert [i.split for i in a.images] == sorted((i.split for i in a.images), key=SPLITS.index)
+    dropped = FaceImage("0" * 64, "with_mask", "test", "extra.jpg", 1)
+    assert type(a)(a.root, a.classes, (*a.images, dropped)).fingerprint() != a.fingerprint()
+    with pytest.raises(ValueError, match="not among the classes"):
+        type(a)(a.root, ("with_mask",), a.images)
+
+
+def test_torch_and_onnx_runtime_paths_build_identical_inputs_from_the_same_files(faces: Path) -> None:
+    """The one preset: training's torch normalisation and scoring's numpy one give the same bytes."""
+    from faceclf.dataset.tensors import normalize
+
+    preset = Preprocess.of(48, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    paths = sorted((faces / "with_mask").glob("*"))[:5] + sorted((faces / "without_mask").glob("*"))[:5]
+    images, ok, failed = decode_images(paths, preset, workers=2)          # torch path: (N, 3, S, S) uint8
+    assert ok == list(range(10)) and not failed
+    torch_input = normalize(images, preset).numpy()
+    onnx_input = preset.to_input(np.stack([preset.decode(p) for p in paths]))  # scoring path, numpy
+    assert onnx_input.dtype == torch_input.dtype == np.float32 and onnx_input.shape == (10, 3, 48, 48)
+    assert np.array_equal(torch_input, onnx_input)
+    ref = (np.stack([load_image(p, 48) for p in paths]).transpose(0, 3, 1, 2) / 255.0
+           - np.array(preset.mean).reshape(1, 3, 1, 1)) / np.array(preset.std).reshape(1, 3, 1, 1)
+    assert np.allclose(onnx_input, ref, atol=1e-5)                     # and it is (x/255 - mean)/std
+    assert Preprocess.from_metadata(preset.metadata()) == preset

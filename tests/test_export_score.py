@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import faceclf.serving.export as E
-from faceclf.dataset.images import load_image, normalize
+from faceclf.dataset.preprocess import Preprocess, load_image
+from faceclf.dataset.tensors import normalize
 from faceclf.serving.export import ExportParityError, check_parity, export_onnx
 from faceclf.serving.score import CPU_PROVIDER, load_onnx_model, providers_for, score
-from faceclf.training.loop import load_checkpoint, model_from_checkpoint
+from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_onnx_matches_torch_for_any_batch_size(onnx_model: Path, trained_run: Pa
     ckpt = load_checkpoint(trained_run / "checkpoint.pt")
     paths = (_test_images(trained_run) * 10)[:batch]
     images = torch.from_numpy(np.stack([load_image(p, ckpt["image_size"]) for p in paths])).permute(0, 3, 1, 2)
-    x = normalize(images, ckpt["mean"], ckpt["std"])
+    x = normalize(images, Preprocess.from_checkpoint(ckpt))
     with torch.no_grad():
         expected = model_from_checkpoint(ckpt)(x).numpy()
     session = ort.InferenceSession(str(onnx_model), providers=[CPU_PROVIDER])
@@ -124,7 +125,7 @@ def test_score_writes_one_row_per_image_with_errors_inline(onnx_model: Path, tra
     for r in good[:10]:
         x = torch.from_numpy(load_image(r["path"], ckpt["image_size"])).permute(2, 0, 1)[None]
         with torch.no_grad():
-            want = ckpt["classes"][int(model(normalize(x, ckpt["mean"], ckpt["std"])).argmax())]
+            want = ckpt["classes"][int(model(normalize(x, Preprocess.from_checkpoint(ckpt))).argmax())]
         assert r["predicted_class"] == want
     score(onnx_model, [folder], out)  # a rerun replaces the file
     with open(out, newline="") as f:

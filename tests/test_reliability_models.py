@@ -28,20 +28,19 @@ import torch
 from conftest import FAST, upload_faces
 
 from faceclf.store import registry
-from faceclf.config import DataConfig, ScoreConfig
-from faceclf.dataset.images import load_image, load_split
+from faceclf.config import ScoreConfig
+from faceclf.dataset.faceset import FaceSet
+from faceclf.dataset.preprocess import Preprocess, load_image
+from faceclf.dataset.tensors import load_split
 from faceclf.training.evaluate import evaluate_checkpoint
 from faceclf.serving.export import check_parity, export_onnx, parity_batch
 from faceclf.config import GateConfig
 from faceclf.nightly.gate import decide
 from faceclf.serving.score import evaluate_onnx, load_onnx_model, predict_proba, score
-from faceclf.store.objects import open_store, s3_client
-from faceclf.training.loop import (
-    evaluate,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from faceclf.store.objects import open_store
+from faceclf.store.s3 import s3_client
+from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from faceclf.training.loop import evaluate
 
 CPU = ScoreConfig(batch_size=16, decode_workers=2, device="cpu")
 OPEN_GATE = GateConfig(min_accuracy=0.0, min_class_accuracy=0.0)  # only the empty/single-class/NaN rules can fail
@@ -371,10 +370,11 @@ def test_an_empty_test_set_gives_nan_metrics_that_are_not_promoted(onnx_model: P
     (tmp_path / "empty-classes" / "with_mask").mkdir(parents=True)
     (tmp_path / "empty-classes" / "without_mask").mkdir()
     ckpt = load_checkpoint(trained_run / "checkpoint.pt")
-    empty_split = load_split([], ckpt["image_size"])
+    preset = Preprocess.from_checkpoint(ckpt)
+    empty_split = load_split(FaceSet(tmp_path, tuple(ckpt["classes"]), ()), "test", preset)
     results = [evaluate_onnx(onnx_model, tmp_path / "no-class-folders", CPU),
                evaluate_onnx(onnx_model, tmp_path / "empty-classes", CPU),
-               evaluate(model_from_checkpoint(ckpt), empty_split, ckpt["classes"], DataConfig(**ckpt["data_config"]), torch.device("cpu"))]
+               evaluate(model_from_checkpoint(ckpt), empty_split, ckpt["classes"], preset, torch.device("cpu"))]
     for m in results:
         assert m["n"] == 0 and math.isnan(m["accuracy"]) and math.isnan(m["loss"])
         assert m["per_class_accuracy"] == {"with_mask": None, "without_mask": None}

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import FAST, LENIENT, REPO, upload_faces
 
-from faceclf.nightly import night
+from faceclf.nightly.lock import LOCK_FILE, NightLocked, night_lock
+from faceclf.nightly.runs import PUBLISHED_FILE
 from faceclf.store import registry
-from faceclf.store.objects import open_store, s3_client
+from faceclf.store.objects import open_store
+from faceclf.store.s3 import s3_client
 
 NIGHT = {**FAST, **LENIENT}
 
@@ -83,7 +85,7 @@ def test_an_empty_incoming_prefix_stops_the_night(prefect_api, bucket: str, tmp_
 
 
 def test_a_night_killed_mid_epoch_resumes_to_the_same_result(prefect_api, bucket: str, tmp_path: Path) -> None:
-    from faceclf.config import RunConfig
+    from faceclf.config import RunConfig, with_overrides
     from faceclf.training.run import train_run
     from flows.train import train
 
@@ -101,11 +103,7 @@ def test_a_night_killed_mid_epoch_resumes_to_the_same_result(prefect_api, bucket
     result = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT)
     assert result["resumed"] and result["version"] == killed[0].parent.name
     # The same night uninterrupted, on the same data and settings, gives the same model and metrics.
-    from flows.train import training_config
-
-    cfg = training_config(FAST["epochs"], FAST["image_size"], FAST["batch_size"], 0, FAST["conv_channels"],
-                          FAST["learning_rate"])
-    clean = train_run(face, tmp_path / "clean", RunConfig.from_dict(cfg))
+    clean = train_run(face, tmp_path / "clean", with_overrides(RunConfig(), **FAST))
     resumed = json.loads((killed[0].parent / "metrics.json").read_text())
     assert resumed["test"] == clean["test"] and resumed["best_epoch"] == clean["best_epoch"]
 
@@ -131,7 +129,7 @@ def test_killed_between_upload_and_promotion_keeps_the_champion_and_promotes_onc
     pending = sorted(runs.iterdir())[-1]
     assert store.exists(registry.version_key(pending.name, "model.onnx"))      # uploaded ...
     assert registry.read_champion(store)["version"] == first["version"]       # ... but not promoted
-    assert not (pending / night.PUBLISHED_FILE).exists()
+    assert not (pending / PUBLISHED_FILE).exists()
 
     rerun = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **promote)
     assert rerun["resumed"] and rerun["version"] == pending.name and rerun["promoted"]
@@ -149,17 +147,17 @@ def test_a_second_night_on_the_same_folder_is_refused(prefect_api, bucket: str, 
 
     upload_faces(bucket, tmp_path / "n1", per_class=20, seed=11)
     face = tmp_path / "face"
-    with night.night_lock(face):  # the first night, still running
-        with pytest.raises(night.NightLocked, match="another night is running"):
+    with night_lock(face):  # the first night, still running
+        with pytest.raises(NightLocked, match="another night is running"):
             train(bucket=bucket, face_dir=str(face), runs_dir=str(tmp_path / "runs"), **NIGHT)
     store = open_store(f"s3://{bucket}")
     assert not store.exists("datasets/face/manifest.jsonl")  # the refused night wrote nothing
-    assert not [p for p in face.rglob("*.*") if p.name != night.LOCK_FILE]
+    assert not [p for p in face.rglob("*.*") if p.name != LOCK_FILE]
 
 
 WRITER = """
 import sys, torch, json
-from faceclf.training.loop import save_checkpoint
+from faceclf.training.checkpoint import save_checkpoint
 from faceclf.store.objects import LocalStore
 path, store_root = sys.argv[1], sys.argv[2]
 store = LocalStore(store_root)
@@ -176,7 +174,7 @@ while True:  # rewrite a 20 MB checkpoint and a manifest as fast as possible unt
 def test_killed_during_a_write_leaves_the_previous_file_whole(tmp_path: Path, delay: float) -> None:
     """SIGKILL a process mid-way through checkpoint and manifest rewrites: the final paths always load."""
     from faceclf.store.atomic import remove_stale_temps
-    from faceclf.training.loop import load_checkpoint
+    from faceclf.training.checkpoint import load_checkpoint
 
     ckpt, store = tmp_path / "run" / "checkpoint.pt", tmp_path / "bucket"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ckpt), str(store)], cwd=REPO, stdout=subprocess.PIPE)

@@ -64,7 +64,7 @@ def score(source: str = "face") -> str:
 # (the project root), the pull step points the worker's flow-run process at the checkout it was given.
 TOY_PREFECT_YAML = '''
 name: faceclf-toy
-prefect-version: 3.8.8
+prefect-version: 3.9.1
 
 build: null
 push: null

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from faceclf.store.objects import LocalStore, S3Store, Store, open_store, s3_client, safe_key
+from faceclf.store.objects import LocalStore, Store, open_store, safe_key
+from faceclf.store.s3 import S3Store, s3_client
 
 
 @pytest.fixture(params=["local", "s3"])

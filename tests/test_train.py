@@ -15,7 +15,7 @@ from conftest import tiny_config
 
 from faceclf.training.run import train_run
 from faceclf.devtools.sample import generate_sample_faces
-from faceclf.training.loop import load_checkpoint, model_from_checkpoint, save_checkpoint
+from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 PLAIN = (dict, list, str, int, float, bool, type(None), torch.Tensor)
 
@@ -111,7 +111,7 @@ def test_same_seed_same_run(faces: Path, tmp_path: Path) -> None:
 
 def _kill_after_epoch(faces: Path, run: Path, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run a 4-epoch training that dies right after writing last.pt for ``epoch``."""
-    import faceclf.training.loop as T
+    import faceclf.training.fit as T
 
     real_save = T.save_checkpoint
 

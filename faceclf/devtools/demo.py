@@ -28,7 +28,7 @@ from faceclf.devtools.services import (
     prefect_worker,
     wait_for_flow_run,
 )
-from faceclf.store.objects import S3Store, s3_client
+from faceclf.store.s3 import S3Store, s3_client
 
 log = logging.getLogger(__name__)
 

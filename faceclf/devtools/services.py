@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
+
 # Dummy credentials for the local endpoint only: moto accepts any, and they are not secrets.
 LOCAL_S3_ENV = {"AWS_ACCESS_KEY_ID": "faceclf-local", "AWS_SECRET_ACCESS_KEY": "faceclf-local",
                 "AWS_DEFAULT_REGION": "us-east-1"}
@@ -113,29 +115,21 @@ def prefect_env(api_url: str, home: Path, extra: dict[str, str] | None = None) -
     return env
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, start time) for every live process, from Linux /proc (empty elsewhere)."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
-        except (OSError, IndexError):
-            continue  # exited while we looked
-        table[int(stat.parent.name)] = (int(fields[1]), fields[19])  # ppid, starttime
-    return table
+def _descendants(pid: int) -> list[psutil.Process]:
+    """Every live descendant of ``pid`` (empty if it is gone). A psutil.Process remembers its create
+    time, so signalling it later cannot hit an unrelated process that reused the pid."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """pid -> start time of every live descendant of ``pid`` (the start time guards against pid reuse)."""
-    table = _proc_table()
-    found, todo = {}, [pid]
-    while todo:
-        parent = todo.pop()
-        for child, (ppid, started) in table.items():
-            if ppid == parent and child not in found:
-                found[child] = started
-                todo.append(child)
-    return found
+def _kill_survivors(processes: list[psutil.Process]) -> None:
+    """SIGKILL each of ``processes`` that is still running (is_running() also rules out pid reuse)."""
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.is_running():
+                p.kill()
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -160,11 +154,7 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         pass
     signal_group(signal.SIGKILL)  # stragglers: children that ignored SIGTERM or outlived the leader
     proc.wait()
-    alive = _proc_table()
-    for pid, started in descendants.items():
-        if pid in alive and alive[pid][1] == started:  # the same process, not a reused pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    _kill_survivors(descendants)
 
 
 # The server answers 503 to errors a client may retry (e.g. SQLite busy); Prefect's own client

@@ -21,8 +21,9 @@ import torch
 
 from faceclf import __version__
 from faceclf.store.atomic import atomic_path
-from faceclf.dataset.images import normalize
-from faceclf.training.loop import load_checkpoint, model_from_checkpoint
+from faceclf.dataset.preprocess import Preprocess
+from faceclf.dataset.tensors import normalize
+from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def parity_batch(ckpt: dict[str, Any]) -> torch.Tensor:
     """The real images stored in the checkpoint for parity checks, normalised: float (B, 3, S, S)."""
     images = ckpt.get("sample_images")
     if images is None or len(images) == 0:
-        raise ValueError("checkpoint holds no sample_images for the parity check; pass sample images explicitly")
-    return normalize(images, ckpt["mean"], ckpt["std"])
+        raise ValueError("checkpoint holds no sample_images for the parity check (was it written by faceclf train?)")
+    return normalize(images, Preprocess.from_checkpoint(ckpt))
 
 
 def to_onnx_proto(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
@@ -73,11 +74,8 @@ def add_metadata(proto: onnx.ModelProto, ckpt: dict[str, Any], version: str, sou
     """Write classes, normalisation, input size and version into the model's metadata_props."""
     props = {
         "classes": json.dumps(list(ckpt["classes"])),
-        "mean": json.dumps(list(ckpt["mean"])),
-        "std": json.dumps(list(ckpt["std"])),
-        "image_size": str(int(ckpt["image_size"])),
+        **Preprocess.from_checkpoint(ckpt).metadata(),  # image_size, mean, std, input_format
         "version": version,
-        "input_format": "float32 NCHW RGB, resized to image_size x image_size, /255 then (x-mean)/std",
         "output_format": "float32 (batch, classes) log-probabilities",
         "checkpoint_sha256": source_sha256,
         "producer": f"faceclf {__version__}",
@@ -92,7 +90,7 @@ def check_parity(onnx_path: Path, model: torch.nn.Module, batch: torch.Tensor) -
     """
     import onnxruntime as ort  # imported here: only export and score need it
 
-    from faceclf.serving.score import check_external_data
+    from faceclf.serving.safety import check_external_data
 
     check_external_data(onnx.load(str(onnx_path), load_external_data=False), Path(onnx_path))
     with torch.no_grad():
@@ -108,16 +106,12 @@ def check_parity(onnx_path: Path, model: torch.nn.Module, batch: torch.Tensor) -
     return max_abs
 
 
-def export_onnx(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], version: str | None = None,
-                sample: torch.Tensor | None = None) -> ExportReport:
-    """Export ``checkpoint`` to ``out`` (atomically, only after checker and parity pass).
-
-    ``sample`` (normalised float (B, 3, S, S)) overrides the real images stored in the checkpoint.
-    """
+def export_onnx(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], version: str | None = None) -> ExportReport:
+    """Export ``checkpoint`` to ``out`` (atomically, only after checker and parity pass on its real images)."""
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, "cpu")
-    batch = sample if sample is not None else parity_batch(ckpt)
+    batch = parity_batch(ckpt)
     version = version or ckpt["version"]
     proto = to_onnx_proto(model, batch)
     add_metadata(proto, ckpt, version, hashlib.sha256(checkpoint.read_bytes()).hexdigest())

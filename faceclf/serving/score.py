@@ -7,27 +7,25 @@ slower of the two sets the pace, not their sum.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PureWindowsPath
-from typing import TYPE_CHECKING, Iterator, Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from faceclf.store.atomic import atomic_path, remove_stale_temps
 from faceclf.config import ScoreConfig
-from faceclf.dataset.images import list_images, try_load_image
+from faceclf.dataset.faceset import FaceSet
+from faceclf.dataset.layout import list_images
+from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
-
-if TYPE_CHECKING:
-    import onnx
+from faceclf.serving.safety import session_source
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +40,15 @@ class OnnxModel:
     session: "object"
     path: Path
     classes: list[str]
-    mean: np.ndarray        # (1, 3, 1, 1) float32
-    std: np.ndarray         # (1, 3, 1, 1) float32
-    image_size: int
+    preprocess: Preprocess  # rebuilt from the model's own metadata
     version: str
     provider: str           # the execution provider that actually runs the model
     input_name: str
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square input the model takes."""
+        return self.preprocess.image_size
 
 
 def gpu_present() -> bool:
@@ -83,99 +84,6 @@ def _meta(meta: dict[str, str], key: str, path: Path) -> str:
     return meta[key]
 
 
-def check_sha256(data: bytes, expected: str, what: str) -> None:
-    """Refuse ``data`` unless its sha256 is ``expected`` (64 hex digits): the file is not the one the registry vouched for."""
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", expected):
-        raise ValueError(f"expected sha256 {expected!r} is not 64 hexadecimal digits")
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected.lower():
-        raise ValueError(f"{what} has sha256 {actual}, but {expected.lower()} was expected; refusing to load it")
-
-
-def _graph_tensors(graph: "onnx.GraphProto") -> Iterator["onnx.TensorProto"]:
-    """Every tensor a graph holds: initializers, sparse initializers and node attributes, subgraphs included."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    for node in graph.node:
-        yield from _node_tensors(node)
-
-
-def _node_tensors(node: "onnx.NodeProto") -> Iterator["onnx.TensorProto"]:
-    """Tensors in a node's attributes (Constant values, If/Loop/Scan bodies, ...)."""
-    for attr in node.attribute:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
-            yield from (sparse.values, sparse.indices)
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            yield from _graph_tensors(sub)
-
-
-def model_tensors(proto: "onnx.ModelProto") -> Iterator["onnx.TensorProto"]:
-    """Every tensor of a model, including those inside its local functions."""
-    yield from _graph_tensors(proto.graph)
-    for function in proto.functions:
-        for node in function.node:
-            yield from _node_tensors(node)
-
-
-def _outside_problem(location: str, folder: Path) -> str | None:
-    """Why an external-data ``location`` is not a file inside ``folder``, or None when it is."""
-    if not location:
-        return "is empty"
-    unified = location.replace("\\", "/")  # ORT on Windows splits on both; be as strict everywhere
-    if os.path.isabs(unified) or PureWindowsPath(location).is_absolute() or PureWindowsPath(location).drive:
-        return "is an absolute path"
-    target = (folder / unified).resolve()  # resolves '..' and symlinks alike
-    if not target.is_relative_to(folder.resolve()):
-        return f"resolves to {str(target)!r}, outside the model's folder {str(folder.resolve())!r}"
-    return None
-
-
-def check_external_data(proto: "onnx.ModelProto", path: Path) -> bool:
-    """Refuse a model whose tensors point at files outside its own folder; True when it uses external data.
-
-    Checked on the parsed proto (nothing is read from the locations), so a crafted model cannot make
-    onnxruntime open an arbitrary file such as ../../secret.bin or /etc/shadow.
-    """
-    import onnx
-
-    folder = path.resolve().parent
-    uses_external = False
-    for tensor in model_tensors(proto):
-        entries = {e.key: e.value for e in tensor.external_data}
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and not entries:
-            continue
-        uses_external = True
-        location = entries.get("location", "")
-        problem = _outside_problem(location, folder)
-        if problem:
-            raise ValueError(f"ONNX model {str(path)!r}: tensor {tensor.name!r} has external data location "
-                             f"{location!r}, which {problem}; refusing to load it (expected a file inside {str(folder)!r})")
-    return uses_external
-
-
-def _session_source(path: Path, expected_sha256: str | None) -> bytes | str:
-    """What onnxruntime may open: the checked bytes, or the path when (in-folder) external data must be found.
-
-    Runs every check before any onnxruntime session exists: the sha256 (when expected) and the
-    external-data locations of the parsed model.
-    """
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    data = path.read_bytes()
-    if expected_sha256 is not None:
-        check_sha256(data, expected_sha256, f"ONNX model {str(path)!r}")
-    try:
-        proto = onnx.load_model_from_string(data)  # the graph only: external data is never read here
-    except DecodeError as e:
-        raise ValueError(f"{str(path)!r} is not an ONNX model (cannot parse it: {e})") from None
-    return str(path) if check_external_data(proto, path) else data
-
-
 def load_onnx_model(path: str | os.PathLike[str], device: str = "auto", expected_sha256: str | None = None) -> OnnxModel:
     """Open an exported model in onnxruntime and read its classes/normalisation metadata.
 
@@ -188,7 +96,7 @@ def load_onnx_model(path: str | os.PathLike[str], device: str = "auto", expected
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {str(path)!r} does not exist")
-    source = _session_source(path, expected_sha256)
+    source = session_source(path, expected_sha256)
     providers = providers_for(device)
     options = ort.SessionOptions()
     # Scoring decodes the next batch on the same CPU cores while this one runs: ORT's default
@@ -207,9 +115,7 @@ def load_onnx_model(path: str | os.PathLike[str], device: str = "auto", expected
         session=session,
         path=path,
         classes=json.loads(_meta(meta, "classes", path)),
-        mean=np.asarray(json.loads(_meta(meta, "mean", path)), dtype=np.float32).reshape(1, 3, 1, 1),
-        std=np.asarray(json.loads(_meta(meta, "std", path)), dtype=np.float32).reshape(1, 3, 1, 1),
-        image_size=int(_meta(meta, "image_size", path)),
+        preprocess=Preprocess.from_metadata({k: _meta(meta, k, path) for k in ("image_size", "mean", "std")}),
         version=meta.get("version", "unknown"),
         provider=provider,
         input_name=session.get_inputs()[0].name,
@@ -218,9 +124,7 @@ def load_onnx_model(path: str | os.PathLike[str], device: str = "auto", expected
 
 def predict_log_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
     """uint8 (B, S, S, 3) -> class log-probabilities (B, C), the model's raw output."""
-    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0  # (B, 3, S, S)
-    x = (x - model.mean) / model.std
-    return model.session.run(None, {model.input_name: x})[0]
+    return model.session.run(None, {model.input_name: model.preprocess.to_input(images)})[0]
 
 
 def predict_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
@@ -228,38 +132,48 @@ def predict_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
     return np.exp(predict_log_proba(model, images))
 
 
-def evaluate_onnx(model_path: str | os.PathLike[str], data: str | os.PathLike[str], cfg: ScoreConfig | None = None,
-                  expected_sha256: str | None = None) -> dict:
-    """Metrics of an exported model on a folder of class folders (e.g. face/test): the same dict as
-    ``faceclf.training.loop.evaluate``. Used to re-score the champion on tonight's test set.
+def labelled_files(data: FaceSet | str | os.PathLike[str], classes: list[str], version: str) -> tuple[list[Path], list[int]]:
+    """(paths, class indices in ``classes``) of a FaceSet's test split, or of a folder of class folders.
 
-    An existing folder without images gives n=0 and NaN loss/accuracy (which the gate rejects)
-    rather than an error; a class the model does not know is an error.
+    A class the model (``version``, knowing ``classes``) does not know is an error.
     """
-    from faceclf.dataset.images import decode_images
+    if isinstance(data, FaceSet):
+        unknown = sorted(set(data.classes) - set(classes))
+        test = data.split("test")
+        found = [(data.file(i), i.label) for i in test]
+    else:
+        folder = Path(data)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data folder {str(folder)!r} does not exist or is not a folder")
+        present = [p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        unknown = sorted(set(present) - set(classes))
+        found = [(p, c) for c in classes if (folder / c).is_dir() for p in list_images(folder / c)]
+    if unknown:
+        raise ValueError(f"{data if not isinstance(data, FaceSet) else 'the test set'} has classes {unknown} that "
+                         f"model {version} does not know ({classes})")
+    return [p for p, _ in found], [classes.index(c) for _, c in found]
+
+
+def evaluate_onnx(model_path: str | os.PathLike[str], data: FaceSet | str | os.PathLike[str],
+                  cfg: ScoreConfig | None = None, expected_sha256: str | None = None) -> dict:
+    """Metrics of an exported model on a FaceSet's test split or a folder of class folders: the same dict
+    as ``faceclf.training.loop.evaluate``. Used to re-score the champion on tonight's test set.
+
+    No images gives n=0 and NaN loss/accuracy (which the gate rejects) rather than an error.
+    """
+    import torch
+
+    from faceclf.dataset.tensors import decode_images
     from faceclf.training.metrics import summarize
 
     cfg = cfg or ScoreConfig()
     model = load_onnx_model(model_path, cfg.device, expected_sha256)
-    data = Path(data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"data folder {str(data)!r} does not exist or is not a folder")
-    present = [p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    unknown = sorted(set(present) - set(model.classes))
-    if unknown:
-        raise ValueError(f"{data} has classes {unknown} that model {model.version} does not know ({model.classes})")
-    paths, labels = [], []
-    for i, c in enumerate(model.classes):
-        found = list_images(data / c) if (data / c).is_dir() else []
-        paths += found
-        labels += [i] * len(found)
-    images, ok, _ = decode_images(paths, model.image_size, cfg.decode_workers, desc="decode (champion)")
+    paths, labels = labelled_files(data, model.classes, model.version)
+    images, ok, _ = decode_images(paths, model.preprocess, cfg.decode_workers, desc="decode (champion)")
     y = np.asarray([labels[i] for i in ok], dtype=np.int64)
     nhwc = images.permute(0, 2, 3, 1).numpy()  # (N, S, S, 3)
     log_probs = np.concatenate([predict_log_proba(model, nhwc[i:i + cfg.batch_size])
                                 for i in range(0, len(nhwc), cfg.batch_size)]) if len(nhwc) else np.empty((0, len(model.classes)))
-    import torch
-
     if not len(y):
         log.warning("no decodable images of classes %s in %s: empty metrics (n=0, accuracy NaN)", model.classes, data)
     loss_sum = float(-log_probs[np.arange(len(y)), y].sum()) if len(y) else 0.0
@@ -297,7 +211,7 @@ def score_rows(model: OnnxModel, paths: list[Path], cfg: ScoreConfig, relative_t
     batches = list(_batches(paths, cfg.batch_size))
     with ThreadPoolExecutor(cfg.decode_workers) as pool:
         def submit(batch: list[Path]) -> list[Future]:
-            return [pool.submit(try_load_image, p, model.image_size) for p in batch]
+            return [pool.submit(model.preprocess.try_decode, p) for p in batch]
 
         # Up to prefetch_batches batches decode while one runs: decoding never waits on the model.
         pending = deque(submit(b) for b in batches[:cfg.prefetch_batches])

@@ -10,8 +10,9 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from faceclf.store.objects import Store
 
@@ -64,6 +65,16 @@ def publish_version(store: Store, version: str, files: dict[str, Path]) -> dict[
     return uris
 
 
+@dataclass(frozen=True)
+class ChampionRef:
+    """The champion as a night reads it once: its pointer (champion.json) and the classes it knows."""
+
+    version: str
+    model_sha256: str | None
+    classes: tuple[str, ...]
+    pointer: dict[str, Any]
+
+
 def read_champion(store: Store) -> dict[str, Any] | None:
     """The champion pointer, or None before the first promotion."""
     try:
@@ -72,17 +83,39 @@ def read_champion(store: Store) -> dict[str, Any] | None:
         return None
 
 
-def set_champion(store: Store, version: str, model_sha256: str, reason: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Point champion.json at ``version`` (the last write of a promotion); return the new pointer."""
-    previous = read_champion(store)
+def champion_ref(store: Store) -> ChampionRef | None:
+    """champion.json read once, with the champion's classes (from the pointer; pointers written before
+    it held them: from the version's metrics.json); None before the first promotion."""
+    pointer = read_champion(store)
+    if pointer is None:
+        return None
+    classes = pointer.get("classes")
+    if classes is None:
+        classes = json.loads(store.get_bytes(version_key(pointer["version"], "metrics.json")))["classes"]
+    return ChampionRef(pointer["version"], pointer.get("model_sha256"), tuple(classes), pointer)
+
+
+def set_champion(store: Store, version: str, model_sha256: str, reason: str, metrics: dict[str, Any] | None = None,
+                 classes: Sequence[str] | None = None, previous: ChampionRef | None | bool = True) -> dict[str, Any]:
+    """Point champion.json at ``version`` (the last write of a promotion); return the new pointer.
+
+    ``previous`` is the champion being replaced when the caller already read it (None: there was none);
+    by default champion.json is read for it.
+    """
+    if previous is True:
+        pointer = read_champion(store)
+        previous_version = pointer["version"] if pointer else None
+    else:
+        previous_version = previous.version if isinstance(previous, ChampionRef) else None
     pointer = {
         "version": version,
         "model_key": version_key(version, MODEL_FILE),
         "model_sha256": model_sha256,
         "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "reason": reason,
-        "previous_version": previous["version"] if previous else None,
+        "previous_version": previous_version,
         "test_accuracy": (metrics or {}).get("accuracy"),
+        "classes": list(classes) if classes is not None else None,
     }
     store.put_bytes(CHAMPION_KEY, (json.dumps(pointer, indent=2) + "\n").encode())
     log.info("champion is now %s (%s)", version, reason)
@@ -117,9 +150,12 @@ def fetch_model(store: Store, version: str, dest: Path, expected_sha256: str | N
     return dest
 
 
-def fetch_champion(store: Store, dest: Path) -> tuple[dict[str, Any], Path] | None:
-    """Download the champion's model (sha256-checked); None when there is no champion."""
-    pointer = read_champion(store)
+def fetch_champion(store: Store, dest: Path, champion: ChampionRef | None = None) -> tuple[dict[str, Any], Path] | None:
+    """Download the champion's model (sha256-checked); None when there is no champion.
+
+    ``champion``: the pointer the caller already read (else champion.json is read here).
+    """
+    pointer = champion.pointer if champion else read_champion(store)
     if pointer is None:
         return None
     return pointer, fetch_model(store, pointer["version"], dest, pointer.get("model_sha256"), "champion.json")
@@ -159,7 +195,8 @@ def promote(store: Store, version: str, reason: str = "manual promote") -> dict[
                          f"versions with a model: {known or 'none'}")
     data = store.get_bytes(key)
     verify_model_bytes(store, version, data)  # never bless a model that changed since it was published
-    metrics = None
+    metrics, classes = None, None
     if store.exists(version_key(version, "metrics.json")):
-        metrics = json.loads(store.get_bytes(version_key(version, "metrics.json"))).get("test")
-    return set_champion(store, version, sha256_bytes(data), reason, metrics)
+        saved = json.loads(store.get_bytes(version_key(version, "metrics.json")))
+        metrics, classes = saved.get("test"), saved.get("classes")
+    return set_champion(store, version, sha256_bytes(data), reason, metrics, classes)

@@ -6,13 +6,11 @@ import os
 from typing import Any
 
 from faceclf.config import DataConfig
-from faceclf.dataset.images import discover, load_split, require_every_class
-from faceclf.training.loop import (
-    evaluate,
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_device,
-)
+from faceclf.dataset.discover import discover
+from faceclf.dataset.preprocess import Preprocess
+from faceclf.dataset.tensors import load_split
+from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
+from faceclf.training.loop import evaluate, resolve_device
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], split: str = "test",
@@ -24,10 +22,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], data: str | os.PathL
     """
     ckpt = load_checkpoint(checkpoint)
     data_cfg = DataConfig(**ckpt["data_config"])
-    splits = discover(data, data_cfg.split_fractions, data_cfg.decode_workers)
-    if splits.classes != list(ckpt["classes"]):
-        raise ValueError(f"the data's classes {splits.classes} differ from the checkpoint's {list(ckpt['classes'])}")
-    require_every_class(splits, [split])
-    dev = resolve_device(device)
-    loaded = load_split(splits.split(split), data_cfg.image_size, data_cfg.decode_workers, desc=f"decode {split}")
-    return evaluate(model_from_checkpoint(ckpt, dev), loaded, splits.classes, data_cfg, dev)
+    faceset = discover(data, data_cfg.split_fractions, data_cfg.decode_workers)
+    if list(faceset.classes) != list(ckpt["classes"]):
+        raise ValueError(f"the data's classes {list(faceset.classes)} differ from the checkpoint's {list(ckpt['classes'])}")
+    faceset.require_every_class([split])
+    dev, preset = resolve_device(device), Preprocess.from_checkpoint(ckpt)
+    loaded = load_split(faceset, split, preset, data_cfg.decode_workers)
+    return evaluate(model_from_checkpoint(ckpt, dev), loaded, list(faceset.classes), preset, dev)

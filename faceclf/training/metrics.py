@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -35,3 +36,31 @@ def summarize(loss_sum: float, preds: torch.Tensor, labels: torch.Tensor, classe
         "confusion_matrix": cm.tolist(),
         "n": n,
     }
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """A run's metrics.json as a typed value: the model version, its classes, and val/test metrics
+    (dicts as ``summarize`` makes them); ``diverged`` holds the reason when nothing could be measured."""
+
+    version: str
+    classes: list[str]
+    best_epoch: int | None
+    device: str | None
+    val: dict[str, Any]
+    test: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=dict)
+    diverged: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunMetrics":
+        """From metrics.json's content."""
+        return cls(d["version"], list(d["classes"]), d.get("best_epoch"), d.get("device"), d["val"], d["test"],
+                   d.get("data", {}), d.get("diverged"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """metrics.json's content (no ``diverged`` key when training did not diverge)."""
+        d = asdict(self)
+        if d["diverged"] is None:
+            del d["diverged"]
+        return d

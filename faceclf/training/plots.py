@@ -38,8 +38,8 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path, best_epoch: int 
     return _save(fig, path)
 
 
-def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "test") -> Path:
-    """Confusion matrix heat map with counts; rows are true classes, columns predictions."""
+def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path) -> Path:
+    """Test-set confusion matrix heat map with counts; rows are true classes, columns predictions."""
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * n, 1.2 + 1.1 * n))
     ax.imshow(matrix, cmap="Blues")
@@ -52,5 +52,5 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"confusion matrix ({title})")
+    ax.set_title("confusion matrix (test)")
     return _save(fig, path)

@@ -10,35 +10,28 @@ import math
 from pathlib import Path
 from typing import Any
 
-from faceclf.store.atomic import remove_stale_temps, write_json_atomic, write_text_atomic
 from faceclf.config import RunConfig
-from faceclf.dataset.images import (
-    SPLITS,
-    DatasetSplits,
-    TensorSplit,
-    discover,
-    load_split,
-    require_every_class,
-)
+from faceclf.dataset.discover import discover
+from faceclf.dataset.faceset import FaceSet
+from faceclf.dataset.layout import SPLITS
+from faceclf.dataset.preprocess import Preprocess
+from faceclf.dataset.tensors import TensorSplit, load_split
+from faceclf.store.atomic import remove_stale_temps, write_json_atomic, write_text_atomic
+from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from faceclf.training.fit import fit
+from faceclf.training.loop import evaluate, resolve_device
 from faceclf.training.plots import plot_confusion, plot_history
-from faceclf.training.loop import (
-    evaluate,
-    fit,
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_device,
-    save_checkpoint,
-)
 
 log = logging.getLogger(__name__)
 
 
-def load_splits(splits: DatasetSplits, cfg: RunConfig, names: tuple[str, ...] = SPLITS) -> dict[str, TensorSplit]:
-    """Decode each named split once; refuse to go on if a split lost a whole class to bad files."""
-    loaded = {s: load_split(splits.split(s), cfg.data.image_size, cfg.data.decode_workers, desc=f"decode {s}") for s in names}
+def load_splits(faceset: FaceSet, cfg: RunConfig) -> dict[str, TensorSplit]:
+    """Decode each split once; refuse to go on if a split lost a whole class to bad files."""
+    preset = Preprocess.from_config(cfg.data)
+    loaded = {s: load_split(faceset, s, preset, cfg.data.decode_workers) for s in SPLITS}
     for s, t in loaded.items():
         present = set(t.labels.tolist())
-        for i, c in enumerate(splits.classes):
+        for i, c in enumerate(faceset.classes):
             if i not in present:
                 raise ValueError(f"class {c!r} has no decodable images in the {s} split")
     return loaded
@@ -56,22 +49,6 @@ def write_rejected(path: Path, loaded: dict[str, TensorSplit]) -> int:
     return len(rows)
 
 
-def write_split_manifest(path: Path, splits: DatasetSplits) -> None:
-    """RUN/splits.csv: split, class, sha256 and path of every image used, to audit or re-use the split."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["split", "class", "sha256", "path"])
-    for s in SPLITS:
-        w.writerows((s, splits.classes[r.label], r.sha256, str(r.path)) for r in splits.split(s))
-    write_text_atomic(path, buf.getvalue())
-
-
-def read_split_paths(path: Path, split: str) -> list[Path]:
-    """Paths of one split from a RUN/splits.csv."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return [Path(r["path"]) for r in csv.DictReader(f) if r["split"] == split]
-
-
 def resolve_run_config(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig:
     """The config for this run: the one saved in run_dir when resuming, else ``cfg``.
 
@@ -86,10 +63,11 @@ def resolve_run_config(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig
     return RunConfig.from_dict(json.loads(saved.read_text()))
 
 
-def train_run(data_root: str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
+def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
               resume: bool = False, version: str | None = None) -> dict[str, Any]:
-    """Train on ``data_root`` into ``run_dir`` and return the metrics written to metrics.json.
+    """Train on ``data`` into ``run_dir`` and return the metrics written to metrics.json.
 
+    ``data`` is a FaceSet (the night's, from ingest) or a folder, which is hashed once into one.
     With ``resume`` the run continues from run_dir/last.pt with run_dir/config.json (``cfg`` is ignored).
     ``version`` names the model (default: a new time-sortable version).
     """
@@ -98,22 +76,23 @@ def train_run(data_root: str | Path, run_dir: str | Path, cfg: RunConfig | None 
     for p in remove_stale_temps(run_dir):
         log.warning("removed %s, left by an interrupted write", p)
     cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
-    splits = discover(data_root, cfg.data.split_fractions, cfg.data.decode_workers)
-    require_every_class(splits)
-    cfg.model.num_classes = len(splits.classes)
+    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
+    faceset.require_every_class()
+    cfg.model.num_classes = len(faceset.classes)
     cfg.model.image_size = cfg.data.image_size
     cfg.model.__post_init__()  # re-validate after filling in data-dependent fields
     write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    write_split_manifest(run_dir / "splits.csv", splits)
-    loaded = load_splits(splits, cfg)
+    write_text_atomic(run_dir / "splits.csv", faceset.to_csv())
+    loaded = load_splits(faceset, cfg)
     n_rejected = write_rejected(run_dir / "rejected.csv", loaded)
-    result = fit(cfg, splits.classes, loaded["train"], loaded["val"], run_dir, resume=resume, version=version)
-    metrics = finish_run(run_dir, splits.classes, loaded, result.best_epoch, result.device)
-    metrics["data"] = {"counts": {s: len(loaded[s].labels) for s in SPLITS}, "duplicates_dropped": splits.duplicates,
-                       "conflicts_dropped": len(splits.conflicts), "rejected": n_rejected, "presplit": splits.presplit}
+    classes = list(faceset.classes)
+    result = fit(cfg, classes, loaded["train"], loaded["val"], run_dir, resume=resume, version=version)
+    metrics = finish_run(run_dir, classes, loaded, result.best_epoch, result.device)
+    metrics["data"] = {"counts": {s: len(loaded[s].labels) for s in SPLITS}, "duplicates_dropped": faceset.duplicates,
+                       "conflicts_dropped": len(faceset.conflicts), "rejected": n_rejected, "presplit": faceset.presplit}
     write_json_atomic(run_dir / "metrics.json", finite_or_none(metrics))
     plot_history(result.history, run_dir / "history.png", result.best_epoch)
-    plot_confusion(metrics["test"]["confusion_matrix"], splits.classes, run_dir / "confusion_matrix.png")
+    plot_confusion(metrics["test"]["confusion_matrix"], classes, run_dir / "confusion_matrix.png")
     return metrics
 
 
@@ -133,14 +112,14 @@ def finish_run(run_dir: Path, classes: list[str], loaded: dict[str, TensorSplit]
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = RunConfig.from_dict({"data": ckpt["data_config"], "model": ckpt["model_config"], "train": ckpt["train_config"]})
     dev = resolve_device(cfg.train.device)
-    model = model_from_checkpoint(ckpt, dev)
+    model, preset = model_from_checkpoint(ckpt, dev), Preprocess.from_checkpoint(ckpt)
     metrics = {
         "classes": classes,
         "best_epoch": best_epoch,
         "device": device,
         "version": ckpt["version"],
-        "val": evaluate(model, loaded["val"], classes, cfg.data, dev),
-        "test": evaluate(model, loaded["test"], classes, cfg.data, dev),
+        "val": evaluate(model, loaded["val"], classes, preset, dev),
+        "test": evaluate(model, loaded["test"], classes, preset, dev),
     }
     ckpt["metrics"] = {"val": metrics["val"], "test": metrics["test"]}
     save_checkpoint(run_dir / "checkpoint.pt", ckpt)

@@ -1,0 +1,93 @@
+"""A FaceSet from a plain folder (what `faceclf train DATA` is given): every file hashed once, then split.
+
+``DATA`` is either a folder of class folders (split here: exact duplicates dropped by sha256, each image
+placed by its hash) or a tree with train/ val/ test/ that is used as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+from faceclf.dataset.faceset import FaceImage, FaceSet, ordered
+from faceclf.dataset.layout import SPLITS, find_classes, list_images, sha256_file, split_of
+from faceclf.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+def is_presplit(root: Path) -> bool:
+    """True when ``root`` already holds train/, val/ and test/ folders."""
+    return all((root / s).is_dir() for s in SPLITS)
+
+
+def hash_images(root: Path, folder: Path, classes: Sequence[str], split: str, workers: int) -> list[FaceImage]:
+    """Hash every image below folder/<class>/ (in parallel threads) into FaceImages of ``split``.
+
+    ``split`` is provisional for a folder that is split afterwards by hash.
+    """
+    found = [(c, p) for c in classes if (folder / c).is_dir() for p in list_images(folder / c)]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        hashes = list(progress(pool.map(sha256_file, [p for _, p in found]), total=len(found), desc="hash",
+                               unit="img", leave=False))
+    return [FaceImage(h, c, split, p.relative_to(root).as_posix(), p.stat().st_size)
+            for (c, p), h in zip(found, hashes)]
+
+
+def deduplicate(images: list[FaceImage]) -> tuple[list[FaceImage], int, list[str]]:
+    """Keep one image per content hash; drop every copy of a hash labelled with two classes.
+
+    Returns (kept, duplicates dropped, conflicting hashes). A conflict is dropped whole because
+    either label may be the wrong one, and training on both teaches nothing.
+    """
+    by_hash: dict[str, list[FaceImage]] = {}
+    for i in images:
+        by_hash.setdefault(i.sha256, []).append(i)
+    kept: list[FaceImage] = []
+    duplicates, conflicts = 0, []
+    for sha, group in by_hash.items():
+        if len({i.label for i in group}) > 1:
+            conflicts.append(sha)
+            log.warning("same image under two classes, all copies dropped: %s",
+                        ", ".join(f"{i.path} ({i.label})" for i in group))
+            continue
+        kept.append(group[0])
+        duplicates += len(group) - 1
+    return kept, duplicates, conflicts
+
+
+def discover(root: str | os.PathLike[str], fractions: Sequence[float], workers: int = 4) -> FaceSet:
+    """The FaceSet of ``root``: a tree with train/ val/ test/ as given, or class folders split by hash."""
+    root = Path(root)
+    faceset = _presplit(root, workers) if is_presplit(root) else _split_by_hash(root, fractions, workers)
+    log.info("classes %s; images per split %s; %d duplicates dropped", list(faceset.classes), faceset.counts(),
+             faceset.duplicates)
+    return faceset
+
+
+def _presplit(root: Path, workers: int) -> FaceSet:
+    """train/ val/ test/ each holding class folders: de-duplicated within each split, used as given."""
+    classes = find_classes(root / "train")
+    images, dup, conflicts = [], 0, []
+    for s in SPLITS:
+        extra = set(find_classes(root / s)) - set(classes) if any((root / s).iterdir()) else set()
+        if extra:
+            raise ValueError(f"{root / s} has class folders {sorted(extra)} that train/ does not have")
+        kept, n_dup, conf = deduplicate(hash_images(root, root / s, classes, s, workers))
+        images, dup, conflicts = images + kept, dup + n_dup, conflicts + conf
+    seen = {i.sha256 for i in images if i.split == "train"}
+    leaked = sum(i.sha256 in seen for i in images if i.split != "train")
+    if leaked:
+        log.warning("%d val/test images are byte-identical to train images in %s (used as given)", leaked, root)
+    return FaceSet(root, tuple(classes), ordered(images), dup, tuple(conflicts), True)
+
+
+def _split_by_hash(root: Path, fractions: Sequence[float], workers: int) -> FaceSet:
+    """Class folders: duplicates dropped, then each image placed by its content hash."""
+    classes = find_classes(root)
+    kept, dup, conflicts = deduplicate(hash_images(root, root, classes, "train", workers))
+    images = [FaceImage(i.sha256, i.label, split_of(i.sha256, fractions), i.path, i.size) for i in kept]
+    return FaceSet(root, tuple(classes), ordered(images), dup, tuple(conflicts), False)
