@@ -52,9 +52,9 @@ def train_rows(device: torch.device, n_images: int, reps: int) -> list[dict[str,
     with tempfile.TemporaryDirectory(prefix="faceclf-gpubench-") as tmp:
         faces, tree = Path(tmp) / "faces", Path(tmp) / "tree"
         generate_sample_faces(faces, per_class=n_images // 2, size=64, seed=0)
-        classes, train, _ = _load_train(faces, 64)
-        _symlink_tree(tree, classes, train.records)
-        amp_cfg, fp32_cfg = _config(64, len(classes)), _config(64, len(classes))
+        faceset, train, _ = _load_train(faces, 64)
+        _symlink_tree(tree, faceset, train.records)
+        amp_cfg, fp32_cfg = _config(64, len(faceset.classes)), _config(64, len(faceset.classes))
         fp32_cfg.train.amp = False
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         runs = {"faceclf AMP": _faceclf_epoch(amp_cfg, train, device),
@@ -87,16 +87,16 @@ def train_rows(device: torch.device, n_images: int, reps: int) -> list[dict[str,
 def score_rows(device: torch.device, files: list[Path], reps: int) -> list[dict[str, Any]]:
     """ONNX Runtime vs torch eager (model only) and faceclf.serving.score end to end, on ``device``."""
     from faceclf.config import ScoreConfig
-    from faceclf.dataset.images import decode_images
+    from faceclf.dataset.tensors import decode_images
     from faceclf.serving.score import load_onnx_model, score
-    from faceclf.training.loop import load_checkpoint, model_from_checkpoint
+    from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     cfg = ScoreConfig(device=device.type)
     with tempfile.TemporaryDirectory(prefix="faceclf-gpuscore-") as tmp:
         ckpt_path, onnx_path = _train_and_export(Path(tmp))
         om = load_onnx_model(onnx_path, device.type)
         tmodel = model_from_checkpoint(load_checkpoint(ckpt_path), device)
-        images, _, _ = decode_images(files, om.image_size, cfg.decode_workers)
+        images, _, _ = decode_images(files, om.preprocess, cfg.decode_workers)
         batches = model_batches(om, images, cfg.batch_size)
         host = [torch.from_numpy(b).pin_memory() if device.type == "cuda" else torch.from_numpy(b) for b in batches]
 
@@ -137,7 +137,7 @@ def score_rows(device: torch.device, files: list[Path], reps: int) -> list[dict[
 
 def measure(device: torch.device, n_images: int, n_files: int | None, reps: int) -> list[dict[str, Any]]:
     """Every row of this benchmark on ``device`` (a GPU in real runs; the CPU in tests)."""
-    from faceclf.dataset.images import list_images
+    from faceclf.dataset.layout import list_images
 
     rows = train_rows(device, n_images, reps)
     if DATASET.is_dir():

@@ -105,7 +105,7 @@ def upload_faces(bucket: str, faces: list[tuple[str, str, bytes]], workers: int 
 
 def reset_ingest_state(bucket: str) -> None:
     """Delete the manifest and quarantine log so that the next ingest downloads everything again."""
-    from faceclf.dataset.ingest import MANIFEST_KEY, QUARANTINE_KEY
+    from faceclf.dataset.manifest import MANIFEST_KEY, QUARANTINE_KEY
     from faceclf.store.s3 import s3_client
 
     client = s3_client()

@@ -10,7 +10,10 @@ settings: 96 px, batch 64) and exported with faceclf.serving.export.export_onnx.
 (b) ONNX Runtime model only, on pre-decoded, pre-normalised float32 batches of 64;
 (c) torch eager model only on the same batches (eval, torch.no_grad), default allocator; (c2) the same
     after faceclf.training.loop.reuse_freed_memory() (measured last: it cannot be undone in-process);
-(d) decode only: faceclf.dataset.images.load_image over the files with score's thread count.
+(d) decode only: faceclf.dataset.preprocess.load_image over the files with score's thread count.
+
+(b) and (c) take the same batches, built from the decoded uint8 images by the model's own preprocessing
+preset (OnnxModel.preprocess.to_input, read from the ONNX metadata), exactly as score feeds ONNX Runtime.
 
 Ratios: ORT/torch (goal >= 4) and end-to-end / min(decode-only, ORT model-only) (goal >= 0.8).
 Speed is measured, never asserted.
@@ -64,8 +67,11 @@ def _train_and_export(work: Path) -> tuple[Path, Path]:
 
 
 def model_batches(om, images: torch.Tensor, batch_size: int) -> list[np.ndarray]:
-    """uint8 images (N, 3, S, S) -> the model's float32 input, normalised, in contiguous batches."""
-    x = (images.numpy().astype(np.float32) / 255.0 - om.mean) / om.std  # (N, 3, S, S) float32
+    """uint8 images (N, 3, S, S) -> the model's float32 input, normalised by its preset, in contiguous batches.
+
+    ``om.preprocess.to_input`` is what faceclf.serving.score applies before ONNX Runtime (it takes NHWC).
+    """
+    x = om.preprocess.to_input(images.permute(0, 2, 3, 1).numpy())  # (N, 3, S, S) float32
     return [np.ascontiguousarray(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
@@ -79,9 +85,11 @@ def _pick(files: list[Path], k: int | None) -> list[Path]:
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Measure and return the rows (see the module docstring)."""
     from faceclf.config import ScoreConfig
-    from faceclf.dataset.images import decode_images, list_images, load_image
+    from faceclf.dataset.layout import list_images
+    from faceclf.dataset.preprocess import load_image
+    from faceclf.dataset.tensors import decode_images
     from faceclf.serving.score import load_onnx_model, score
-    from faceclf.training.loop import load_checkpoint, model_from_checkpoint
+    from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     warnings.filterwarnings("ignore")
     logging.getLogger("faceclf").setLevel(logging.WARNING)
@@ -102,7 +110,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         size = om.image_size
         tmodel = model_from_checkpoint(load_checkpoint(ckpt_path), "cpu")
 
-        images, _ok, failed = decode_images(files, size, cfg.decode_workers)
+        images, _ok, failed = decode_images(files, om.preprocess, cfg.decode_workers)
         batches = model_batches(om, images, cfg.batch_size)
         tbatches = [torch.from_numpy(b) for b in batches]
         n_ok = len(images)

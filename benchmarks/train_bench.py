@@ -63,14 +63,17 @@ def _config(image_size: int, num_classes: int):
 
 
 def _load_train(root: Path, image_size: int):
-    """faceclf's own path: discover + load_split of the train split (decoded once)."""
-    from faceclf.dataset.images import discover, load_split
+    """faceclf's own path: discover (a FaceSet, every file hashed once) + load_split of its train split
+    (decoded once with the run's preprocessing preset). Returns (faceset, train TensorSplit, decode seconds)."""
+    from faceclf.dataset.discover import discover
+    from faceclf.dataset.preprocess import Preprocess
+    from faceclf.dataset.tensors import load_split
 
     cfg = _config(image_size, 2)
-    splits = discover(root, cfg.data.split_fractions, cfg.data.decode_workers)
+    faceset = discover(root, cfg.data.split_fractions, cfg.data.decode_workers)
     t0 = time.perf_counter()
-    train = load_split(splits.train, image_size, cfg.data.decode_workers, desc="decode train")
-    return splits.classes, train, time.perf_counter() - t0
+    train = load_split(faceset, "train", Preprocess.from_config(cfg.data), cfg.data.decode_workers)
+    return faceset, train, time.perf_counter() - t0
 
 
 def _sync(device: torch.device) -> None:
@@ -82,12 +85,8 @@ def _sync(device: torch.device) -> None:
 def _faceclf_epoch(cfg, train, device: torch.device = torch.device("cpu")) -> Callable[[], float]:
     """A closure running one real faceclf epoch (one Trainer kept across repetitions, the train split
     placed on ``device`` as fit() places it)."""
-    from faceclf.training.loop import (
-        make_trainer,
-        seed_everything,
-        split_on_device,
-        train_one_epoch,
-    )
+    from faceclf.training.fit import seed_everything
+    from faceclf.training.loop import make_trainer, split_on_device, train_one_epoch
 
     generator = seed_everything(cfg.train.seed)
     steps = math.ceil(len(train.labels) / cfg.train.batch_size)
@@ -103,13 +102,14 @@ def _faceclf_epoch(cfg, train, device: torch.device = torch.device("cpu")) -> Ca
     return run
 
 
-def _symlink_tree(dst: Path, classes: list[str], records) -> None:
-    """An ImageFolder tree dst/<class>/<i>_<name> of symlinks to the train split's files."""
-    for c in classes:
+def _symlink_tree(dst: Path, faceset, records) -> None:
+    """An ImageFolder tree dst/<class>/<i>_<name> of symlinks to the files of ``records`` (FaceImages of
+    ``faceset``); every class of the FaceSet gets its folder, so ImageFolder's labels match the FaceSet's."""
+    for c in faceset.classes:
         (dst / c).mkdir(parents=True, exist_ok=True)
     for i, r in enumerate(records):
-        p = Path(r.path).resolve()
-        (dst / classes[r.label] / f"{i:06d}_{p.name}").symlink_to(p)
+        p = faceset.file(r).resolve()
+        (dst / r.label / f"{i:06d}_{p.name}").symlink_to(p)
 
 
 def _seed_epoch(cfg, folder: Path, batch_size: int = 64, device: torch.device = torch.device("cpu"),
@@ -202,7 +202,7 @@ def _bf16_works(cfg) -> tuple[bool, str]:
 
 def _subset(train, k: int):
     """k images of a decoded split, evenly spaced (so both classes stay), as a TensorSplit."""
-    from faceclf.dataset.images import TensorSplit
+    from faceclf.dataset.tensors import TensorSplit
 
     n = len(train.labels)
     if k >= n:
@@ -215,17 +215,17 @@ def _subset(train, k: int):
 def bench_dataset(label: str, root: Path, image_size: int, reps: int, extra_reps: int,
                   limit: int | None = None, compile_floor: bool = True) -> list[dict[str, Any]]:
     """All rows for one data set: faceclf vs seed vs floor (interleaved), then what moves the floor."""
-    classes, train, decode_s = _load_train(root, image_size)
+    faceset, train, decode_s = _load_train(root, image_size)
     if limit:
         train = _subset(train, limit)
         label = f"{label} subset"
     n = len(train.labels)
-    cfg = _config(image_size, len(classes))
+    cfg = _config(image_size, len(faceset.classes))
     channels_last, bf16 = _faceclf_arithmetic(cfg)
     arithmetic = f"{'channels_last' if channels_last else 'NCHW'}, {'bf16 autocast' if bf16 else 'fp32'}"
     where = f"{label}, {n} train imgs @{image_size}px"
     with tempfile.TemporaryDirectory(prefix="faceclf-seedtree-") as tmp:
-        _symlink_tree(Path(tmp), classes, train.records)
+        _symlink_tree(Path(tmp), faceset, train.records)
         seed_run, n_seed = _seed_epoch(cfg, Path(tmp), cfg.train.batch_size)
         faceclf_run = _faceclf_epoch(cfg, train)
         floor_run = _floor_epoch(cfg, n, cfg.train.batch_size, channels_last, bf16)
@@ -344,22 +344,22 @@ def seed_fit_accuracy(cfg, trees: dict[str, Path]) -> float:
 def accuracy_rows(root: Path, epochs: int | None = None) -> list[dict[str, Any]]:
     """Test accuracy of faceclf's full training vs the seed pipeline's, same splits/model/epochs."""
     from faceclf.config import RunConfig
-    from faceclf.dataset.images import discover
+    from faceclf.dataset.discover import discover
     from faceclf.training.run import train_run
 
     cfg = RunConfig()
     if epochs:
         cfg.train.epochs = epochs
-    splits = discover(root, cfg.data.split_fractions, cfg.data.decode_workers)
+    faceset = discover(root, cfg.data.split_fractions, cfg.data.decode_workers)  # the split train_run makes
     with tempfile.TemporaryDirectory(prefix="faceclf-accbench-") as tmp:
         t0 = time.perf_counter()
-        metrics = train_run(root, Path(tmp) / "run", cfg)
+        metrics = train_run(root, Path(tmp) / "run", cfg)  # from the folder, as `faceclf train DATA`: hashes it too
         fc_s = time.perf_counter() - t0
         trees = {}
         for split in ("train", "val", "test"):
             trees[split] = Path(tmp) / "seed" / split
-            _symlink_tree(trees[split], splits.classes, splits.split(split))
-        model_cfg = _config(cfg.data.image_size, len(splits.classes))
+            _symlink_tree(trees[split], faceset, faceset.split(split))
+        model_cfg = _config(cfg.data.image_size, len(faceset.classes))
         model_cfg.train.epochs = cfg.train.epochs
         t0 = time.perf_counter()
         seed_acc = seed_fit_accuracy(model_cfg, trees)

@@ -13,19 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, WebPImagePlugin
 
-from faceclf.dataset.images import SPLITS, discover, split_of
-from faceclf.dataset.ingest import (
-    MANIFEST_KEY,
-    QUARANTINE_KEY,
-    IngestConfig,
-    IngestReport,
-    ingest,
-    read_manifest,
-    read_quarantine,
-)
-from faceclf.store.objects import LocalStore, S3Store, Store, open_store, s3_client
+from faceclf.config import IngestConfig
+from faceclf.dataset.discover import discover
+from faceclf.dataset.ingest import IngestReport, ingest
+from faceclf.dataset.layout import SPLITS, list_images, split_of
+from faceclf.dataset.manifest import MANIFEST_KEY, QUARANTINE_KEY, read_manifest, read_quarantine
+from faceclf.dataset.preprocess import load_image
+from faceclf.store.objects import LocalStore, Store, open_store
+from faceclf.store.s3 import S3Store, s3_client
 
 CFG = IngestConfig(workers=8)
 
@@ -99,7 +96,7 @@ def assert_dest_matches_manifest(store: Store, dest: Path, cfg: IngestConfig = C
         split, cls, name = r["path"].split("/")
         assert files[r["path"]] == r["sha256"] == name.rsplit(".", 1)[0]
         assert split == r["split"] == split_of(r["sha256"], cfg.split_fractions) and cls == r["class"]
-        assert name.endswith({"JPEG": ".jpg", "PNG": ".png"}[r["format"]])
+        assert name.endswith({"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}[r["format"]])
         assert {"key", "etag", "size", "width", "height", "ingested_at"} <= r.keys()
     shas = [r["sha256"] for r in ok]
     assert len(shas) == len(set(shas)), "a content hash is held twice"
@@ -156,6 +153,7 @@ def test_s3_nights_first_second_changed_and_rebuild(bucket: str, faces: Path, tm
     assert len(store.downloaded) == 120
     files = dest_files(dest)
     assert sorted(files) == sorted(r["path"] for r in rows3 if r["status"] == "ok" and r["path"] != old["path"])
+    assert sorted(i.path for i in r4.faceset.images) == sorted(files)  # the missing image is not in the FaceSet
 
 
 def test_more_than_one_page_of_objects(bucket: str, tmp_path: Path) -> None:
@@ -175,7 +173,7 @@ BAD = {
     "incoming/with_mask/page.jpg": (b"<!DOCTYPE html><html><body>Access denied</body></html>\n" * 20,
                                    "not an image: cannot identify image file"),
     "incoming/with_mask/truncated.jpg": (noisy_jpeg()[:3000], "truncated or corrupt image data"),
-    "incoming/with_mask/scan.jpg": (None, "format TIFF not allowed (JPEG, PNG)"),
+    "incoming/with_mask/scan.jpg": (None, "format TIFF not allowed (JPEG, PNG, WEBP)"),
     "incoming/with_mask/bomb.png": (png_claiming(20000, 20000), "over the 40000000-pixel limit"),
     "incoming/with_mask/wide.png": (png_claiming(8000, 6000), "image 8000x6000 is over the 40000000-pixel limit"),
     "incoming/with_mask/tiny.png": (png(8, 8), "image 8x8 has a side outside [32, 16384] pixels"),
@@ -184,7 +182,7 @@ BAD = {
     "incoming/with_mask/back\\slash.jpg": (png(), "unsafe key"),
     "incoming/stray.jpg": (png(), "is not incoming/<class>/<name>"),
     "incoming/a/b/deep.jpg": (png(), "is not incoming/<class>/<name>"),
-    "incoming/with_mask/notes.txt": (b"hello", "extension of 'notes.txt' is not one of .jpg, .jpeg, .png"),
+    "incoming/with_mask/notes.txt": (b"hello", "not an image: cannot identify image file"),
     "incoming/with_mask/.hidden.jpg": (png(), "hidden class or file name"),
     "incoming/.cache/x.jpg": (png(), "hidden class or file name"),
     f"incoming/with_mask/{'n' * 220}.jpg": (png(), "is over 200 bytes"),
@@ -245,6 +243,108 @@ def test_bad_objects_are_quarantined_once_and_never_touched(bucket: str, tmp_pat
     assert snapshot(store) == {**incoming, "incoming/with_mask/truncated.jpg": snapshot(store)["incoming/with_mask/truncated.jpg"]}
 
 
+def saved(fmt: str, size: tuple[int, int] = (40, 40), mode: str = "RGB", color: object = 7, **save: object) -> bytes:
+    """Real image bytes in any format Pillow writes."""
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def webp(w: int = 40, h: int = 40, color: tuple[int, ...] = (10, 200, 30), **save: object) -> bytes:
+    """A real WebP: lossy (first chunk VP8), ``lossless=True`` (VP8L), or RGBA lossy (VP8X, extended)."""
+    return saved("WEBP", (w, h), "RGBA" if len(color) == 4 else "RGB", color, **save)
+
+
+def webp_claiming(w: int, h: int, kind: bytes) -> bytes:
+    """A real 40x40 WebP whose first chunk (VP8, VP8L or VP8X) says w x h: only the header is big."""
+    data = bytearray({b"VP8 ": webp(quality=80), b"VP8L": webp(lossless=True),
+                      b"VP8X": webp(color=(10, 200, 30, 128), quality=80)}[kind])
+    assert data[12:16] == kind
+    if kind == b"VP8 ":  # after the 3-byte frame tag and the 9d 01 2a start code: 14-bit width, height
+        data[26:30] = struct.pack("<HH", w, h)
+    elif kind == b"VP8L":  # after the 0x2f signature: 14-bit width-1, height-1, then alpha hint and version
+        rest = struct.unpack("<I", data[21:25])[0] & ~0xFFFFFFF
+        data[21:25] = struct.pack("<I", rest | (w - 1) | (h - 1) << 14)
+    else:  # VP8X: flags, 3 reserved bytes, then 24-bit canvas width-1, height-1
+        data[24:30] = (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
+def test_formats_are_judged_by_their_bytes_not_their_names(bucket: str, tmp_path: Path) -> None:
+    """A real night quarantined two WebPs and a JPEG named black3.jpg_1088Wx1632H for their names alone."""
+    rng = random.Random(7)
+    photo = Image.frombytes("RGB", (64, 48), rng.randbytes(64 * 48 * 3))
+    buf = io.BytesIO()
+    photo.save(buf, "WEBP", quality=85)
+    good = {  # key -> (bytes, decoded format, extension in dest)
+        "incoming/with_mask/face.webp": (buf.getvalue(), "WEBP", "webp"),                       # lossy: VP8
+        "incoming/with_mask/IMG_0042": (webp(48, 40, lossless=True), "WEBP", "webp"),           # lossless: VP8L
+        "incoming/without_mask/portrait.jpg": (webp(color=(200, 10, 30, 255)), "WEBP", "webp"),  # alpha: VP8X
+        "incoming/without_mask/black3.jpg_1088Wx1632H": (noisy_jpeg(seed=9), "JPEG", "jpg"),
+        "incoming/without_mask/DSC_0001.JPG": (saved("MPO", save_all=True, append_images=[Image.new("RGB", (40, 40))]),
+                                               "JPEG", "jpg"),                                  # a phone's MPO
+    }
+    bad = {"incoming/with_mask/anim.jpg": (saved("GIF", mode="P"), "GIF"),
+           "incoming/with_mask/bitmap.jpg": (saved("BMP"), "BMP"),
+           "incoming/with_mask/scan.jpg": (tiff(), "TIFF")}
+    assert Image.open(io.BytesIO(good["incoming/without_mask/DSC_0001.JPG"][0])).format == "MPO"
+    upload(bucket, {**{k: v[0] for k, v in good.items()}, **{k: v[0] for k, v in bad.items()}})
+    store, dest = open_store(f"s3://{bucket}"), tmp_path / "face"
+
+    report = ingest(store, dest, CFG)
+    assert (report.listed, report.new, report.quarantined, report.failed) == (len(good) + len(bad), len(good), len(bad), 0)
+    assert {q["key"]: q["reason"] for q in report.quarantine} == {
+        key: f"format {fmt} not allowed (JPEG, PNG, WEBP)" for key, (_, fmt) in bad.items()}
+    rows = {r["key"]: r for r in assert_dest_matches_manifest(store, dest)}
+    assert sorted(rows) == sorted(good)
+    for key, (data, fmt, ext) in good.items():
+        sha, cls = hashlib.sha256(data).hexdigest(), key.split("/")[1]
+        assert (rows[key]["format"], rows[key]["status"]) == (fmt, "ok")
+        assert rows[key]["path"] == f"{split_of(sha, CFG.split_fractions)}/{cls}/{sha}.{ext}"
+        assert (dest / rows[key]["path"]).read_bytes() == data
+    assert (rows["incoming/with_mask/IMG_0042"]["width"], rows["incoming/with_mask/IMG_0042"]["height"]) == (48, 40)
+
+    # What training and scoring read finds the .webp files and decodes them.
+    found = sorted(p.relative_to(dest).as_posix() for p in list_images(dest))
+    assert found == sorted(r["path"] for r in rows.values())
+    for key, color in (("incoming/with_mask/IMG_0042", (10, 200, 30)), ("incoming/without_mask/portrait.jpg", None)):
+        pixels = load_image(dest / rows[key]["path"], 32)
+        assert pixels.shape == (32, 32, 3) and pixels.dtype.name == "uint8"
+        if color:  # lossless: every decoded pixel is the colour saved
+            assert {tuple(p) for p in pixels.reshape(-1, 3).tolist()} == {color}
+
+
+def test_webp_header_over_the_limits_is_refused_without_decoding(bucket: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WebP is judged from its own header: Pillow's WebP plugin builds libwebp's decoder, which
+    allocates the whole canvas, as soon as it opens the file. Only the good one may get that far."""
+    decoders: list[bytes] = []
+    real = WebPImagePlugin._webp.WebPAnimDecoder
+
+    def spy(data: bytes):  # noqa: ANN202 - libwebp's decoder object
+        decoders.append(bytes(data[:30]))
+        return real(data)
+
+    monkeypatch.setattr(WebPImagePlugin._webp, "WebPAnimDecoder", spy)
+    bad = {  # name -> (bytes, expected reason)
+        "lossless.webp": (webp_claiming(9000, 9000, b"VP8L"), "image 9000x9000 is over the 40000000-pixel limit"),
+        "lossy.webp": (webp_claiming(7000, 6000, b"VP8 "), "image 7000x6000 is over the 40000000-pixel limit"),
+        "extended": (webp_claiming(16000, 16000, b"VP8X"), "image 16000x16000 is over the 40000000-pixel limit"),
+        "strip.jpg": (webp_claiming(20000, 100, b"VP8X"), "image 20000x100 has a side outside [32, 16384] pixels"),
+        "tiny.webp": (webp(20, 20), "image 20x20 has a side outside [32, 16384] pixels"),
+    }
+    good = webp(40, 40, (1, 2, 3))
+    upload(bucket, {**{f"incoming/a/{name}": data for name, (data, _) in bad.items()}, "incoming/a/good.webp": good})
+
+    report = ingest(open_store(f"s3://{bucket}"), tmp_path / "face", CFG)
+    assert (report.new, report.quarantined, report.failed) == (1, len(bad), 0)
+    reasons = {q["key"]: q["reason"] for q in report.quarantine}
+    for name, (_, why) in bad.items():
+        assert why in reasons[f"incoming/a/{name}"], (name, reasons[f"incoming/a/{name}"])
+    assert decoders == [good[:30]], "a WebP over the limits reached libwebp's decoder"
+    assert [p.name for p in (tmp_path / "face").rglob("*.webp")] == [f"{hashlib.sha256(good).hexdigest()}.webp"]
+
+
 def test_same_bytes_under_two_classes_and_duplicates_across_nights(bucket: str, tmp_path: Path) -> None:
     face, other = noisy_jpeg(seed=5), png(40, 40, (1, 1, 1))
     upload(bucket, {"incoming/with_mask/a.jpg": face, "incoming/without_mask/b.jpg": face,
@@ -290,9 +390,12 @@ def test_local_folder_source(faces: Path, tmp_path: Path) -> None:
     assert (report.listed, report.new, report.duplicates, report.quarantined) == (123, 120, 3, 0)
     assert (tmp_path / "bucket" / MANIFEST_KEY).is_file() and not (tmp_path / "bucket" / QUARANTINE_KEY).exists()
     assert_dest_matches_manifest(store, dest)
-    splits = discover(dest, CFG.split_fractions, workers=2)  # what training reads
-    assert splits.presplit and splits.classes == ["with_mask", "without_mask"] and splits.duplicates == 0
+    splits = discover(dest, CFG.split_fractions, workers=2)  # the tree, hashed: what a plain folder gives
+    assert splits.presplit and list(splits.classes) == ["with_mask", "without_mask"] and splits.duplicates == 0
     assert sum(len(splits.split(s)) for s in SPLITS) == 120
+    # The FaceSet ingest returns, from the manifest alone, is the same index as hashing the tree
+    assert report.faceset.images == splits.images and report.faceset.classes == splits.classes
+    assert report.faceset.fingerprint() == splits.fingerprint()
     again = ingest(store, dest, CFG)
     assert (again.new, again.skipped) == (0, 123)
     shutil.rmtree(dest)

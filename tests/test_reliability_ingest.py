@@ -29,31 +29,15 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from faceclf.dataset.ingest import (
-    MANIFEST_KEY,
-    QUARANTINE_KEY,
-    Checked,
-    IngestConfig,
-    Refused,
-    check_image,
-    class_of,
-    image_path,
-    ingest,
-    read_manifest,
-    read_quarantine,
-)
+from faceclf.config import IngestConfig
+from faceclf.dataset.checks import Checked, Refused, check_image, class_of
+from faceclf.dataset.ingest import ingest
 from faceclf.dataset.layout import SPLITS, split_of
+from faceclf.dataset.manifest import MANIFEST_KEY, QUARANTINE_KEY, read_manifest, read_quarantine
+from faceclf.dataset.tree import image_path
 from faceclf.devtools.services import free_port, moto_s3_server
-from faceclf.store.objects import (
-    LocalStore,
-    ObjectInfo,
-    S3Store,
-    Store,
-    StoreError,
-    StoreUnavailable,
-    s3_client,
-    store_error,
-)
+from faceclf.store.objects import LocalStore, ObjectInfo, Store
+from faceclf.store.s3 import S3Store, StoreError, StoreUnavailable, s3_client, store_error
 
 CFG = IngestConfig(workers=4)
 pytestmark = [  # what Pillow says about the generated garbage; check_image refuses it with a reason
@@ -128,6 +112,14 @@ def jpeg_claiming(w: int, h: int) -> bytes:
     data = bytearray(saved("JPEG"))
     sof = data.index(b"\xff\xc0")
     data[sof + 5:sof + 9] = struct.pack(">HH", h, w)
+    return bytes(data)
+
+
+def webp_claiming(w: int, h: int) -> bytes:
+    """A real 40x40 extended (VP8X) WebP whose canvas header says w x h."""
+    data = bytearray(saved("WEBP", "RGBA"))
+    assert data[12:16] == b"VP8X"
+    data[24:30] = (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
     return bytes(data)
 
 
@@ -275,21 +267,23 @@ BAD_BYTES = {  # name -> (bytes, expected reason fragment)
     "page.jpg": (lambda: b"<!DOCTYPE html><html><body><h1>403 Forbidden</h1></body></html>\n" * 30,
                  "not an image: cannot identify image file"),
     "truncated.jpg": (lambda: noisy_jpeg()[:2000], "truncated or corrupt image data"),
-    "scan.jpg": (lambda: saved("TIFF"), "format TIFF not allowed (JPEG, PNG)"),
-    "layers.jpg": (lambda: psd(), "format PSD not allowed (JPEG, PNG)"),
-    "anim.png": (lambda: saved("GIF", "P"), "format GIF not allowed (JPEG, PNG)"),
+    "scan.jpg": (lambda: saved("TIFF"), "format TIFF not allowed (JPEG, PNG, WEBP)"),
+    "layers.jpg": (lambda: psd(), "format PSD not allowed (JPEG, PNG, WEBP)"),
+    "anim.png": (lambda: saved("GIF", "P"), "format GIF not allowed (JPEG, PNG, WEBP)"),
     "huge.png": (lambda: blank_png(6500, 6200), "image 6500x6200 is over the 40000000-pixel limit"),
     "bomb.png": (lambda: blank_png(20000, 20000), "over the 40000000-pixel limit (decompression bomb guard)"),
     "bomb_header.png": (lambda: png_claiming(20000, 20000), "over the 40000000-pixel limit"),
     "bomb.jpg": (lambda: jpeg_claiming(30000, 30000), "over the 40000000-pixel limit"),
+    "bomb.webp": (lambda: webp_claiming(9000, 9000), "image 9000x9000 is over the 40000000-pixel limit"),
     "tiny.png": (lambda: png(8, 8), "image 8x8 has a side outside [32, 16384] pixels"),
 }
 
 CHILD = r"""
 import json, sys
 from PIL import Image
-from faceclf.dataset.ingest import IngestConfig, ingest
-from faceclf.store.objects import S3Store
+from faceclf.config import IngestConfig
+from faceclf.dataset.ingest import ingest
+from faceclf.store.s3 import S3Store
 
 def peak_mb():
     # VmHWM: this process's own peak RSS (per address space, fresh at exec). ru_maxrss is not: Linux
@@ -599,7 +593,8 @@ KEYS = st.one_of(
 
 def _seed_images() -> list[bytes]:
     return [png(), png(33, 70), noisy_jpeg(40), saved("JPEG", "L"), saved("PNG", "RGBA"), saved("PNG", "P"),
-            saved("GIF", "P"), saved("TIFF"), saved("BMP"), png_claiming(9000, 9000), jpeg_claiming(40, 8)]
+            saved("GIF", "P"), saved("TIFF"), saved("BMP"), png_claiming(9000, 9000), jpeg_claiming(40, 8),
+            saved("WEBP"), saved("WEBP", "RGBA"), webp_claiming(9000, 9000)]
 
 
 SEEDS = _seed_images()
@@ -641,7 +636,7 @@ def test_generated_keys(key: str, size: int) -> None:
     assert key.startswith("incoming/") and key.count("/") == 2 and key.split("/")[1] == cls
     assert 1 <= size <= CFG.max_bytes
     assert cls not in ("", ".", "..") and not set(cls) & {"/", "\\", "\x00"} and len(cls) <= 64
-    for fmt in ("JPEG", "PNG"):
+    for fmt in ("JPEG", "PNG", "WEBP"):
         rel = image_path("0" * 64, cls, fmt, CFG)
         assert os.path.normpath(dest / rel).startswith(f"{dest}/") and ".." not in PurePosixPath(rel).parts
     assert os.path.normpath(dest.joinpath(*key.split("/"))).startswith(f"{dest}/")  # as LocalStore reads it

@@ -1,0 +1,141 @@
+"""The bucket's ingest records: the manifest and the quarantine log (JSON lines), and their rows.
+
+    incoming/<class>/<name>          new labelled images, written by others; ingest only reads them
+    datasets/face/manifest.jsonl     one row per ingested object, rewritten whole at the end of a run
+    datasets/face/quarantine.jsonl   one row per refused object, this run's rows appended at the end
+
+Manifest rows have ``status`` "ok" (the image file at ``path``), "duplicate" (the same bytes as the
+"ok" row whose key is ``duplicate_of``; ``split``/``path`` are that row's) or "conflict" (see below).
+Duplicate rows exist so that a duplicate object is not downloaded again every night; count images with
+``status == "ok"`` only. An object is 'already seen' when a manifest or quarantine row has its key,
+etag and size (see ``identity``).
+
+Conflicts: the same bytes labelled with two classes (in one run or across nights) cannot both be right,
+so NEITHER is trained on. The newcomer is quarantined (reason "conflict: ..."), every manifest row with
+that sha256 becomes ``status: "conflict"`` and its file is removed from dest; later objects with those
+bytes are quarantined too. Nothing is lost: the objects stay under incoming/. To settle a conflict,
+delete the wrongly labelled object and the sha's rows from the manifest and quarantine log.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from typing import TYPE_CHECKING, Any, Iterable
+
+from faceclf.store.objects import ObjectInfo, Store
+
+if TYPE_CHECKING:
+    from faceclf.dataset.checks import Checked
+
+INCOMING = "incoming/"                # fixed bucket layout (see DESIGN.md)
+MANIFEST_KEY = "datasets/face/manifest.jsonl"
+QUARANTINE_KEY = "datasets/face/quarantine.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing
+# ---------------------------------------------------------------------------------------------
+def _read_jsonl(store: Store, key: str) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines object; [] if it does not exist. A bad line stops the run (never rewritten)."""
+    try:
+        text = store.get_bytes(key).decode("utf-8")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{store.uri(key)} line {n} is not valid JSON ({e}); fix or remove that line") from None
+        if not isinstance(row, dict) or not {"key", "etag", "size"} <= row.keys():
+            raise ValueError(f"{store.uri(key)} line {n} is not an object with key, etag and size: {line[:200]!r}")
+        rows.append(row)
+    return rows
+
+
+def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+
+
+def read_manifest(store: Store) -> list[dict[str, Any]]:
+    """All manifest rows ("ok" images, "duplicate" and "conflict" records), in ingest order."""
+    return _read_jsonl(store, MANIFEST_KEY)
+
+
+def read_quarantine(store: Store) -> list[dict[str, Any]]:
+    """All quarantine rows (key, etag, size, reason, at; conflicts also sha256 and class), oldest first."""
+    return _read_jsonl(store, QUARANTINE_KEY)
+
+
+def write_manifest(store: Store, rows: Iterable[dict[str, Any]]) -> None:
+    """Replace the manifest with ``rows`` (one object, written whole)."""
+    store.put_bytes(MANIFEST_KEY, _jsonl(rows))
+
+
+def write_quarantine(store: Store, rows: Iterable[dict[str, Any]]) -> None:
+    """Replace the quarantine log with ``rows``: the rows read at the start, then this run's."""
+    store.put_bytes(QUARANTINE_KEY, _jsonl(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+def identity(row: dict[str, Any] | ObjectInfo) -> tuple[str, str, int]:
+    """(key, etag, size): what makes an object 'already seen'; a new etag under a key is a new object."""
+    if isinstance(row, ObjectInfo):
+        return row.key, row.etag, row.size
+    return row["key"], row["etag"], int(row["size"])
+
+
+def class_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Images ("ok" rows) per class, sorted by class name."""
+    counts = collections.Counter(r["class"] for r in rows if r.get("status", "ok") == "ok")
+    return dict(sorted(counts.items()))
+
+
+def manifest_row(info: ObjectInfo, cls: str, img: Checked, path: str, now: str) -> dict[str, Any]:
+    """The "ok" manifest row of an image written to dest at ``path`` (dest-relative, split first)."""
+    return {"key": info.key, "etag": info.etag, "size": info.size, "sha256": img.sha256, "class": cls,
+            "split": path.split("/", 1)[0], "path": path, "format": img.format, "width": img.width,
+            "height": img.height, "ingested_at": now, "status": "ok"}
+
+
+def quarantine_row(info: ObjectInfo, reason: str, now: str) -> dict[str, Any]:
+    """The quarantine row of a refused object (conflicts add sha256 and class)."""
+    return {"key": info.key, "etag": info.etag, "size": info.size, "reason": reason, "at": now}
+
+
+# ---------------------------------------------------------------------------------------------
+# Conflicts: the same bytes under two classes
+# ---------------------------------------------------------------------------------------------
+def conflict_reason(sha256: str, rows: list[dict[str, Any]]) -> str:
+    """Quarantine reason for an object whose bytes are already held under another class, or held out as
+    a conflict: names up to three of the keys (manifest and quarantine rows) with those bytes, and their class."""
+    held = [f"{r['key']} labelled {r['class']}" for r in rows if r.get("sha256") == sha256]
+    more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+    return f"conflict: same bytes as {', '.join(held[:3])}{more}"
+
+
+def mark_conflict(rows: list[dict[str, Any]], sha256: str, key: str, cls: str, now: str) -> str | None:
+    """Mark every "ok"/"duplicate" row holding ``sha256`` as "conflict" (``key`` labelled ``cls`` has the
+    same bytes); return the dest path of the file that must leave dest (None if no row held one)."""
+    path = None
+    for r in rows:
+        if r["sha256"] == sha256 and r.get("status", "ok") in ("ok", "duplicate"):
+            if r.get("status", "ok") == "ok":
+                path = r["path"]
+            r.update(status="conflict", conflict_with=key, conflict_class=cls, conflict_at=now)
+    return path
+
+
+def conflict_summary(sha256: str, rows: list[dict[str, Any]], quarantined: list[dict[str, Any]],
+                     withdrawn: str | None) -> dict[str, Any]:
+    """One ``IngestReport.conflicts`` entry: every key and class seen with these bytes (manifest and
+    quarantine log), and the dest path withdrawn this run."""
+    seen = [(r["key"], r["class"]) for r in rows if r["sha256"] == sha256]
+    seen += [(q["key"], q["class"]) for q in quarantined if q.get("sha256") == sha256]
+    return {"sha256": sha256, "keys": sorted({k for k, _ in seen}), "classes": sorted({c for _, c in seen}),
+            "withdrawn": withdrawn}

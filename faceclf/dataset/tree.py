@@ -1,0 +1,74 @@
+"""The ImageFolder tree ingest writes: dest/{train,val,test}/<class>/<sha256>.<jpg|png|webp>.
+
+A file is named by its content hash and the extension of its decoded format, and its split comes from
+the hash alone, so an image never moves between splits or nights. Files are written atomically; the
+files of label conflicts are withdrawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
+
+from faceclf.config import IngestConfig
+from faceclf.dataset.checks import FILE_EXTENSIONS
+from faceclf.dataset.layout import SPLITS, split_of
+from faceclf.store.atomic import write_atomic
+from faceclf.store.objects import safe_key
+
+
+def image_path(sha256: str, cls: str, fmt: str, cfg: IngestConfig) -> str:
+    """dest-relative POSIX path: <split>/<class>/<sha256>.<ext>; the split depends on the content only."""
+    ext = FILE_EXTENSIONS.get(fmt, fmt.lower())
+    return f"{split_of(sha256, cfg.split_fractions)}/{cls}/{sha256}.{ext}"
+
+
+def local_path(dest: Path, rel: str) -> Path:
+    """Where a dest-relative POSIX path (a manifest row's ``path``) lies below ``dest``."""
+    return dest.joinpath(*PurePosixPath(safe_key(rel)).parts)
+
+
+def write_image(dest: Path, rel: str, data: bytes) -> None:
+    """Write an image atomically; a file already there with the same size is the same content (its
+    name is its sha256), e.g. left by a run killed before the manifest was written."""
+    path = local_path(dest, rel)
+    if path.is_file() and path.stat().st_size == len(data):
+        return
+    write_atomic(path, lambda p: p.write_bytes(data))
+
+
+def withdraw_conflicts(dest: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Remove from ``dest`` the files of "conflict" rows (unless an "ok" row holds the same path).
+
+    Run every night, not only when a conflict is found: a run killed between removing a file and
+    rewriting the manifest, or a tree copied back from a backup, cannot bring a conflicting image
+    back into training. The folders of a class left without any "ok" image are removed when empty,
+    so training does not find a class with no images. Returns the dest-relative paths removed.
+    """
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    held = {r["path"] for r in ok}
+    removed = []
+    for rel in sorted({r["path"] for r in rows if r.get("status") == "conflict"} - held):
+        path = local_path(dest, rel)
+        if path.is_file():
+            path.unlink()
+            removed.append(rel)
+    for cls in {rel.split("/")[1] for rel in removed} - {r["class"] for r in ok}:
+        for split in SPLITS:
+            with contextlib.suppress(OSError):  # absent, or holds files the manifest does not know
+                (dest / split / cls).rmdir()
+    return removed
+
+
+def make_tree(dest: Path, classes: Iterable[str]) -> None:
+    """Create dest/<split>/<class>/ for every split and class, even empty ones.
+
+    With all three split folders present ``faceclf.dataset.discover.discover`` reads dest as already split
+    (instead of taking 'train' and 'val' for class names), and every split has the same class
+    folders, so an empty one is reported by name rather than shifting the class indices.
+    """
+    for split in SPLITS:
+        for cls in classes:
+            (dest / split / cls).mkdir(parents=True, exist_ok=True)
+        (dest / split).mkdir(parents=True, exist_ok=True)
