@@ -168,7 +168,7 @@ def publish(store: Store, run_dir: Path, files: dict[str, Path], decision: Decis
     pointer = champion.pointer if champion else None
     if decision.promote and not (champion and champion.version == version):
         pointer = set_champion(store, version, sha256_bytes(files[MODEL_FILE].read_bytes()), decision.summary(),
-                               metrics["test"], metrics["classes"], previous=champion)
+                               champion.version if champion else None, metrics["test"], metrics["classes"])
     return Published(version, decision.promote, uris, pointer, (run_dir / "report.md").read_text())
 
 

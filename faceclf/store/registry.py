@@ -95,18 +95,12 @@ def champion_ref(store: Store) -> ChampionRef | None:
     return ChampionRef(pointer["version"], pointer.get("model_sha256"), tuple(classes), pointer)
 
 
-def set_champion(store: Store, version: str, model_sha256: str, reason: str, metrics: dict[str, Any] | None = None,
-                 classes: Sequence[str] | None = None, previous: ChampionRef | None | bool = True) -> dict[str, Any]:
+def set_champion(store: Store, version: str, model_sha256: str, reason: str, previous_version: str | None,
+                 metrics: dict[str, Any] | None = None, classes: Sequence[str] | None = None) -> dict[str, Any]:
     """Point champion.json at ``version`` (the last write of a promotion); return the new pointer.
 
-    ``previous`` is the champion being replaced when the caller already read it (None: there was none);
-    by default champion.json is read for it.
+    ``previous_version`` is the champion it replaces, as the caller read it (None: there was none).
     """
-    if previous is True:
-        pointer = read_champion(store)
-        previous_version = pointer["version"] if pointer else None
-    else:
-        previous_version = previous.version if isinstance(previous, ChampionRef) else None
     pointer = {
         "version": version,
         "model_key": version_key(version, MODEL_FILE),
@@ -195,8 +189,10 @@ def promote(store: Store, version: str, reason: str = "manual promote") -> dict[
                          f"versions with a model: {known or 'none'}")
     data = store.get_bytes(key)
     verify_model_bytes(store, version, data)  # never bless a model that changed since it was published
+    previous = read_champion(store)
     metrics, classes = None, None
     if store.exists(version_key(version, "metrics.json")):
         saved = json.loads(store.get_bytes(version_key(version, "metrics.json")))
         metrics, classes = saved.get("test"), saved.get("classes")
-    return set_champion(store, version, sha256_bytes(data), reason, metrics, classes)
+    return set_champion(store, version, sha256_bytes(data), reason, previous["version"] if previous else None,
+                        metrics, classes)
