@@ -175,7 +175,13 @@ def run(quick: bool = False) -> list[dict]:
     from faceclf.devtools.services import local_s3_env, moto_s3_server
     from faceclf.nightly import night, runs
     from faceclf.serving.score import evaluate_onnx
-    from faceclf.store.registry import MODEL_FILE, champion_ref, publish_version, set_champion, sha256_bytes
+    from faceclf.store.registry import (
+        MODEL_FILE,
+        champion_ref,
+        publish_version,
+        set_champion,
+        sha256_bytes,
+    )
     from faceclf.store.s3 import S3Store
     from faceclf.training.fit import new_version
     from faceclf.training.run import train_run

@@ -11,7 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from faceclf.config import DEVICES, DataConfig, ModelConfig, RunConfig, ScoreConfig, TrainConfig, with_overrides
+from faceclf.config import (
+    DEVICES,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    ScoreConfig,
+    TrainConfig,
+    with_overrides,
+)
 
 log = logging.getLogger("faceclf")
 
@@ -185,8 +193,8 @@ def cmd_ingest(a: argparse.Namespace) -> None:
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    from faceclf.store import registry
     from faceclf.nightly.night import resolve_location
+    from faceclf.store import registry
     from faceclf.store.objects import open_store
 
     store = open_store(resolve_location(a.bucket))

@@ -14,14 +14,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from faceclf.nightly import night
-from faceclf.store import registry
 from faceclf.config import ScoreConfig
+from faceclf.nightly import night
 from faceclf.serving.score import ScoreSummary
 from faceclf.serving.score import score as score_images
+from faceclf.store import registry
 from faceclf.store.objects import download_prefix, open_store
 from flows.common import IO_RETRIES
-
 
 _SCORE = ScoreConfig()  # the flow's defaults are the config's
 

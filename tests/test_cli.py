@@ -112,8 +112,8 @@ def test_ingest_command_prints_the_summary(faces: Path, tmp_path: Path) -> None:
 
 def test_models_list_and_promote(trained_run: Path, tmp_path: Path) -> None:
     """Two versions in a local registry; `models promote` moves champion.json (a manual rollback)."""
-    from faceclf.store import registry
     from faceclf.serving.export import export_onnx
+    from faceclf.store import registry
     from faceclf.store.objects import LocalStore
 
     store = LocalStore(tmp_path / "bucket")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from conftest import FAST, LENIENT, onnx_accuracy, tree, upload_faces
 
-from faceclf.store import registry
 from faceclf.devtools.demo import local_stack
 from faceclf.devtools.sample import generate_sample_faces
 from faceclf.devtools.services import read_deployment
+from faceclf.store import registry
 
 
 def incoming_gets(log: Path, bucket: str) -> int:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import FAST, LENIENT, onnx_accuracy, tree, upload_faces
 
-from faceclf.store import registry
 from faceclf.devtools.sample import generate_sample_faces
+from faceclf.store import registry
 from faceclf.store.objects import open_store
 from faceclf.store.s3 import s3_client
 
@@ -113,3 +113,18 @@ def test_score_flow_writes_predictions_for_a_prefix(prefect_api, bucket: str, tm
 
     local = score(bucket=bucket, source=str(tmp_path / "batch"), output=str(tmp_path / "out" / "p.csv"))
     assert local["images"] == 20 and (tmp_path / "out" / "p.csv").is_file()
+
+
+def test_prefect_passes_a_faceset_to_tasks_without_walking_its_images() -> None:
+    """Prefect inspects every task argument (tuples, dicts, dataclasses) for futures; a FaceSet's images
+    are not walked, so a task call costs the same for ten images or a million (a tuple took ~45 s)."""
+    from prefect.utilities.collections import visit_collection
+
+    from faceclf.dataset.faceset import FaceImage, FaceSet
+
+    images = tuple(FaceImage(f"{i:064x}", "ab"[i % 2], "train", f"train/{i}.jpg", 1) for i in range(10_000))
+    faceset = FaceSet(Path("/faces"), ("a", "b"), images)
+    visited: list[object] = []
+    visit_collection(faceset, visit_fn=visited.append, return_data=False)
+    assert len(visited) < 20 and not any(isinstance(v, FaceImage) for v in visited)
+    assert faceset.images == images and len(faceset.split("train")) == 10_000

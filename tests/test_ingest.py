@@ -19,7 +19,12 @@ from faceclf.config import IngestConfig
 from faceclf.dataset.discover import discover
 from faceclf.dataset.ingest import IngestReport, ingest
 from faceclf.dataset.layout import SPLITS, list_images, split_of
-from faceclf.dataset.manifest import MANIFEST_KEY, QUARANTINE_KEY, read_manifest, read_quarantine
+from faceclf.dataset.manifest import (
+    MANIFEST_KEY,
+    QUARANTINE_KEY,
+    read_manifest,
+    read_quarantine,
+)
 from faceclf.dataset.preprocess import load_image
 from faceclf.store.objects import LocalStore, Store, open_store
 from faceclf.store.s3 import S3Store, s3_client

@@ -33,11 +33,22 @@ from faceclf.config import IngestConfig
 from faceclf.dataset.checks import Checked, Refused, check_image, class_of
 from faceclf.dataset.ingest import ingest
 from faceclf.dataset.layout import SPLITS, split_of
-from faceclf.dataset.manifest import MANIFEST_KEY, QUARANTINE_KEY, read_manifest, read_quarantine
+from faceclf.dataset.manifest import (
+    MANIFEST_KEY,
+    QUARANTINE_KEY,
+    read_manifest,
+    read_quarantine,
+)
 from faceclf.dataset.tree import image_path
 from faceclf.devtools.services import free_port, moto_s3_server
 from faceclf.store.objects import LocalStore, ObjectInfo, Store
-from faceclf.store.s3 import S3Store, StoreError, StoreUnavailable, s3_client, store_error
+from faceclf.store.s3 import (
+    S3Store,
+    StoreError,
+    StoreUnavailable,
+    s3_client,
+    store_error,
+)
 
 CFG = IngestConfig(workers=4)
 pytestmark = [  # what Pillow says about the generated garbage; check_image refuses it with a reason

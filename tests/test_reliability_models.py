@@ -27,19 +27,22 @@ import pytest
 import torch
 from conftest import FAST, upload_faces
 
-from faceclf.store import registry
-from faceclf.config import ScoreConfig
+from faceclf.config import GateConfig, ScoreConfig
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess, load_image
 from faceclf.dataset.tensors import load_split
-from faceclf.training.evaluate import evaluate_checkpoint
-from faceclf.serving.export import check_parity, export_onnx, parity_batch
-from faceclf.config import GateConfig
 from faceclf.nightly.gate import decide
+from faceclf.serving.export import check_parity, export_onnx, parity_batch
 from faceclf.serving.score import evaluate_onnx, load_onnx_model, predict_proba, score
+from faceclf.store import registry
 from faceclf.store.objects import open_store
 from faceclf.store.s3 import s3_client
-from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from faceclf.training.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from faceclf.training.evaluate import evaluate_checkpoint
 from faceclf.training.loop import evaluate
 
 CPU = ScoreConfig(batch_size=16, decode_workers=2, device="cpu")

@@ -13,9 +13,13 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from faceclf.training.run import train_run
 from faceclf.devtools.sample import generate_sample_faces
-from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from faceclf.training.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from faceclf.training.run import train_run
 
 PLAIN = (dict, list, str, int, float, bool, type(None), torch.Tensor)
 

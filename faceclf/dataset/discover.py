@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Sequence
 
 from faceclf.dataset.faceset import FaceImage, FaceSet, ordered
-from faceclf.dataset.layout import SPLITS, find_classes, list_images, sha256_file, split_of
+from faceclf.dataset.layout import (
+    SPLITS,
+    find_classes,
+    list_images,
+    sha256_file,
+    split_of,
+)
 from faceclf.progress import progress
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, overload
 
 from faceclf.dataset.layout import SPLITS
 
@@ -29,18 +30,57 @@ class FaceImage:
     size: int       # bytes
 
 
+class ImageIndex(Sequence[FaceImage]):
+    """An immutable sequence of FaceImages that orchestration does not look inside.
+
+    Prefect inspects task arguments, recursing into tuples and dataclasses: a million-image tuple made
+    every task call take ~45 s (measured). A plain Sequence is passed through untouched.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[FaceImage] = ()) -> None:
+        self._items = tuple(items)
+
+    @overload
+    def __getitem__(self, i: int) -> FaceImage: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[FaceImage, ...]: ...
+    def __getitem__(self, i: int | slice) -> FaceImage | tuple[FaceImage, ...]:
+        return self._items[i]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[FaceImage]:
+        return iter(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ImageIndex):
+            return self._items == other._items
+        return isinstance(other, tuple) and self._items == other
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __repr__(self) -> str:
+        return f"<{len(self._items)} images>"
+
+
 @dataclass(frozen=True)
 class FaceSet:
     """The images of a face set, in a stable order (split, class, path), and what was left out on the way."""
 
     root: Path
     classes: tuple[str, ...]
-    images: tuple[FaceImage, ...]
+    images: Sequence[FaceImage]          # an ImageIndex (any sequence given is turned into one)
     duplicates: int = 0                  # exact byte copies dropped
     conflicts: tuple[str, ...] = ()      # sha256 seen under two classes (every copy dropped)
     presplit: bool = True                # the splits came from the folders (or ingest), not from hashing here
 
     def __post_init__(self) -> None:
+        if not isinstance(self.images, ImageIndex):
+            object.__setattr__(self, "images", ImageIndex(self.images))
         unknown = sorted({i.label for i in self.images} - set(self.classes))
         if unknown:
             raise ValueError(f"images labelled {unknown}, which are not among the classes {list(self.classes)}")

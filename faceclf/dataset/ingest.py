@@ -48,7 +48,13 @@ from faceclf.dataset.manifest import (
     write_manifest,
     write_quarantine,
 )
-from faceclf.dataset.tree import image_path, local_path, make_tree, withdraw_conflicts, write_image
+from faceclf.dataset.tree import (
+    image_path,
+    local_path,
+    make_tree,
+    withdraw_conflicts,
+    write_image,
+)
 from faceclf.progress import progress
 from faceclf.store.objects import ObjectInfo, Store
 

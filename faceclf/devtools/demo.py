@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import faceclf
-from faceclf.store import registry
 from faceclf.dataset.layout import find_classes, list_images
 from faceclf.devtools.services import (
     LOCAL_S3_ENV,
@@ -28,6 +27,7 @@ from faceclf.devtools.services import (
     prefect_worker,
     wait_for_flow_run,
 )
+from faceclf.store import registry
 from faceclf.store.s3 import S3Store, s3_client
 
 log = logging.getLogger(__name__)

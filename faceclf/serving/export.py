@@ -20,9 +20,9 @@ import onnx
 import torch
 
 from faceclf import __version__
-from faceclf.store.atomic import atomic_path
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import normalize
+from faceclf.store.atomic import atomic_path
 from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from faceclf.store.atomic import atomic_path, remove_stale_temps
 from faceclf.config import ScoreConfig
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.layout import list_images
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
 from faceclf.serving.safety import session_source
+from faceclf.store.atomic import atomic_path, remove_stale_temps
 
 log = logging.getLogger(__name__)
 

@@ -121,7 +121,9 @@ def open_store(location: str | os.PathLike[str], client=None) -> Store:  # noqa:
     """'s3://BUCKET' -> S3Store; anything else is a local folder."""
     text = str(location)
     if text.startswith("s3://"):
-        from faceclf.store.s3 import S3Store  # here: s3 imports this module, and boto3 is needed only for S3
+        from faceclf.store.s3 import (
+            S3Store,  # here: s3 imports this module, and boto3 is needed only for S3
+        )
 
         bucket = text[len("s3://"):].strip("/")
         if "/" in bucket:

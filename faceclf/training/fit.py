@@ -26,8 +26,20 @@ from faceclf.config import RunConfig
 from faceclf.dataset.tensors import TensorSplit
 from faceclf.progress import progress
 from faceclf.store.atomic import write_text_atomic
-from faceclf.training.checkpoint import CHECKPOINT_FORMAT, cpu_state, load_checkpoint, save_checkpoint
-from faceclf.training.loop import Trainer, evaluate, make_trainer, resolve_device, split_on_device, train_one_epoch
+from faceclf.training.checkpoint import (
+    CHECKPOINT_FORMAT,
+    cpu_state,
+    load_checkpoint,
+    save_checkpoint,
+)
+from faceclf.training.loop import (
+    Trainer,
+    evaluate,
+    make_trainer,
+    resolve_device,
+    split_on_device,
+    train_one_epoch,
+)
 
 log = logging.getLogger(__name__)
 

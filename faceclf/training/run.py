@@ -16,8 +16,16 @@ from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.layout import SPLITS
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import TensorSplit, load_split
-from faceclf.store.atomic import remove_stale_temps, write_json_atomic, write_text_atomic
-from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from faceclf.store.atomic import (
+    remove_stale_temps,
+    write_json_atomic,
+    write_text_atomic,
+)
+from faceclf.training.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from faceclf.training.fit import fit
 from faceclf.training.loop import evaluate, resolve_device
 from faceclf.training.plots import plot_confusion, plot_history
