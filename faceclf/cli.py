@@ -53,8 +53,9 @@ def add_config_options(p: argparse.ArgumentParser, config: type) -> list[str]:
             fixed = "..." not in str(f.type)
             kwargs.update(type=type(f.default[0]), nargs=len(f.default) if fixed else "+", default=f.default)
         else:
-            kwargs.update(type=type(f.default), default=f.default, choices=f.metadata["choices"])
-        if "default" in kwargs and not isinstance(f.default, bool):
+            kwargs.update(type=type(f.default) if f.default is not None else str, default=f.default,
+                          choices=f.metadata["choices"])
+        if "default" in kwargs and not isinstance(f.default, bool) and f.default is not None:
             kwargs["help"] += f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
         p.add_argument(flag, **kwargs)
         names.append(f.name)
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue an interrupted run from RUN/last.pt with RUN/config.json (other training flags are ignored)")
     for config in (TrainConfig, DataConfig, ModelConfig):
         add_config_options(tr, config)
+    tr.add_argument("--bucket", default=None, help="registry of --init-from VERSION: bucket name, s3://BUCKET or a "
+                    "local folder (default: $FACECLF_BUCKET)")
     _add_gate_args(tr)
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on the test split of DATA; prints the metrics JSON")
@@ -147,7 +150,14 @@ def _gate(metrics: dict[str, Any], a: argparse.Namespace) -> None:
 def cmd_train(a: argparse.Namespace) -> None:
     from faceclf.training.run import train_run
 
-    metrics = train_run(a.data, a.out, run_config_from_args(a), resume=a.resume)
+    cfg = run_config_from_args(a)
+    store = None
+    if cfg.train.init_from and not Path(cfg.train.init_from).is_file() and (a.bucket or os.environ.get("FACECLF_BUCKET")):
+        from faceclf.nightly.night import resolve_location
+        from faceclf.store.objects import open_store
+
+        store = open_store(resolve_location(a.bucket))
+    metrics = train_run(a.data, a.out, cfg, resume=a.resume, store=store)
     print(json.dumps({"run": str(Path(a.out)), "best_epoch": metrics["best_epoch"], "device": metrics["device"],
                       "test": metrics["test"]}, indent=2))
     _gate(metrics["test"], a)
@@ -207,6 +217,10 @@ def cmd_models(a: argparse.Namespace) -> None:
             acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "n/a"
             print(f"{'*' if r['champion'] else ' '} {r['version']}  gate {gate:<8}  test accuracy {acc}"
                   f"{'' if r['has_model'] else '  (no model.onnx)'}")
+        latest = registry.read_latest(store)
+        if latest:  # what the next night compares with: fewer new images than min_new_images and it is skipped
+            print(f"latest: {latest['version']}, trained on {latest['images']} images; a night with fewer new "
+                  "images than min_new_images (default 1) ends after ingest: nothing new")
     else:
         pointer = registry.promote(store, a.version)
         print(json.dumps(pointer, indent=2))

@@ -30,6 +30,11 @@ LEARNING_RATE = 2e-3                  # AdamW peak learning rate (one-cycle sche
 WEIGHT_DECAY = 1e-4
 PATIENCE = 6                          # epochs without a better val loss before stopping
 SEED = 0                              # makes a CPU run repeatable
+CLASS_WEIGHTINGS = ("none", "balanced")  # training loss weights per class (balanced: n / (k * n_class))
+CLASS_WEIGHTING = "balanced"          # `python3 -m benchmarks --only imbalance` (2026-11-25): face-mask with
+                                      # without_mask train cut to 1 in 10, seeds 0-2: minority test accuracy
+                                      # 0.944 / 0.944 / 0.963 vs 0.926 / 0.000 (collapsed) / 0.926 with "none";
+                                      # at 1 in 4 and on the full set within one test image of "none"
 DECODE_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
                                       # one decoding thread per usable core (PIL releases the GIL);
                                       # more only oversubscribes (2 cores: 4 threads scored ~15% slower)
@@ -50,6 +55,17 @@ MAX_PIXELS = 40_000_000               # decompression-bomb guard, checked from t
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")  # what the bytes must be (judged from the bytes, never the name)
 MAX_CLASS_CHARS = 64                  # class names become folder names and model labels
 MAX_NAME_BYTES = 200                  # object names longer than this are refused
+
+# The decoded-image cache (uint8 shards next to face/, mirrored to the bucket).
+SHARD_IMAGES = 2048                   # images per shard file: 2048 x 27 KB = 57 MB at 96 px
+
+# The night.
+MIN_NEW_IMAGES = 1                    # fewer new images than this since the last published version: the night
+                                      # ends after ingest (no training, no version, champion untouched)
+WARM_START = True                     # fine-tune the champion instead of training from scratch: on face-mask
+                                      # nights (70% -> 100% of train), 5 warm epochs matched scratch's test
+                                      # accuracy (0.997 mean, seeds 0-2) in a fraction of the time (README)
+WARM_EPOCHS = 5                       # epochs of a warm-started night (3 lost 0.006 accuracy)
 
 # Promotion gate.
 MIN_ACCURACY = 0.90                   # overall test accuracy a candidate must reach
@@ -140,6 +156,11 @@ class TrainConfig:
                        "elsewhere full fp32)")
     channels_last: bool = option(True, "NHWC activations (faster convolutions on CPU and CUDA)")
     num_threads: int = option(0, "torch CPU threads (0: torch's default)", flag="--threads")
+    init_from: str | None = option(None, "warm start: begin from the weights of this checkpoint.pt, or of this "
+                                   "model version in --bucket's registry (same classes and architecture)")
+    class_weighting: str = option(CLASS_WEIGHTING, "training loss weights per class: none, or balanced "
+                                  "(n_images / (n_classes * n_class), from the train split's counts)",
+                                  choices=CLASS_WEIGHTINGS)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -147,6 +168,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {self.class_weighting!r}")
 
 
 @dataclass
@@ -234,6 +257,36 @@ class IngestConfig:
         if not self.allowed_formats:
             raise ValueError(f"allowed_formats must not be empty, got {self.allowed_formats}")
         self.split_fractions = check_split_fractions(self.split_fractions)
+
+
+@dataclass
+class CacheConfig:
+    """How decoded images are kept: shard size and decoding threads (results never depend on them)."""
+
+    shard_images: int = SHARD_IMAGES
+    decode_workers: int = DECODE_WORKERS
+
+    def __post_init__(self) -> None:
+        for name in ("shard_images", "decode_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class NightConfig:
+    """When a night trains at all."""
+
+    min_new_images: int = MIN_NEW_IMAGES
+    force: bool = False               # train even when nothing is new
+    allow_new_classes: bool = False   # a class appearing or vanishing is a deliberate change, not an accident
+    warm_start: bool = WARM_START
+    warm_epochs: int = WARM_EPOCHS
+
+    def __post_init__(self) -> None:
+        if self.min_new_images < 0:
+            raise ValueError(f"min_new_images must be >= 0, got {self.min_new_images}")
+        if self.warm_epochs < 1:
+            raise ValueError(f"warm_epochs must be >= 1, got {self.warm_epochs}")
 
 
 @dataclass

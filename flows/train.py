@@ -8,6 +8,7 @@ on the tasks that do I/O with the bucket. Deployed as `train/face` (deployments/
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
-from faceclf.config import GateConfig, RunConfig, with_overrides
+from faceclf.config import GateConfig, NightConfig, RunConfig, with_overrides
+from faceclf.dataset.cache import CacheReport
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.ingest import IngestReport
 from faceclf.nightly import night, runs
@@ -27,12 +29,12 @@ from faceclf.nightly.gate import Decision, decide
 from faceclf.nightly.lock import night_lock
 from faceclf.serving.export import ExportReport
 from faceclf.store.objects import open_store
-from faceclf.store.registry import ChampionRef, champion_ref
+from faceclf.store.registry import ChampionRef, champion_ref, read_latest
 from faceclf.training.fit import TrainingDiverged, new_version
 from faceclf.training.metrics import RunMetrics
 from flows.common import IO_RETRIES
 
-_RUN, _GATE = RunConfig(), GateConfig()  # the flow's defaults are the config's, never copies
+_RUN, _GATE, _NIGHT = RunConfig(), GateConfig(), NightConfig()  # the flow's defaults are the config's
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -56,27 +58,47 @@ def check_data(faceset: FaceSet, champion: ChampionRef | None, allow_new_classes
 
 
 @task(cache_policy=NONE)
-def prepare_run(runs_dir: str, faceset: FaceSet, cfg: dict[str, Any]) -> runs.NightRun:
-    """Resume tonight's unfinished run (same data, same config) or start a new one."""
+def find_unfinished(runs_dir: str, faceset: FaceSet, cfg: dict[str, Any]) -> runs.NightRun | None:
+    """An unfinished run on the same data with the same config, to resume (None: there is none)."""
     pending = runs.find_pending_run(Path(runs_dir), cfg, faceset.fingerprint())
     if pending:
         get_run_logger().info("resuming unfinished night %s (%s)", pending.version,
                               "trained; gate and publish" if pending.trained else "training from last.pt")
-        return pending
-    return runs.start_run(Path(runs_dir), new_version(), cfg, faceset.fingerprint())
+    return pending
+
+
+@task(cache_policy=NONE, **IO_RETRIES)
+def nothing_new(location: str, faceset: FaceSet, night_cfg: NightConfig) -> str | None:
+    """Why the night ends after ingest (fewer than min_new_images since the last published version)."""
+    return night.nothing_new(faceset, read_latest(open_store(location)), night_cfg.min_new_images, night_cfg.force)
 
 
 @task(cache_policy=NONE)
-def train_candidate(faceset: FaceSet, run: runs.NightRun, cfg: dict[str, Any]) -> RunMetrics:
-    """Train on the FaceSet's train/val (or continue from last.pt), evaluate on test; metrics.json's content."""
+def start_run(runs_dir: str, faceset: FaceSet, cfg: dict[str, Any]) -> runs.NightRun:
+    """A new run folder for tonight, recording its data and config."""
+    return runs.start_run(Path(runs_dir), new_version(), cfg, faceset.fingerprint())
+
+
+@task(cache_policy=NONE, **IO_RETRIES)
+def refresh_cache(location: str, face_dir: str, faceset: FaceSet, cfg: dict[str, Any]) -> CacheReport:
+    """Decode the images no cache shard holds yet (or fetch the bucket's shards); mirror new shards."""
+    return night.refresh_cache(open_store(location), Path(face_dir), faceset, RunConfig.from_dict(cfg).data)
+
+
+@task(cache_policy=NONE)
+def train_candidate(location: str, faceset: FaceSet, face_dir: str, run: runs.NightRun, cfg: dict[str, Any]) -> RunMetrics:
+    """Train on the FaceSet's train/val from the decoded cache (or continue from last.pt), evaluate on test;
+    metrics.json's content. A warm start fetches the champion's checkpoint (sha256-checked) from LOCATION."""
     from faceclf.training.run import train_run
 
     if run.trained:
         return RunMetrics.from_dict(runs.read_json(run.run_dir / "metrics.json"))
+    config = RunConfig.from_dict(cfg)
     try:
-        return RunMetrics.from_dict(train_run(faceset, run.run_dir, RunConfig.from_dict(cfg),
+        return RunMetrics.from_dict(train_run(faceset, run.run_dir, config,
                                               resume=run.resume and (run.run_dir / "last.pt").is_file(),
-                                              version=run.version))
+                                              version=run.version, cache=night.open_cache(Path(face_dir), config.data),
+                                              store=open_store(location)))
     except TrainingDiverged as e:  # a rejected night with its reason, not a bare failed run
         return RunMetrics.from_dict(night.record_divergence(run.run_dir, run.version, faceset, str(e)))
 
@@ -102,10 +124,10 @@ def export_model(run: runs.NightRun) -> ExportReport:
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunMetrics, data: dict[str, Any],
-            score: night.ChampionScore | None, champion: ChampionRef | None) -> night.Published:
+            score: night.ChampionScore | None, champion: ChampionRef | None, faceset: FaceSet) -> night.Published:
     """Upload the version (report, decision, checkpoint, model if promoted); move champion.json last."""
     files = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data, score)
-    result = night.publish(open_store(location), run.run_dir, files, decision, metrics.to_dict(), champion)
+    result = night.publish(open_store(location), run.run_dir, files, decision, metrics.to_dict(), champion, faceset)
     runs.mark_published(run.run_dir, result.version, result.promoted)
     return result
 
@@ -123,40 +145,64 @@ def publish_artifacts(result: night.Published, metrics: RunMetrics, decision: De
                          description="promoted model" if decision.promote else "rejected candidate's decision")
 
 
+def skip_night(reason: str, report: IngestReport, champion: ChampionRef | None) -> dict[str, Any]:
+    """End a night after ingest: say so in the log and the report artifact; nothing is trained or published."""
+    create_markdown_artifact(night.skipped_report(reason, report.to_dict(), champion), key="face-night-report",
+                             description=reason)
+    get_run_logger().info("%s; champion %s unchanged", reason, champion.version if champion else "none")
+    return {"version": None, "promoted": False, "skipped": True, "reasons": [reason], "test_accuracy": None,
+            "ingest": report.to_dict(), "uris": {}, "champion": champion.pointer if champion else None,
+            "resumed": False}
+
+
 @flow(name="train", log_prints=True)
 def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "runs",
           min_accuracy: float = _GATE.min_accuracy, min_class_accuracy: float = _GATE.min_class_accuracy,
           tolerance: float = _GATE.tolerance, epochs: int = _RUN.train.epochs,
           image_size: int = _RUN.data.image_size, batch_size: int = _RUN.train.batch_size,
           seed: int = _RUN.train.seed, conv_channels: list[int] | None = None, learning_rate: float | None = None,
-          allow_new_classes: bool = False) -> dict[str, Any]:
+          allow_new_classes: bool = _NIGHT.allow_new_classes, min_new_images: int = _NIGHT.min_new_images,
+          force: bool = _NIGHT.force, warm_start: bool = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs, class_weighting: str = _RUN.train.class_weighting) -> dict[str, Any]:
     """One night: ingest new images, train a candidate, gate it against the champion, publish.
 
     ``bucket``: an S3 bucket name (default $FACECLF_BUCKET) or a local folder with the same layout.
     Training settings left out (or None) keep faceclf.config's defaults. A rerun after a crash resumes
-    the unfinished run (same data and settings) and promotes it once.
+    the unfinished run (same data and settings) and promotes it once. A night with fewer than
+    ``min_new_images`` new images since the last published version ends after ingest ("nothing new"),
+    unless ``force``.
     """
     location = night.resolve_location(bucket)
     gate = GateConfig(min_accuracy, min_class_accuracy, tolerance)
-    cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
-                         conv_channels=conv_channels, learning_rate=learning_rate).to_dict()
+    night_cfg = NightConfig(min_new_images, force, allow_new_classes, warm_start, warm_epochs)
+    run_cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
+                             conv_channels=conv_channels, learning_rate=learning_rate, class_weighting=class_weighting)
     with night_lock(Path(face_dir)):  # one night at a time on this face/ folder
         report = ingest_images(location, face_dir)
         champion = read_champion(location)
-        check_data(report.faceset, champion, allow_new_classes)
-        run = prepare_run(runs_dir, report.faceset, cfg)
-        metrics = train_candidate(report.faceset, run, cfg)
+        check_data(report.faceset, champion, night_cfg.allow_new_classes)
+        if night_cfg.warm_start:
+            run_cfg = night.warm_start(run_cfg, champion, report.faceset, night_cfg.warm_epochs)
+        cfg = run_cfg.to_dict()
+        run = find_unfinished(runs_dir, report.faceset, cfg)
+        if run is None:
+            reason = nothing_new(location, report.faceset, night_cfg)
+            if reason:
+                return skip_night(reason, report, champion)
+            run = start_run(runs_dir, report.faceset, cfg)
+        cache = None if run.trained else refresh_cache(location, face_dir, report.faceset, cfg)
+        metrics = train_candidate(location, report.faceset, face_dir, run, cfg)
         score = rescore_champion(location, champion, report.faceset, run)
         decision = gate_candidate(metrics, gate, score)
         if decision.promote:
             export_model(run)
         result = publish(location, run, decision, metrics, night.report_counts(report.to_dict(), metrics.to_dict()),
-                         score, champion)
+                         score, champion, report.faceset)
     publish_artifacts(result, metrics, decision, score)
     get_run_logger().info("%s; model %s in %s", decision.summary(), run.version, location)
     return {"version": run.version, "promoted": decision.promote, "reasons": decision.reasons,
             "test_accuracy": metrics.test["accuracy"], "ingest": report.to_dict(), "uris": result.uris,
-            "champion": result.champion, "resumed": run.resume}
+            "champion": result.champion, "resumed": run.resume, "skipped": False,
+            "decoded_cache": dataclasses.asdict(cache) if cache else None}
 
 
 if __name__ == "__main__":

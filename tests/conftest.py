@@ -68,7 +68,10 @@ def bucket(s3_endpoint: str) -> str:
 
 
 # Night settings for flow tests: tiny images and CNN so a night trains in seconds.
-FAST = {"epochs": 12, "image_size": 32, "batch_size": 16, "conv_channels": [8, 16], "learning_rate": 5e-3}
+# They train from scratch (warm_start false): each night's model depends on its data alone, which the
+# gate, resume and determinism tests rely on; tests/test_warmstart.py drives warm nights.
+FAST = {"epochs": 12, "image_size": 32, "batch_size": 16, "conv_channels": [8, 16], "learning_rate": 5e-3,
+        "warm_start": False}
 LENIENT = {"min_accuracy": 0.75, "min_class_accuracy": 0.6}  # small test sets: ~20 images
 
 
@@ -88,6 +91,18 @@ def upload_faces(bucket: str, root: Path, per_class: int, seed: int) -> int:
     client, n = s3_client(), 0
     for p in sorted(root.rglob("*.*")):
         client.put_object(Bucket=bucket, Key=f"incoming/{p.parent.name}/s{seed}-{p.name}", Body=p.read_bytes())
+        n += 1
+    return n
+
+
+def put_local_faces(bucket: Path, root: Path, per_class: int, seed: int) -> int:
+    """Generate faces and put them under incoming/<class>/ of a local bucket folder."""
+    generate_sample_faces(root, per_class=per_class, size=48, seed=seed)
+    n = 0
+    for p in sorted(root.rglob("*.*")):
+        dest = bucket / "incoming" / p.parent.name / f"s{seed}-{p.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dest)
         n += 1
     return n
 

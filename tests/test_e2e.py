@@ -47,13 +47,15 @@ def test_three_nights_through_the_deployment(tmp_path: Path) -> None:
         split_before = tree(face)
         assert len(split_before) == 160
 
-        # Night 2: no new images -> nothing downloaded from incoming/, no image changes split.
+        # Night 2: no new images -> nothing downloaded from incoming/, no image changes split, and the
+        # night ends after ingest: no new version, the champion untouched.
         gets = incoming_gets(s3_log, bucket)
         stack.run("train/face", params)
         assert incoming_gets(s3_log, bucket) == gets
         assert tree(face) == split_before
-        assert len(registry.list_versions(store)) == 2
+        assert len(registry.list_versions(store)) == 1
         champion_2 = registry.read_champion(store)
+        assert champion_2 == champion
 
         # Night 3: new images, a candidate that has barely trained (1 epoch at lr 1e-7: its random
         # init) -> worse than the champion on the same test set, rejected; champion unchanged.

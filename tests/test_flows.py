@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, LENIENT, onnx_accuracy, tree, upload_faces
+from conftest import FAST, LENIENT, onnx_accuracy, put_local_faces, tree, upload_faces
 
 from faceclf.devtools.sample import generate_sample_faces
 from faceclf.store import registry
@@ -54,13 +54,23 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
     assert {row["class"] for row in json.loads(artifacts["face-per-class-accuracy"].data)} == {"with_mask", "without_mask"}
     split_before = tree(tmp_path / "face")
 
-    # Night 2: nothing new -> nothing downloaded, no image changes split. (Until nights with nothing
-    # new are skipped, such a night retrains on the same data with the same seed: the same model, which
-    # ties the champion on the same test set and, with tolerance 0, replaces it.)
+    # Night 2: nothing new -> nothing downloaded, no image changes split, and the night ends after
+    # ingest: no training, no new version, the champion untouched, "nothing new" in the report.
     n2 = train(bucket=bucket, **LENIENT, **FAST)
     assert n2["ingest"]["new"] == 0 and n2["ingest"]["skipped"] == n2["ingest"]["listed"] == 160
     assert tree(tmp_path / "face") == split_before
-    assert n2["test_accuracy"] == n1["test_accuracy"] and n2["promoted"], n2["reasons"]
+    assert n2["skipped"] and n2["version"] is None and not n2["promoted"]
+    assert n2["reasons"] == [f"nothing new: 0 new image(s) since version {n1['version']} (min_new_images=1); "
+                             "no training, no new version (force=true trains anyway)"]
+    assert "**Decision: SKIPPED**" in night_artifacts()["face-night-report"].data
+    assert [v["version"] for v in registry.list_versions(store)] == [n1["version"]]
+    assert registry.read_champion(store) == champ
+    assert not [p for p in (tmp_path / "runs").iterdir() if p.name != n1["version"]]  # no run folder either
+
+    # force=true trains anyway: the same data and seed give the same model, which ties the champion
+    # on the same test set and (tolerance 0) replaces it.
+    n2 = train(bucket=bucket, **LENIENT, **FAST, force=True)
+    assert not n2["skipped"] and n2["test_accuracy"] == n1["test_accuracy"] and n2["promoted"], n2["reasons"]
     champion_after_2 = registry.read_champion(store)
     assert champion_after_2["version"] == n2["version"] and champion_after_2["previous_version"] == n1["version"]
 
@@ -80,6 +90,7 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
     assert not store.exists(registry.version_key(n3["version"], "model.onnx"))
     versions = registry.list_versions(store)
     assert [v["version"] for v in versions] == sorted({n1["version"], n2["version"], n3["version"]})
+    assert json.loads(store.get_bytes(registry.LATEST_KEY))["version"] == n3["version"]  # rejected, still the latest
 
     # Manual rollback moves the pointer to the first night's model.
     registry.promote(store, n1["version"])
@@ -128,3 +139,40 @@ def test_prefect_passes_a_faceset_to_tasks_without_walking_its_images() -> None:
     visit_collection(faceset, visit_fn=visited.append, return_data=False)
     assert len(visited) < 20 and not any(isinstance(v, FaceImage) for v in visited)
     assert faceset.images == images and len(faceset.split("train")) == 10_000
+
+
+def test_nights_on_a_local_bucket_train_only_when_enough_is_new(prefect_api, tmp_path: Path) -> None:
+    """min_new_images counts images new since the last published version; fewer end the night after ingest."""
+    from flows.train import train
+
+    bucket = tmp_path / "bucket"
+
+    def add(seed: int, per_class: int) -> None:
+        put_local_faces(bucket, tmp_path / f"gen{seed}", per_class, seed)
+
+    params = {"bucket": str(bucket), "face_dir": str(tmp_path / "face"), "runs_dir": str(tmp_path / "runs"),
+              **LENIENT, **{**FAST, "epochs": 4}}
+    add(1, 60)
+    first = train(**params)
+    assert not first["skipped"] and first["promoted"]
+    add(2, 10)  # 20 new images
+    few = train(**params, min_new_images=50)
+    assert few["skipped"] and few["ingest"]["new"] == 20
+    assert few["reasons"][0].startswith(f"nothing new: 20 new image(s) since version {first['version']} (min_new_images=50)")
+    store = open_store(bucket)
+    assert [v["version"] for v in registry.list_versions(store)] == [first["version"]]
+    from test_cli import faceclf
+
+    listing = faceclf("models", "list", "--bucket", str(bucket)).stdout.splitlines()
+    assert listing[-1].startswith(f"latest: {first['version']}, trained on 120 images; a night with fewer new images")
+    enough = train(**params)  # the 20 images ingested by the skipped night still count as new
+    assert not enough["skipped"] and enough["ingest"]["new"] == 0 and enough["version"] != first["version"]
+    assert json.loads(store.get_bytes(registry.LATEST_KEY))["images"] == 140
+    # The decoded cache: the first night decoded all 120 images, the third only the 20 new ones; the
+    # shards are mirrored in the bucket, so a fresh worker (a new face/ folder) downloads them instead.
+    assert (first["decoded_cache"]["decoded"], enough["decoded_cache"]["decoded"]) == (120, 20)
+    assert store.exists("datasets/face/decoded/32/catalog.json")
+    add(3, 5)
+    fresh = train(**{**params, "face_dir": str(tmp_path / "fresh-worker" / "face")})
+    assert fresh["ingest"]["restored"] == 140 and fresh["decoded_cache"]["decoded"] == 10
+    assert fresh["decoded_cache"]["downloaded"] == enough["decoded_cache"]["shards"]

@@ -169,3 +169,38 @@ def test_three_classes_train_and_evaluate(tmp_path: Path) -> None:
     assert m["classes"] == ["with_mask", "with_sunglasses", "without_mask"]
     assert len(m["test"]["confusion_matrix"]) == 3 and all(len(r) == 3 for r in m["test"]["confusion_matrix"])
     assert math.isfinite(m["test"]["loss"])
+
+
+def test_balanced_class_weights_are_n_over_k_times_n_c() -> None:
+    from faceclf.config import TrainConfig
+    from faceclf.training.loop import make_trainer
+
+    cpu = torch.device("cpu")
+    labels = torch.tensor([0] * 30 + [1] * 10)
+    assert make_trainer(tiny_config(class_weighting="none"), 1, cpu).loss_weight(labels) is None  # plain NLL
+    balanced = make_trainer(tiny_config(class_weighting="balanced"), 1, cpu)
+    assert balanced.loss_weight(labels).tolist() == pytest.approx([40 / (2 * 30), 40 / (2 * 10)])
+    assert balanced.loss_weight(torch.tensor([0, 1, 1, 0])).tolist() == [1.0, 1.0]  # balanced set: weights 1
+    three = tiny_config(class_weighting="balanced")
+    three.model.num_classes = 3
+    w = make_trainer(three, 1, cpu).loss_weight(torch.tensor([0, 0, 1]))  # class 2 has no image
+    assert w.tolist() == pytest.approx([3 / (3 * 2), 3 / (3 * 1), 3 / 3]) and torch.isfinite(w).all()
+    with pytest.raises(ValueError, match="class_weighting must be one of"):
+        TrainConfig(class_weighting="inverse")
+
+
+def test_balanced_class_weighting_trains_on_an_imbalanced_set(faces: Path, tmp_path: Path) -> None:
+    from benchmarks.imbalance_bench import imbalanced_tree
+    from faceclf.dataset.discover import discover
+
+    counts = imbalanced_tree(discover(faces, (0.8, 0.1, 0.1)), tmp_path / "data", "without_mask", keep=4)
+    assert counts["train"]["without_mask"] * 3 < counts["train"]["with_mask"]
+    losses = {}
+    for weighting in ("none", "balanced"):
+        m = train_run(tmp_path / "data", tmp_path / weighting, tiny_config(epochs=2, class_weighting=weighting))
+        assert json.loads((tmp_path / weighting / "config.json").read_text())["train"]["class_weighting"] == weighting
+        assert load_checkpoint(tmp_path / weighting / "checkpoint.pt")["train_config"]["class_weighting"] == weighting
+        assert math.isfinite(m["test"]["loss"]) and m["data"]["counts"]["train"] == sum(counts["train"].values())
+        losses[weighting] = [float(r["train_loss"]) for r in _history(tmp_path / weighting)]
+    assert all(math.isfinite(v) for v in losses["balanced"])
+    assert losses["balanced"] != losses["none"]  # the weights reached the loss

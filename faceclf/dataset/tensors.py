@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from faceclf.dataset.cache import DecodedCache
 from faceclf.dataset.faceset import FaceImage, FaceSet
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
@@ -46,11 +47,43 @@ def decode_images(paths: Sequence[Path], preset: Preprocess, workers: int = 4,
     return images, ok, failed
 
 
+class ShardedImages:
+    """uint8 images (N, 3, S, S) in memory-mapped cache shards: indexing copies only the rows asked for,
+    so a split of any size costs one batch of memory at a time (the shards stay in the page cache)."""
+
+    def __init__(self, shards: list[np.ndarray], where: np.ndarray, image_size: int):
+        self.shards = shards                      # read-only memmaps, uint8 (rows, 3, S, S)
+        self.where = where                        # int64 (N, 2): shard index, row
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the images would take in memory."""
+        return len(self.where) * 3 * self.image_size ** 2
+
+    def __getitem__(self, idx: torch.Tensor | slice | Sequence[int]) -> torch.Tensor:
+        """The images ``idx`` selects, in that order, as a uint8 tensor (B, 3, S, S)."""
+        sel = self.where[idx.cpu().numpy() if isinstance(idx, torch.Tensor) else idx]  # (B, 2)
+        out = np.empty((len(sel), 3, self.image_size, self.image_size), dtype=np.uint8)
+        for shard in np.unique(sel[:, 0]):
+            mine = sel[:, 0] == shard
+            out[mine] = self.shards[shard][sel[mine, 1]]
+        return torch.from_numpy(out)
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        """Every image, read into one tensor on ``device`` (for a GPU the split fits on)."""
+        return self[slice(None)].to(device)
+
+
 @dataclass
 class TensorSplit:
-    """A decoded split: uint8 images (N, 3, S, S), int64 labels (N,), and the images behind them."""
+    """A decoded split: uint8 images (N, 3, S, S) in memory or in cache shards, int64 labels (N,), and the
+    images behind them."""
 
-    images: torch.Tensor
+    images: torch.Tensor | ShardedImages
     labels: torch.Tensor
     records: list[FaceImage]
     rejected: list[tuple[Path, str]]
@@ -63,6 +96,20 @@ def load_split(faceset: FaceSet, split: str, preset: Preprocess, workers: int = 
     kept = [records[i] for i in ok]
     labels = torch.tensor([faceset.label_index(r) for r in kept], dtype=torch.int64)
     return TensorSplit(images, labels, kept, rejected)
+
+
+def load_cached_split(faceset: FaceSet, split: str, cache: DecodedCache) -> TensorSplit:
+    """One split read from the decoded cache through memory maps, in the same order as ``load_split``;
+    images the cache could not decode are listed with their reason."""
+    where = cache.locate()
+    records = list(faceset.split(split))
+    kept = [r for r in records if r.sha256 in where]
+    rejected = [(faceset.file(r), cache.rejected.get(r.sha256, "not in the decoded cache")) for r in records
+                if r.sha256 not in where]
+    index = np.array([where[r.sha256] for r in kept], dtype=np.int64).reshape(-1, 2)
+    shards = [cache.open(i) for i in range(len(cache.shards))]
+    labels = torch.tensor([faceset.label_index(r) for r in kept], dtype=torch.int64)
+    return TensorSplit(ShardedImages(shards, index, cache.preset.image_size), labels, kept, rejected)
 
 
 def normalize(x: torch.Tensor, preset: Preprocess) -> torch.Tensor:

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from faceclf.config import CacheConfig, DataConfig, RunConfig, with_overrides
+from faceclf.dataset.cache import CacheReport, DecodedCache, cache_folder, update_cache
 from faceclf.dataset.faceset import FaceSet
+from faceclf.dataset.preprocess import Preprocess
 from faceclf.nightly.gate import Decision
 from faceclf.nightly.report import render_report
 from faceclf.serving.export import ExportReport, export_onnx
@@ -30,6 +33,7 @@ from faceclf.store.registry import (
     publish_version,
     set_champion,
     sha256_bytes,
+    write_latest,
 )
 
 log = logging.getLogger(__name__)
@@ -96,6 +100,62 @@ def check_classes(faceset: FaceSet, champion: ChampionRef | None, allow_new_clas
     return present
 
 
+def new_images(faceset: FaceSet, latest: dict[str, Any] | None) -> int | None:
+    """Images in tonight's FaceSet that the last published version was not trained on; None before the
+    first published version. The set only grows, so this is the difference in counts; when the data
+    changed without growing (a conflict withdrawn and an image added), it counts as 1."""
+    if latest is None:
+        return None
+    if latest.get("data_fingerprint") == faceset.fingerprint():
+        return 0
+    return max(len(faceset.images) - int(latest.get("images", 0)), 1)
+
+
+def nothing_new(faceset: FaceSet, latest: dict[str, Any] | None, min_new_images: int, force: bool) -> str | None:
+    """Why tonight does not train ("nothing new: ..."), or None when it should train."""
+    new = new_images(faceset, latest)
+    if force or new is None or new >= min_new_images:
+        return None
+    return (f"nothing new: {new} new image(s) since version {latest['version']} (min_new_images={min_new_images}); "
+            "no training, no new version (force=true trains anyway)")
+
+
+def skipped_report(reason: str, ingest: dict[str, Any], champion: ChampionRef | None) -> str:
+    """report.md of a night that ended after ingest: why, what ingest saw, the champion left as it was."""
+    rows = [f"| ingest: {k} | {ingest.get(k)} |" for k in ("listed", "new", "skipped", "duplicates", "quarantined")]
+    return "\n".join([
+        "# faceclf night: nothing new", "", "**Decision: SKIPPED**", "", f"- {reason}",
+        f"- Champion: {champion.version if champion else 'none'} (unchanged)", "",
+        "## Data", "", "| what | count |", "| --- | --- |", *rows, "",
+    ])
+
+
+def warm_start(cfg: RunConfig, champion: ChampionRef | None, faceset: FaceSet, warm_epochs: int) -> RunConfig:
+    """``cfg`` set to fine-tune the champion for ``warm_epochs`` epochs; unchanged (and said why) when there is
+    no champion yet or its classes are not tonight's (a deliberate class change needs a new model)."""
+    if champion is None:
+        log.info("warm start: no champion yet, training from scratch")
+        return cfg
+    if list(champion.classes) != list(faceset.classes):
+        log.warning("warm start: champion %s knows classes %s, tonight's data has %s: training from scratch",
+                    champion.version, list(champion.classes), list(faceset.classes))
+        return cfg
+    return with_overrides(cfg, init_from=champion.version, epochs=warm_epochs)
+
+
+def refresh_cache(store: Store, face_dir: Path, faceset: FaceSet, data: DataConfig) -> CacheReport:
+    """Bring the decoded-image cache at the night's image size up to date (decoding only what is new)
+    and mirror it to the bucket."""
+    return update_cache(faceset, face_dir, Preprocess.from_config(data), store,
+                        CacheConfig(decode_workers=data.decode_workers))[1]
+
+
+def open_cache(face_dir: Path, data: DataConfig) -> DecodedCache:
+    """The night's decoded-image cache, for training to read through memory maps."""
+    preset = Preprocess.from_config(data)
+    return DecodedCache(cache_folder(face_dir, preset.image_size), preset)
+
+
 def record_divergence(run_dir: Path, version: str, faceset: FaceSet, reason: str) -> dict[str, Any]:
     """metrics.json for a run whose training diverged: nothing measured, the reason kept.
 
@@ -157,14 +217,16 @@ def write_night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any]
 
 
 def publish(store: Store, run_dir: Path, files: dict[str, Path], decision: Decision, metrics: dict[str, Any],
-            champion: ChampionRef | None) -> Published:
-    """Upload the version's files, then (only if promoted) move champion.json to it, last.
+            champion: ChampionRef | None, faceset: FaceSet) -> Published:
+    """Upload the version's files and record it as the latest (with the FaceSet it was trained on), then
+    (only if promoted) move champion.json to it, last.
 
     ``champion`` is the pointer read at the start of the night: a rerun of a night that was killed
     after promoting finds itself already champion and does not promote twice.
     """
     version = metrics["version"]
     uris = publish_version(store, version, files)
+    write_latest(store, version, decision.promote, len(faceset.images), faceset.fingerprint())
     pointer = champion.pointer if champion else None
     if decision.promote and not (champion and champion.version == version):
         pointer = set_champion(store, version, sha256_bytes(files[MODEL_FILE].read_bytes()), decision.summary(),

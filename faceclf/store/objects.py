@@ -91,7 +91,12 @@ class LocalStore(Store):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.is_dir():
             raise FileNotFoundError(f"folder {str(self.root)!r} does not exist")
-        for p in sorted(self.root.rglob("*")):
+        # Walk only the folder the prefix names ('incoming/x' -> ROOT/incoming): the rest of the bucket
+        # (model versions, decoded-image shards) is neither read nor hashed.
+        parts = PurePosixPath(prefix).parts if prefix.endswith("/") else PurePosixPath(prefix).parts[:-1]
+        plain = not prefix.startswith("/") and not {"..", "."} & set(prefix.split("/"))
+        folder = self.root.joinpath(*parts) if plain else self.root  # never a walk outside the bucket
+        for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
             if not p.is_file() or p.name.startswith(".") and p.name.endswith(".tmp"):
                 continue
             key = p.relative_to(self.root).as_posix()

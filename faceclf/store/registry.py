@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 MODELS_PREFIX = "models/face/"
 CHAMPION_KEY = MODELS_PREFIX + "champion.json"
+LATEST_KEY = MODELS_PREFIX + "latest.json"   # the last published version (promoted or not) and its data
 MODEL_FILE = "model.onnx"
 DECISION_FILE = "decision.json"
 SHA256_FILE = "sha256.json"   # name -> sha256 of every file of a version, written when it is published
@@ -75,6 +76,22 @@ class ChampionRef:
     pointer: dict[str, Any]
 
 
+def write_latest(store: Store, version: str, promoted: bool, images: int, fingerprint: str) -> None:
+    """Record the version just published and the data it was trained on (image count, FaceSet fingerprint):
+    the next night measures what is new against it."""
+    latest = {"version": version, "promoted": promoted, "images": images, "data_fingerprint": fingerprint,
+              "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    store.put_bytes(LATEST_KEY, (json.dumps(latest, indent=2) + "\n").encode())
+
+
+def read_latest(store: Store) -> dict[str, Any] | None:
+    """What ``write_latest`` recorded last; None before the first published version."""
+    try:
+        return json.loads(store.get_bytes(LATEST_KEY))
+    except FileNotFoundError:
+        return None
+
+
 def read_champion(store: Store) -> dict[str, Any] | None:
     """The champion pointer, or None before the first promotion."""
     try:
@@ -116,29 +133,29 @@ def set_champion(store: Store, version: str, model_sha256: str, reason: str, pre
     return pointer
 
 
-def verify_model_bytes(store: Store, version: str, data: bytes, expected_sha256: str | None = None,
-                       expected_by: str = "the registry") -> None:
-    """Refuse ``version``'s model bytes unless they match every sha256 the registry holds for them.
+def verify_bytes(store: Store, version: str, name: str, data: bytes, expected_sha256: str | None = None,
+                 expected_by: str = "the registry") -> None:
+    """Refuse the bytes of ``version``'s file ``name`` unless they match every sha256 the registry holds for them.
 
     Checked against ``expected_sha256`` (named ``expected_by``, e.g. champion.json) and the version's sha256.json. A
     version published before sha256.json existed, with nothing expected, is only logged.
     """
-    uri = store.uri(version_key(version, MODEL_FILE))
-    expected = {expected_by: expected_sha256, f"{version}/{SHA256_FILE}": recorded_sha256(store, version).get(MODEL_FILE)}
+    uri = store.uri(version_key(version, name))
+    expected = {expected_by: expected_sha256, f"{version}/{SHA256_FILE}": recorded_sha256(store, version).get(name)}
     expected = {source: value for source, value in expected.items() if value}
     if not expected:
-        log.warning("model %s has no recorded sha256 (published before %s existed); it cannot be verified", uri, SHA256_FILE)
+        log.warning("%s has no recorded sha256 (published before %s existed); it cannot be verified", uri, SHA256_FILE)
     actual = sha256_bytes(data)
     for source, value in expected.items():
         if actual != value.lower():
-            raise ModelIntegrityError(f"model {uri} has sha256 {actual}, but {source} expects {value}; refusing to use it")
+            raise ModelIntegrityError(f"{uri} has sha256 {actual}, but {source} expects {value}; refusing to use it")
 
 
 def fetch_model(store: Store, version: str, dest: Path, expected_sha256: str | None = None,
                 expected_by: str = "the registry") -> Path:
     """Download ``version``'s model.onnx to ``dest``, refusing it if its sha256 is not the recorded one."""
     data = store.get_bytes(version_key(version, MODEL_FILE))
-    verify_model_bytes(store, version, data, expected_sha256, expected_by)
+    verify_bytes(store, version, MODEL_FILE, data, expected_sha256, expected_by)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
     return dest
@@ -188,7 +205,7 @@ def promote(store: Store, version: str, reason: str = "manual promote") -> dict[
         raise ValueError(f"version {version!r} has no {MODEL_FILE} in {store.uri(MODELS_PREFIX)}; "
                          f"versions with a model: {known or 'none'}")
     data = store.get_bytes(key)
-    verify_model_bytes(store, version, data)  # never bless a model that changed since it was published
+    verify_bytes(store, version, MODEL_FILE, data)  # never bless a model that changed since it was published
     previous = read_champion(store)
     metrics, classes = None, None
     if store.exists(version_key(version, "metrics.json")):

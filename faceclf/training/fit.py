@@ -134,12 +134,13 @@ def _restore(tr: Trainer, last: dict[str, Any], generator: torch.Generator) -> N
 
 
 def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit, run_dir: Path, resume: bool = False,
-        version: str | None = None) -> FitResult:
+        version: str | None = None, init_state: dict[str, torch.Tensor] | None = None) -> FitResult:
     """Train until cfg.train.epochs or until val loss has not improved for cfg.train.patience epochs.
 
     Keeps the best-val-loss weights in run_dir/checkpoint.pt and the latest state in run_dir/last.pt;
     with ``resume`` it continues from last.pt and reaches the same result as an uninterrupted run.
-    ``version`` names the model (default: a new time-sortable one).
+    ``version`` names the model (default: a new time-sortable one). ``init_state`` (weights of a model of
+    the same classes and architecture) replaces the random initialisation: a warm start.
     """
     device = resolve_device(cfg.train.device)
     if cfg.train.num_threads > 0:
@@ -147,6 +148,8 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
     generator = seed_everything(cfg.train.seed)
     steps = math.ceil(len(train.labels) / cfg.train.batch_size)
     tr = make_trainer(cfg, steps, device)
+    if init_state is not None and not resume:  # a resumed run continues from last.pt's weights
+        tr.model.load_state_dict(init_state)
     train = split_on_device(train, device)
     history: list[dict[str, Any]] = []
     best_val_loss, best_epoch, version, start = math.inf, -1, version or new_version(), 0

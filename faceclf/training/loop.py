@@ -55,6 +55,23 @@ class Trainer:
     amp_dtype: torch.dtype | None      # None: full fp32
     scaler: torch.amp.GradScaler | None
     memory_format: torch.memory_format = torch.contiguous_format
+    class_weighting: str = "none"      # "balanced": training loss weighted by inverse class frequency
+
+    def loss_weight(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Per-class weights (C,) of the training loss on ``self.device``, from the training labels (N,).
+
+        None for "none". "balanced": n / (C * n_c) (sklearn's "balanced"), so every class weighs as much
+        in total as it would with n / C images, and a balanced set gets weights of exactly 1. Only the
+        training loss uses them; validation and test losses stay unweighted, so early stopping and the
+        metrics keep their meaning. A class with no training image gets n / C (it never occurs in a
+        batch; runs stop before training in that case anyway) instead of a division by zero.
+        """
+        if self.class_weighting == "none":
+            return None
+        num_classes = self.model.cfg.num_classes
+        counts = torch.bincount(labels.reshape(-1).cpu(), minlength=num_classes).to(torch.float64)  # (C,)
+        weight = counts.sum() / (num_classes * counts.clamp(min=1))
+        return weight.to(torch.float32).to(self.device)
 
     def autocast(self):
         """Mixed-precision context when ``amp_dtype`` is set, a no-op otherwise."""
@@ -122,7 +139,7 @@ def make_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device) -> 
     amp_dtype = amp_dtype_for(device, cfg.train.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # fp16 gradients underflow
     return Trainer(model, opt, sched, Preprocess.from_config(cfg.data), cfg.data.max_rotation_deg, cfg.data.hflip_prob,
-                   device, cfg.train.batch_size, amp_dtype, scaler, memory_format)
+                   device, cfg.train.batch_size, amp_dtype, scaler, memory_format, cfg.train.class_weighting)
 
 
 def split_on_device(split: TensorSplit, device: torch.device, max_share: float = 0.25) -> TensorSplit:
@@ -140,10 +157,17 @@ def split_on_device(split: TensorSplit, device: torch.device, max_share: float =
 
 
 def train_one_epoch(tr: Trainer, split: TensorSplit, generator: torch.Generator) -> float:
-    """One pass over the training split in shuffled batches; returns the mean training NLL."""
+    """One pass over the training split in shuffled batches; returns the mean training NLL.
+
+    With class weights (``tr.class_weighting == "balanced"``, weights from this split's label counts) each
+    batch's loss is the weighted sum divided by the sum of its images' weights (NLLLoss's own "mean"), so
+    the step size stays that of an unweighted mean whatever the batch's class mix; the returned loss is
+    the weighted mean over the epoch. Evaluation (``evaluate``) never weights.
+    """
     tr.model.train()
-    loss_fn = nn.NLLLoss(reduction="sum")
-    total, seen = 0.0, 0
+    weight = tr.loss_weight(split.labels)  # (C,) or None
+    loss_fn = nn.NLLLoss(weight=weight, reduction="sum")
+    total, seen = 0.0, 0.0  # loss sum, and the images' weight sum (their count when unweighted)
     n = len(split.labels)
     bar = progress(total=n, desc="train", unit="img", leave=False)
     for idx in batch_indices(n, tr.batch_size, generator):
@@ -154,7 +178,8 @@ def train_one_epoch(tr: Trainer, split: TensorSplit, generator: torch.Generator)
         with tr.autocast():
             loss = loss_fn(tr.model(x).float(), y)  # log-probs (B, C) vs (B,)
         tr.optimizer.zero_grad(set_to_none=True)
-        mean_loss = loss / len(idx)
+        batch_weight = weight[y].sum() if weight is not None else len(idx)  # > 0: every weight is > 0
+        mean_loss = loss / batch_weight
         if tr.scaler is not None:
             tr.scaler.scale(mean_loss).backward()
             tr.scaler.step(tr.optimizer)
@@ -164,10 +189,10 @@ def train_one_epoch(tr: Trainer, split: TensorSplit, generator: torch.Generator)
             tr.optimizer.step()
         tr.scheduler.step()
         total += float(loss.detach())
-        seen += len(idx)
+        seen += float(batch_weight)
         bar.update(len(idx))
     bar.close()
-    return total / max(seen, 1)
+    return total / seen if seen > 0 else 0.0
 
 
 @torch.no_grad()

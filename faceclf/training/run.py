@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from faceclf.config import RunConfig
+from faceclf.dataset.cache import DecodedCache
 from faceclf.dataset.discover import discover
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.layout import SPLITS
 from faceclf.dataset.preprocess import Preprocess
-from faceclf.dataset.tensors import TensorSplit, load_split
+from faceclf.dataset.tensors import TensorSplit, load_cached_split, load_split
 from faceclf.store.atomic import (
     remove_stale_temps,
     write_json_atomic,
     write_text_atomic,
 )
+from faceclf.store.objects import Store
 from faceclf.training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
@@ -29,14 +31,20 @@ from faceclf.training.checkpoint import (
 from faceclf.training.fit import fit
 from faceclf.training.loop import evaluate, resolve_device
 from faceclf.training.plots import plot_confusion, plot_history
+from faceclf.training.warmstart import init_weights, resolve_init
 
 log = logging.getLogger(__name__)
 
 
-def load_splits(faceset: FaceSet, cfg: RunConfig) -> dict[str, TensorSplit]:
-    """Decode each split once; refuse to go on if a split lost a whole class to bad files."""
+def load_splits(faceset: FaceSet, cfg: RunConfig, cache: DecodedCache | None = None) -> dict[str, TensorSplit]:
+    """Each split: decoded once into memory, or read from the decoded cache's shards through memory maps.
+    Refuse to go on if a split lost a whole class to bad files."""
     preset = Preprocess.from_config(cfg.data)
-    loaded = {s: load_split(faceset, s, preset, cfg.data.decode_workers) for s in SPLITS}
+    if cache is not None and cache.preset.image_size != preset.image_size:
+        raise ValueError(f"the decoded cache holds {cache.preset.image_size} px images; the run wants "
+                         f"{preset.image_size} px")
+    loaded = {s: load_cached_split(faceset, s, cache) if cache is not None
+              else load_split(faceset, s, preset, cfg.data.decode_workers) for s in SPLITS}
     for s, t in loaded.items():
         present = set(t.labels.tolist())
         for i, c in enumerate(faceset.classes):
@@ -72,10 +80,14 @@ def resolve_run_config(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig
 
 
 def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
-              resume: bool = False, version: str | None = None) -> dict[str, Any]:
+              resume: bool = False, version: str | None = None, cache: DecodedCache | None = None,
+              store: Store | None = None) -> dict[str, Any]:
     """Train on ``data`` into ``run_dir`` and return the metrics written to metrics.json.
 
-    ``data`` is a FaceSet (the night's, from ingest) or a folder, which is hashed once into one.
+    ``data`` is a FaceSet (the night's, from ingest) or a folder, which is hashed once into one. With
+    ``cache`` (holding the FaceSet's images at the run's size) images are read from its shards through
+    memory maps instead of being decoded into memory. ``cfg.train.init_from`` (a checkpoint file, or a model
+    version of ``store``'s registry) warm-starts the run from those weights.
     With ``resume`` the run continues from run_dir/last.pt with run_dir/config.json (``cfg`` is ignored).
     ``version`` names the model (default: a new time-sortable version).
     """
@@ -91,10 +103,14 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
     cfg.model.__post_init__()  # re-validate after filling in data-dependent fields
     write_json_atomic(run_dir / "config.json", cfg.to_dict())
     write_text_atomic(run_dir / "splits.csv", faceset.to_csv())
-    loaded = load_splits(faceset, cfg)
+    loaded = load_splits(faceset, cfg, cache)
     n_rejected = write_rejected(run_dir / "rejected.csv", loaded)
     classes = list(faceset.classes)
-    result = fit(cfg, classes, loaded["train"], loaded["val"], run_dir, resume=resume, version=version)
+    init = None
+    if cfg.train.init_from and not resume:
+        init = init_weights(resolve_init(cfg.train.init_from, store, run_dir), classes, cfg.model)
+    result = fit(cfg, classes, loaded["train"], loaded["val"], run_dir, resume=resume, version=version,
+                 init_state=init)
     metrics = finish_run(run_dir, classes, loaded, result.best_epoch, result.device)
     metrics["data"] = {"counts": {s: len(loaded[s].labels) for s in SPLITS}, "duplicates_dropped": faceset.duplicates,
                        "conflicts_dropped": len(faceset.conflicts), "rejected": n_rejected, "presplit": faceset.presplit}

@@ -1,0 +1,261 @@
+"""The decoded-image cache: every image decoded once per image size, kept in uint8 shard files.
+
+    <face_dir>-decoded/<size>/catalog.json           shards (name, sha256 of the file, image sha256 per row)
+                              shard-<sha256[:16]>.npy uint8 (rows, 3, S, S), written once, never changed
+    s3://BUCKET/datasets/face/decoded/<size>/...       the same files, mirrored (catalog.json written last)
+
+A night decodes only the images its FaceSet holds that no shard holds yet, appends them as new shards,
+and trains from memory maps of the shards. A shard whose bytes do not match its checksum is reported,
+dropped and its images decoded again. A shard is hashed when it was written or fetched and again
+whenever its size or modification time changed since (``verify(full=True)`` hashes every shard), so a
+night costs what is new, not the size of the cache. Every file is written to a temporary name and renamed into
+place, and the catalog is rewritten after the shard it names: a killed write leaves the cache usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from faceclf.config import CacheConfig
+from faceclf.dataset.faceset import FaceImage, FaceSet
+from faceclf.dataset.layout import sha256_file
+from faceclf.dataset.preprocess import Preprocess
+from faceclf.progress import progress
+from faceclf.store.atomic import remove_stale_temps, write_atomic, write_json_atomic
+from faceclf.store.objects import Store
+
+log = logging.getLogger(__name__)
+
+CATALOG = "catalog.json"
+VERIFIED = "verified.json"   # local only: shard name -> [size, mtime_ns] when its checksum last matched
+FORMAT = 1
+REMOTE_PREFIX = "datasets/face/decoded/"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard file: its name, the sha256 of its bytes, and the image (sha256) held in each row."""
+
+    name: str
+    sha256: str
+    rows: tuple[str, ...]
+
+
+@dataclass
+class CacheReport:
+    """What bringing the cache up to date did."""
+
+    image_size: int
+    shards: int = 0                   # shards held after the update
+    images: int = 0                   # images decodable from the cache
+    decoded: int = 0                  # images decoded tonight (not in any shard yet)
+    downloaded: int = 0               # shards fetched from the store instead of decoding
+    uploaded: int = 0                 # shards mirrored to the store
+    rebuilt: list[str] = field(default_factory=list)   # shards dropped for a checksum mismatch
+    rejected: dict[str, str] = field(default_factory=dict)  # image sha256 -> why it does not decode
+
+
+def parse_catalog(catalog: dict[str, Any], image_size: int, where: str) -> tuple[list[Shard], dict[str, str]]:
+    """(shards, rejected images) of a catalog; ValueError if it is not a cache of ``image_size`` px images."""
+    if catalog.get("format") != FORMAT or catalog.get("image_size") != image_size:
+        raise ValueError(f"{where} is not a format-{FORMAT} cache of {image_size} px images")
+    shards = [Shard(s["name"], s["sha256"], tuple(s["rows"])) for s in catalog["shards"]]
+    return shards, dict(catalog.get("rejected", {}))
+
+
+def cache_folder(face_dir: Path, image_size: int) -> Path:
+    """The cache of ``face_dir`` for one image size: next to face/, not inside it."""
+    return face_dir.parent / f"{face_dir.name}-decoded" / str(image_size)
+
+
+class DecodedCache:
+    """The shards of one image size in ``folder`` and their catalog."""
+
+    def __init__(self, folder: Path, preset: Preprocess, cfg: CacheConfig | None = None):
+        self.folder, self.preset, self.cfg = Path(folder), preset, cfg or CacheConfig()
+        self.shards: list[Shard] = []
+        self.rejected: dict[str, str] = {}
+        self.verified: dict[str, list[int]] = {}
+        self._read_catalog()
+
+    # --- the catalog --------------------------------------------------------------------------
+    def _read_catalog(self) -> None:
+        path = self.folder / CATALOG
+        if path.is_file():
+            self.shards, self.rejected = parse_catalog(json.loads(path.read_text()), self.preset.image_size, str(path))
+        if (self.folder / VERIFIED).is_file():
+            self.verified = json.loads((self.folder / VERIFIED).read_text())
+
+    def catalog(self) -> dict[str, Any]:
+        """The catalog as JSON-ready data."""
+        return {"format": FORMAT, "image_size": self.preset.image_size, "rejected": self.rejected,
+                "shards": [{"name": s.name, "sha256": s.sha256, "rows": list(s.rows)} for s in self.shards]}
+
+    def _write_catalog(self) -> None:
+        write_json_atomic(self.folder / CATALOG, self.catalog())
+
+    def locate(self) -> dict[str, tuple[int, int]]:
+        """image sha256 -> (shard index, row) for every image the cache holds."""
+        return {sha: (i, r) for i, s in enumerate(self.shards) for r, sha in enumerate(s.rows)}
+
+    # --- checking and decoding -----------------------------------------------------------------
+    def verify(self, full: bool = False) -> list[str]:
+        """Drop the shards whose file is missing or whose bytes do not match their checksum; their
+        images are decoded again by ``add``. Returns the names of the dropped shards.
+
+        A shard whose size and modification time are those recorded when its checksum last matched is
+        not hashed again, unless ``full``.
+        """
+        bad = [s for s in self.shards if not self._intact(s, full)]
+        self._write_verified()
+        for s in bad:
+            log.warning("decoded-image shard %s is missing or its checksum does not match: rebuilding its %d "
+                        "images", self.folder / s.name, len(s.rows))
+            (self.folder / s.name).unlink(missing_ok=True)
+        if bad:
+            self.shards = [s for s in self.shards if s not in bad]
+            self._write_catalog()
+        return [s.name for s in bad]
+
+    def _intact(self, shard: Shard, full: bool) -> bool:
+        path = self.folder / shard.name
+        if not path.is_file():
+            return False
+        if not full and self.verified.get(shard.name) == self._stamp(path):
+            return True
+        if sha256_file(path) != shard.sha256:
+            self.verified.pop(shard.name, None)
+            return False
+        self.verified[shard.name] = self._stamp(path)
+        return True
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def _write_verified(self) -> None:
+        held = {s.name for s in self.shards}
+        self.verified = {k: v for k, v in self.verified.items() if k in held}
+        write_json_atomic(self.folder / VERIFIED, self.verified)
+
+    def missing(self, faceset: FaceSet) -> list[FaceImage]:
+        """The FaceSet's images that no shard holds and that were not found undecodable before."""
+        held = set(self.locate()) | set(self.rejected)
+        seen: set[str] = set()
+        todo = []
+        for image in faceset.images:
+            if image.sha256 not in held and image.sha256 not in seen:
+                seen.add(image.sha256)
+                todo.append(image)
+        return todo
+
+    def add(self, faceset: FaceSet, images: Sequence[FaceImage]) -> int:
+        """Decode ``images`` (files of ``faceset``) into new shards of at most ``shard_images`` rows; returns
+        how many decoded. The catalog is rewritten after each shard, so a killed run keeps what it wrote."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.folder)
+        done = 0
+        bar = progress(total=len(images), desc=f"decode {self.preset.image_size}px", unit="img", leave=False)
+        with ThreadPoolExecutor(max(1, self.cfg.decode_workers)) as pool:
+            for start in range(0, len(images), self.cfg.shard_images):
+                chunk = images[start:start + self.cfg.shard_images]
+                results = list(pool.map(self.preset.try_decode, [faceset.file(i) for i in chunk]))
+                self._append(chunk, results)
+                done += len(chunk)
+                bar.update(len(chunk))
+        bar.close()
+        return done
+
+    def _append(self, chunk: Sequence[FaceImage], results: list[np.ndarray | str]) -> None:
+        """Write one shard of the decoded images of ``chunk`` and record the ones that did not decode."""
+        good = [(img, arr) for img, arr in zip(chunk, results) if not isinstance(arr, str)]
+        for img, arr in zip(chunk, results):
+            if isinstance(arr, str):
+                log.warning("skipped %s: %s", img.path, arr)
+                self.rejected[img.sha256] = arr
+        if good:
+            stacked = np.ascontiguousarray(np.stack([a for _, a in good]).transpose(0, 3, 1, 2))  # (N, 3, S, S)
+            buf = io.BytesIO()
+            np.save(buf, stacked, allow_pickle=False)
+            data = buf.getvalue()
+            digest = hashlib.sha256(data).hexdigest()
+            name = f"shard-{digest[:16]}.npy"
+            write_atomic(self.folder / name, lambda p: p.write_bytes(data))
+            self.shards.append(Shard(name, digest, tuple(img.sha256 for img, _ in good)))
+            self.verified[name] = self._stamp(self.folder / name)  # hashed as it was written
+            self._write_verified()
+        self._write_catalog()
+
+    def open(self, index: int) -> np.ndarray:
+        """Shard ``index`` as a read-only memory map, uint8 (rows, 3, S, S)."""
+        return np.load(self.folder / self.shards[index].name, mmap_mode="r", allow_pickle=False)
+
+    # --- the mirror in the store ---------------------------------------------------------------
+    def remote(self, name: str = "") -> str:
+        """Key of ``name`` in the store's mirror of this image size."""
+        return f"{REMOTE_PREFIX}{self.preset.image_size}/{name}"
+
+    def pull(self, store: Store) -> int:
+        """Fetch the shards the store's mirror holds and this cache lacks (checksum-checked, so a bad
+        download is skipped and decoded instead); returns how many were fetched."""
+        try:
+            remote = json.loads(store.get_bytes(self.remote(CATALOG)))
+        except FileNotFoundError:
+            return 0
+        shards, rejected = parse_catalog(remote, self.preset.image_size, store.uri(self.remote(CATALOG)))
+        held, fetched = {s.name for s in self.shards}, 0
+        for shard in (s for s in shards if s.name not in held):
+            data = store.get_bytes(self.remote(shard.name))
+            if hashlib.sha256(data).hexdigest() != shard.sha256:
+                log.warning("%s does not match its checksum: not used (its images are decoded here)",
+                            store.uri(self.remote(shard.name)))
+                continue
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.folder / shard.name, lambda p, d=data: p.write_bytes(d))
+            self.shards.append(shard)
+            self.verified[shard.name] = self._stamp(self.folder / shard.name)
+            fetched += 1
+        self.rejected.update(rejected)
+        if fetched:
+            self._write_catalog()
+        return fetched
+
+    def push(self, store: Store) -> int:
+        """Upload the shards the mirror lacks, then the catalog (last); returns how many shards went up."""
+        sent = 0
+        for shard in self.shards:  # a shard never changes once written: one that is there is whole
+            if not store.exists(self.remote(shard.name)):
+                store.put_file(self.remote(shard.name), self.folder / shard.name)
+                sent += 1
+        store.put_bytes(self.remote(CATALOG), (json.dumps(self.catalog()) + "\n").encode())
+        return sent
+
+
+def update_cache(faceset: FaceSet, face_dir: Path, preset: Preprocess, store: Store | None = None,
+                 cfg: CacheConfig | None = None) -> tuple[DecodedCache, CacheReport]:
+    """Bring the cache of ``face_dir`` at ``preset``'s size up to date with ``faceset``: fetch the mirror's
+    shards, drop corrupt ones, decode what is still missing, mirror the result."""
+    cache = DecodedCache(cache_folder(face_dir, preset.image_size), preset, cfg)
+    report = CacheReport(preset.image_size)
+    if store is not None:
+        report.downloaded = cache.pull(store)
+    report.rebuilt = cache.verify()
+    report.decoded = cache.add(faceset, cache.missing(faceset))
+    if store is not None:
+        report.uploaded = cache.push(store)
+    report.shards, report.images = len(cache.shards), sum(len(s.rows) for s in cache.shards)
+    report.rejected = {i.sha256: cache.rejected[i.sha256] for i in faceset.images if i.sha256 in cache.rejected}
+    log.info("decoded cache %s: %d shards, %d images; decoded %d, downloaded %d shards, uploaded %d, rebuilt %s",
+             cache.folder, report.shards, report.images, report.decoded, report.downloaded, report.uploaded,
+             report.rebuilt or "none")
+    return cache, report
