@@ -131,10 +131,6 @@ class FaceSet:
                 raise ValueError(f"class {missing[0]!r} has no images in the {s} split (images per class: "
                                  f"{counts[s]}); add more images of that class")
 
-    def with_classes(self, classes: Sequence[str]) -> "FaceSet":
-        """The same images indexed under ``classes`` (a superset, e.g. the champion's, in its order)."""
-        return FaceSet(self.root, tuple(classes), self.images, self.duplicates, self.conflicts, self.presplit)
-
     def to_csv(self) -> str:
         """splits.csv: split, class, sha256, path (as the run read it), size — to audit or reuse the split."""
         buf = io.StringIO()
