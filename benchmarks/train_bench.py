@@ -25,6 +25,7 @@ faceclf/floor <= 1.15) are stated in the notes.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -359,13 +360,14 @@ def accuracy_rows(root: Path, epochs: int | None = None) -> list[dict[str, Any]]
         for split in ("train", "val", "test"):
             trees[split] = Path(tmp) / "seed" / split
             _symlink_tree(trees[split], faceset, faceset.split(split))
-        model_cfg = _config(cfg.data.image_size, len(faceset.classes))
+        resolved = json.loads((Path(tmp) / "run" / "config.json").read_text())["data"]["image_size"]  # "auto" -> px
+        model_cfg = _config(resolved, len(faceset.classes))
         model_cfg.train.epochs = cfg.train.epochs
         t0 = time.perf_counter()
         seed_acc = seed_fit_accuracy(model_cfg, trees)
         sd_s = time.perf_counter() - t0
     fc_acc, n_test = metrics["test"]["accuracy"], metrics["test"]["n"]
-    where = f"face-mask, {n_test} test imgs, up to {cfg.train.epochs} epochs, best val loss weights"
+    where = f"face-mask, {n_test} test imgs @{resolved}px, up to {cfg.train.epochs} epochs, best val loss weights"
     return [
         row(NAME, "test accuracy: faceclf train_run", fc_acc, "", note=f"{where}; default RunConfig "
             f"(early stop at best epoch {metrics.get('best_epoch')}); whole run {fc_s:.0f} s incl. decode"),

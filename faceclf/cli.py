@@ -53,8 +53,8 @@ def add_config_options(p: argparse.ArgumentParser, config: type) -> list[str]:
             fixed = "..." not in str(f.type)
             kwargs.update(type=type(f.default[0]), nargs=len(f.default) if fixed else "+", default=f.default)
         else:
-            kwargs.update(type=type(f.default) if f.default is not None else str, default=f.default,
-                          choices=f.metadata["choices"])
+            kwargs.update(type=f.metadata["parse"] or (type(f.default) if f.default is not None else str),
+                          default=f.default, choices=f.metadata["choices"])
         if "default" in kwargs and not isinstance(f.default, bool) and f.default is not None:
             kwargs["help"] += f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
         p.add_argument(flag, **kwargs)

@@ -14,7 +14,10 @@ from typing import Any, Sequence
 # ---------------------------------------------------------------------------------------------
 # Defaults, in one place.
 # ---------------------------------------------------------------------------------------------
-IMAGE_SIZE = 96                       # square side fed to the CNN; every image is resized once
+IMAGE_SIZE = "auto"                   # square side fed to the CNN (every image is resized once): "auto" is the
+                                      # smaller of AUTO_MAX_SIZE and the train images' median short side; on 64 px
+                                      # faces it matched 96 px's accuracy in 0.44x the time (README); face-mask: 96
+AUTO_MAX_SIZE = 96                    # "auto" never upsamples past this; also the model's size before data sets it
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)     # train / val / test share of the content-hash space
 MEAN = (0.485, 0.456, 0.406)          # per-channel normalisation (ImageNet statistics)
 STD = (0.229, 0.224, 0.225)
@@ -76,12 +79,26 @@ TOLERANCE = 0.0                       # candidate accuracy may trail the champio
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def option(default: Any, help: str, flag: str | None = None, choices: Sequence[str] | None = None) -> Any:
-    """A config field that is also a command-line option: its default, help text and (optional) flag name.
+def option(default: Any, help: str, flag: str | None = None, choices: Sequence[str] | None = None,
+           parse: Any = None) -> Any:
+    """A config field that is also a command-line option: its default, help text, (optional) flag name,
+    choices and parser of the option's text (default: the type of the default value).
 
     ``faceclf.cli`` builds its options from these, so the CLI never holds a copy of a default.
     """
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "parse": parse})
+
+
+def size_or_auto(text: str) -> int | str:
+    """An image size option: a number of pixels, or "auto"."""
+    return text if text == "auto" else int(text)
+
+
+def auto_image_size(median_short_side: float, conv_blocks: int) -> int:
+    """The "auto" image size: the median short side of the train images, at most AUTO_MAX_SIZE, rounded down
+    to a multiple of 2 ** conv_blocks (each block halves the side) and at least 16."""
+    step = 2 ** conv_blocks
+    return max(16, step, int(min(AUTO_MAX_SIZE, median_short_side)) // step * step)
 
 
 def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -96,7 +113,9 @@ def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, flo
 class DataConfig:
     """How images are found, split and preprocessed."""
 
-    image_size: int = option(IMAGE_SIZE, "square side the images are resized to (the CNN's input)")
+    image_size: int | str = option(IMAGE_SIZE, "square side the images are resized to (the CNN's input), or "
+                                   f"auto: the train images' median short side, at most {AUTO_MAX_SIZE}",
+                                   parse=size_or_auto)
     split_fractions: tuple[float, float, float] = option(SPLIT_FRACTIONS, "train / val / test shares of a folder "
                                                          "of class folders", flag="--split")
     mean: tuple[float, float, float] = MEAN
@@ -106,8 +125,8 @@ class DataConfig:
     decode_workers: int = option(DECODE_WORKERS, "image decoding threads", flag="--workers")
 
     def __post_init__(self) -> None:
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        if self.image_size != "auto" and (not isinstance(self.image_size, int) or self.image_size < 16):
+            raise ValueError(f"image_size must be an integer >= 16 or 'auto', got {self.image_size!r}")
         self.split_fractions = check_split_fractions(self.split_fractions)
         self.mean = tuple(self.mean)  # type: ignore[assignment]
         self.std = tuple(self.std)  # type: ignore[assignment]
@@ -118,7 +137,7 @@ class ModelConfig:
     """Shape of the custom CNN; stored in every checkpoint so the model can be rebuilt."""
 
     num_classes: int = 2
-    image_size: int = IMAGE_SIZE
+    image_size: int = AUTO_MAX_SIZE   # set from the data's resolved image_size by every run
     in_channels: int = 3
     conv_channels: tuple[int, ...] = option(CONV_CHANNELS, "conv block widths", flag="--channels")
     fc_hidden: int = option(FC_HIDDEN, "width of the hidden fully connected layer")
@@ -132,7 +151,7 @@ class ModelConfig:
         if not self.conv_channels:
             raise ValueError("conv_channels must name at least one block")
         min_size = 2 ** len(self.conv_channels)
-        if self.image_size % min_size:
+        if isinstance(self.image_size, int) and self.image_size % min_size:  # "auto": set from the data later
             raise ValueError(
                 f"image_size {self.image_size} must be a multiple of {min_size} "
                 f"(2 ** {len(self.conv_channels)} pooling blocks)"

@@ -22,7 +22,7 @@ from prefect.cache_policies import NONE
 
 from faceclf.config import GateConfig, NightConfig, RunConfig, with_overrides
 from faceclf.dataset.cache import CacheReport
-from faceclf.dataset.faceset import FaceSet
+from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.ingest import IngestReport
 from faceclf.nightly import night, runs
 from faceclf.nightly.gate import Decision, decide
@@ -159,7 +159,7 @@ def skip_night(reason: str, report: IngestReport, champion: ChampionRef | None) 
 def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "runs",
           min_accuracy: float = _GATE.min_accuracy, min_class_accuracy: float = _GATE.min_class_accuracy,
           tolerance: float = _GATE.tolerance, epochs: int = _RUN.train.epochs,
-          image_size: int = _RUN.data.image_size, batch_size: int = _RUN.train.batch_size,
+          image_size: int | str = _RUN.data.image_size, batch_size: int = _RUN.train.batch_size,
           seed: int = _RUN.train.seed, conv_channels: list[int] | None = None, learning_rate: float | None = None,
           allow_new_classes: bool = _NIGHT.allow_new_classes, min_new_images: int = _NIGHT.min_new_images,
           force: bool = _NIGHT.force, warm_start: bool = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs, class_weighting: str = _RUN.train.class_weighting) -> dict[str, Any]:
@@ -180,6 +180,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         report = ingest_images(location, face_dir)
         champion = read_champion(location)
         check_data(report.faceset, champion, night_cfg.allow_new_classes)
+        run_cfg = resolve_image_size(run_cfg, report.faceset)  # "auto": from tonight's train images
         if night_cfg.warm_start:
             run_cfg = night.warm_start(run_cfg, champion, report.faceset, night_cfg.warm_epochs)
         cfg = run_cfg.to_dict()

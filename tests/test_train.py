@@ -204,3 +204,16 @@ def test_balanced_class_weighting_trains_on_an_imbalanced_set(faces: Path, tmp_p
         losses[weighting] = [float(r["train_loss"]) for r in _history(tmp_path / weighting)]
     assert all(math.isfinite(v) for v in losses["balanced"])
     assert losses["balanced"] != losses["none"]  # the weights reached the loss
+
+
+def test_auto_image_size_is_the_median_short_side_at_most_96(faces: Path, tmp_path: Path) -> None:
+    from faceclf.config import auto_image_size
+
+    assert [auto_image_size(m, 4) for m in (320, 96, 95, 64, 50, 10)] == [96, 96, 80, 64, 48, 16]
+    assert auto_image_size(50, 2) == 48 and auto_image_size(30, 2) == 28
+    cfg = tiny_config(epochs=1)
+    cfg.data.image_size = "auto"
+    metrics = train_run(faces, tmp_path / "run", cfg)  # the sample faces are 48 px: no upsampling to 96
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["image_size"] == saved["model"]["image_size"] == 48 and metrics["test"]["n"] > 0
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["image_size"] == 48

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+from PIL import Image
+
 from faceclf.dataset.faceset import FaceImage, FaceSet, ordered
 from faceclf.dataset.layout import (
     SPLITS,
@@ -39,8 +41,18 @@ def hash_images(root: Path, folder: Path, classes: Sequence[str], split: str, wo
     with ThreadPoolExecutor(max(1, workers)) as pool:
         hashes = list(progress(pool.map(sha256_file, [p for _, p in found]), total=len(found), desc="hash",
                                unit="img", leave=False))
-    return [FaceImage(h, c, split, p.relative_to(root).as_posix(), p.stat().st_size)
-            for (c, p), h in zip(found, hashes)]
+        sides = list(pool.map(short_side, [p for _, p in found]))
+    return [FaceImage(h, c, split, p.relative_to(root).as_posix(), p.stat().st_size, s)
+            for (c, p), h, s in zip(found, hashes, sides)]
+
+
+def short_side(path: Path) -> int:
+    """The shorter side of an image file, read from its header (no pixel is decoded); 0 if unreadable."""
+    try:
+        with Image.open(path) as img:
+            return min(img.size)
+    except Exception:  # noqa: BLE001 - a bad file is reported when it is decoded; its size is just unknown
+        return 0
 
 
 def deduplicate(images: list[FaceImage]) -> tuple[list[FaceImage], int, list[str]]:
@@ -95,5 +107,6 @@ def _split_by_hash(root: Path, fractions: Sequence[float], workers: int) -> Face
     """Class folders: duplicates dropped, then each image placed by its content hash."""
     classes = find_classes(root)
     kept, dup, conflicts = deduplicate(hash_images(root, root, classes, "train", workers))
-    images = [FaceImage(i.sha256, i.label, split_of(i.sha256, fractions), i.path, i.size) for i in kept]
+    images = [FaceImage(i.sha256, i.label, split_of(i.sha256, fractions), i.path, i.size, i.short_side)
+              for i in kept]
     return FaceSet(root, tuple(classes), ordered(images), dup, tuple(conflicts), False)

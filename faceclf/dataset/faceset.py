@@ -11,12 +11,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, overload
 
+from faceclf.config import RunConfig, auto_image_size, with_overrides
 from faceclf.dataset.layout import SPLITS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class FaceImage:
     split: str      # 'train', 'val' or 'test'
     path: str
     size: int       # bytes
+    short_side: int = 0   # pixels of the shorter side, from the file's header (0: not known)
 
 
 class ImageIndex(Sequence[FaceImage]):
@@ -113,6 +118,14 @@ class FaceSet:
         """Images per class over all splits."""
         return {c: sum(per[c] for per in self.counts().values()) for c in self.classes}
 
+    def median_short_side(self, split: str = "train") -> float:
+        """The median short side (pixels) of a split's images whose size is known; 0 when none is."""
+        sides = sorted(i.short_side for i in self.split(split) if i.short_side)
+        if not sides:
+            return 0.0
+        mid = len(sides) // 2
+        return float(sides[mid]) if len(sides) % 2 else (sides[mid - 1] + sides[mid]) / 2
+
     def fingerprint(self) -> str:
         """sha256 over every image's split, class and content hash: equal exactly when the data is."""
         lines = sorted(f"{i.split}/{i.label}/{i.sha256}" for i in self.images)
@@ -152,6 +165,20 @@ def from_manifest(rows: Iterable[dict[str, Any]], root: Path, missing: Iterable[
     holds each file's sha256, class, split and size.
     """
     gone = set(missing)
-    images = [FaceImage(r["sha256"], r["class"], r["split"], r["path"], int(r["size"]))
+    images = [FaceImage(r["sha256"], r["class"], r["split"], r["path"], int(r["size"]),
+                        min(int(r.get("width", 0)), int(r.get("height", 0))))
               for r in rows if r.get("status", "ok") == "ok" and r["path"] not in gone]
     return FaceSet(Path(root), tuple(sorted({i.label for i in images})), ordered(images))
+
+
+def resolve_image_size(cfg: RunConfig, faceset: FaceSet) -> RunConfig:
+    """``cfg`` with image_size "auto" replaced by the size the FaceSet's train images call for (their median
+    short side, at most 96, a multiple of the pooling steps); any other image_size as it is."""
+    if cfg.data.image_size != "auto":
+        return cfg
+    median = faceset.median_short_side("train")
+    if not median:
+        raise ValueError("image_size auto: the sizes of the train images are not known; give a number of pixels")
+    size = auto_image_size(median, len(cfg.model.conv_channels))
+    log.info("image_size auto: %d px (median short side of the train images %.0f px)", size, median)
+    return with_overrides(cfg, image_size=size)

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from faceclf.config import IMAGE_SIZE, MEAN, STD, DataConfig
+from faceclf.config import AUTO_MAX_SIZE, MEAN, STD, DataConfig
 
 INPUT_FORMAT = "float32 NCHW RGB, resized to image_size x image_size, /255 then (x-mean)/std"
 
@@ -26,7 +26,7 @@ INPUT_FORMAT = "float32 NCHW RGB, resized to image_size x image_size, /255 then 
 class Preprocess:
     """Input size and per-channel normalisation of a model; travels in checkpoints and ONNX metadata."""
 
-    image_size: int = IMAGE_SIZE
+    image_size: int = AUTO_MAX_SIZE
     mean: tuple[float, float, float] = MEAN
     std: tuple[float, float, float] = STD
 

@@ -13,7 +13,7 @@ from typing import Any
 from faceclf.config import RunConfig
 from faceclf.dataset.cache import DecodedCache
 from faceclf.dataset.discover import discover
-from faceclf.dataset.faceset import FaceSet
+from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.layout import SPLITS
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import TensorSplit, load_cached_split, load_split
@@ -98,6 +98,7 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
     cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
     faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
     faceset.require_every_class()
+    cfg = resolve_image_size(cfg, faceset)
     cfg.model.num_classes = len(faceset.classes)
     cfg.model.image_size = cfg.data.image_size
     cfg.model.__post_init__()  # re-validate after filling in data-dependent fields
