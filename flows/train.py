@@ -180,9 +180,9 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         report = ingest_images(location, face_dir)
         champion = read_champion(location)
         check_data(report.faceset, champion, night_cfg.allow_new_classes)
-        run_cfg = resolve_image_size(run_cfg, report.faceset)  # "auto": from tonight's train images
-        if night_cfg.warm_start:
-            run_cfg = night.warm_start(run_cfg, champion, report.faceset, night_cfg.warm_epochs)
+        if night_cfg.warm_start:  # an "auto" size becomes the champion's: its weights fit that size only
+            run_cfg = night.warm_start(run_cfg, champion, report.faceset, night_cfg.warm_epochs, open_store(location))
+        run_cfg = resolve_image_size(run_cfg, report.faceset)  # "auto" (from scratch): tonight's train images
         cfg = run_cfg.to_dict()
         run = find_unfinished(runs_dir, report.faceset, cfg)
         if run is None:

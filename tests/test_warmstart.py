@@ -90,3 +90,22 @@ def test_a_warm_night_fine_tunes_the_champion_and_the_cli_warm_starts_from_a_ver
     tampered = faceclf("train", str(tmp_path / "gen1"), "--out", str(tmp_path / "cli2"), "--epochs", "1", *night_model,
                        "--init-from", first["version"], "--bucket", str(bucket), check=False)
     assert tampered.returncode == 2 and "refusing to use it" in tampered.stderr
+
+
+def test_a_warm_night_keeps_the_champions_image_size_when_the_size_is_auto(faces: Path, tmp_path: Path) -> None:
+    """image_size auto follows the data's median; a warm start must keep the size the champion's weights fit."""
+    from faceclf.config import RunConfig
+    from faceclf.dataset.discover import discover
+    from faceclf.nightly.night import warm_start
+    from faceclf.store.objects import LocalStore
+    from faceclf.store.registry import ChampionRef, version_key
+
+    store = LocalStore(tmp_path / "bucket")
+    version = "20260101T000000Z-abcdef"
+    store.put_bytes(version_key(version, "config.json"), json.dumps({"data": {"image_size": 32}}).encode())
+    faceset = discover(faces, (0.8, 0.1, 0.1), 2)                    # 48 px faces: auto alone would say 48
+    champion = ChampionRef(version, None, faceset.classes, {"version": version})
+    cfg = warm_start(RunConfig(), champion, faceset, 3, store)
+    assert (cfg.data.image_size, cfg.model.image_size, cfg.train.init_from, cfg.train.epochs) == (32, 32, version, 3)
+    other = ChampionRef(version, None, ("a", "b"), {"version": version})
+    assert warm_start(RunConfig(), other, faceset, 3, store).train.init_from is None   # other classes: scratch

@@ -9,6 +9,7 @@ no step walks face/ or re-reads the champion pointer.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from faceclf.store.registry import (
     publish_version,
     set_champion,
     sha256_bytes,
+    version_key,
     write_latest,
 )
 
@@ -130,9 +132,14 @@ def skipped_report(reason: str, ingest: dict[str, Any], champion: ChampionRef | 
     ])
 
 
-def warm_start(cfg: RunConfig, champion: ChampionRef | None, faceset: FaceSet, warm_epochs: int) -> RunConfig:
+def warm_start(cfg: RunConfig, champion: ChampionRef | None, faceset: FaceSet, warm_epochs: int,
+               store: Store) -> RunConfig:
     """``cfg`` set to fine-tune the champion for ``warm_epochs`` epochs; unchanged (and said why) when there is
-    no champion yet or its classes are not tonight's (a deliberate class change needs a new model)."""
+    no champion yet or its classes are not tonight's (a deliberate class change needs a new model).
+
+    An "auto" image size becomes the champion's (its weights fit that size only), so a median that moved
+    since does not refuse the warm start; a size given in pixels must match it.
+    """
     if champion is None:
         log.info("warm start: no champion yet, training from scratch")
         return cfg
@@ -140,7 +147,10 @@ def warm_start(cfg: RunConfig, champion: ChampionRef | None, faceset: FaceSet, w
         log.warning("warm start: champion %s knows classes %s, tonight's data has %s: training from scratch",
                     champion.version, list(champion.classes), list(faceset.classes))
         return cfg
-    return with_overrides(cfg, init_from=champion.version, epochs=warm_epochs)
+    size = cfg.data.image_size
+    if size == "auto":
+        size = json.loads(store.get_bytes(version_key(champion.version, "config.json")))["data"]["image_size"]
+    return with_overrides(cfg, init_from=champion.version, epochs=warm_epochs, image_size=size)
 
 
 def refresh_cache(store: Store, face_dir: Path, faceset: FaceSet, data: DataConfig) -> CacheReport:
