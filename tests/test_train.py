@@ -181,6 +181,9 @@ def test_balanced_class_weights_are_n_over_k_times_n_c() -> None:
     balanced = make_trainer(tiny_config(class_weighting="balanced"), 1, cpu)
     assert balanced.loss_weight(labels).tolist() == pytest.approx([40 / (2 * 30), 40 / (2 * 10)])
     assert balanced.loss_weight(torch.tensor([0, 1, 1, 0])).tolist() == [1.0, 1.0]  # balanced set: weights 1
+    auto = make_trainer(tiny_config(class_weighting="auto"), 1, cpu)       # the default
+    assert auto.loss_weight(labels).tolist() == pytest.approx([40 / (2 * 30), 40 / (2 * 10)])  # 3:1 > 2: weighted
+    assert auto.loss_weight(torch.tensor([0] * 20 + [1] * 10)) is None      # 2:1, not over the ratio: plain NLL
     three = tiny_config(class_weighting="balanced")
     three.model.num_classes = 3
     w = make_trainer(three, 1, cpu).loss_weight(torch.tensor([0, 0, 1]))  # class 2 has no image

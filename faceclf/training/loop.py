@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from faceclf.config import RunConfig
+from faceclf.config import IMBALANCE_RATIO, RunConfig
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import TensorSplit, augment, normalize
 from faceclf.progress import progress
@@ -60,7 +60,8 @@ class Trainer:
     def loss_weight(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Per-class weights (C,) of the training loss on ``self.device``, from the training labels (N,).
 
-        None for "none". "balanced": n / (C * n_c) (sklearn's "balanced"), so every class weighs as much
+        None for "none", and for "auto" unless the largest class has more than IMBALANCE_RATIO times the
+        images of the smallest (then "balanced"). "balanced": n / (C * n_c) (sklearn's "balanced"), so every class weighs as much
         in total as it would with n / C images, and a balanced set gets weights of exactly 1. Only the
         training loss uses them; validation and test losses stay unweighted, so early stopping and the
         metrics keep their meaning. A class with no training image gets n / C (it never occurs in a
@@ -70,6 +71,8 @@ class Trainer:
             return None
         num_classes = self.model.cfg.num_classes
         counts = torch.bincount(labels.reshape(-1).cpu(), minlength=num_classes).to(torch.float64)  # (C,)
+        if self.class_weighting == "auto" and counts.max() <= IMBALANCE_RATIO * counts.clamp(min=1).min():
+            return None
         weight = counts.sum() / (num_classes * counts.clamp(min=1))
         return weight.to(torch.float32).to(self.device)
 
