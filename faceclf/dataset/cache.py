@@ -14,7 +14,6 @@ place, and the catalog is rewritten after the shard it names: a killed write lea
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -32,6 +31,7 @@ from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
 from faceclf.store.atomic import remove_stale_temps, write_atomic, write_json_atomic
 from faceclf.store.objects import Store
+from faceclf.store.registry import sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class DecodedCache:
             buf = io.BytesIO()
             np.save(buf, stacked, allow_pickle=False)
             data = buf.getvalue()
-            digest = hashlib.sha256(data).hexdigest()
+            digest = sha256_bytes(data)
             name = f"shard-{digest[:16]}.npy"
             write_atomic(self.folder / name, lambda p: p.write_bytes(data))
             self.shards.append(Shard(name, digest, tuple(img.sha256 for img, _ in good)))
@@ -216,7 +216,7 @@ class DecodedCache:
         held, fetched = {s.name for s in self.shards}, 0
         for shard in (s for s in shards if s.name not in held):
             data = store.get_bytes(self.remote(shard.name))
-            if hashlib.sha256(data).hexdigest() != shard.sha256:
+            if sha256_bytes(data) != shard.sha256:
                 log.warning("%s does not match its checksum: not used (its images are decoded here)",
                             store.uri(self.remote(shard.name)))
                 continue

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from faceclf.dataset.cache import DecodedCache
 from faceclf.dataset.faceset import FaceImage, FaceSet
+from faceclf.dataset.layout import SPLITS
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
 
@@ -98,18 +99,27 @@ def load_split(faceset: FaceSet, split: str, preset: Preprocess, workers: int = 
     return TensorSplit(images, labels, kept, rejected)
 
 
-def load_cached_split(faceset: FaceSet, split: str, cache: DecodedCache) -> TensorSplit:
-    """One split read from the decoded cache through memory maps, in the same order as ``load_split``;
-    images the cache could not decode are listed with their reason."""
+def load_cached_splits(faceset: FaceSet, cache: DecodedCache, splits: Sequence[str] = SPLITS) -> dict[str, TensorSplit]:
+    """Splits read from the decoded cache through memory maps, in the same order as ``load_split``;
+    images the cache could not decode are listed with their reason. The cache is indexed and its shards
+    mapped once, for every split."""
     where = cache.locate()
-    records = list(faceset.split(split))
-    kept = [r for r in records if r.sha256 in where]
-    rejected = [(faceset.file(r), cache.rejected.get(r.sha256, "not in the decoded cache")) for r in records
-                if r.sha256 not in where]
-    index = np.array([where[r.sha256] for r in kept], dtype=np.int64).reshape(-1, 2)
     shards = [cache.open(i) for i in range(len(cache.shards))]
-    labels = torch.tensor([faceset.label_index(r) for r in kept], dtype=torch.int64)
-    return TensorSplit(ShardedImages(shards, index, cache.preset.image_size), labels, kept, rejected)
+    loaded = {}
+    for split in splits:
+        records = list(faceset.split(split))
+        kept = [r for r in records if r.sha256 in where]
+        rejected = [(faceset.file(r), cache.rejected.get(r.sha256, "not in the decoded cache")) for r in records
+                    if r.sha256 not in where]
+        index = np.array([where[r.sha256] for r in kept], dtype=np.int64).reshape(-1, 2)
+        labels = torch.tensor([faceset.label_index(r) for r in kept], dtype=torch.int64)
+        loaded[split] = TensorSplit(ShardedImages(shards, index, cache.preset.image_size), labels, kept, rejected)
+    return loaded
+
+
+def load_cached_split(faceset: FaceSet, split: str, cache: DecodedCache) -> TensorSplit:
+    """One split read from the decoded cache (see ``load_cached_splits``)."""
+    return load_cached_splits(faceset, cache, (split,))[split]
 
 
 def normalize(x: torch.Tensor, preset: Preprocess) -> torch.Tensor:

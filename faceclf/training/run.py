@@ -16,7 +16,7 @@ from faceclf.dataset.discover import discover
 from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.layout import SPLITS
 from faceclf.dataset.preprocess import Preprocess
-from faceclf.dataset.tensors import TensorSplit, load_cached_split, load_split
+from faceclf.dataset.tensors import TensorSplit, load_cached_splits, load_split
 from faceclf.store.atomic import (
     remove_stale_temps,
     write_json_atomic,
@@ -43,8 +43,8 @@ def load_splits(faceset: FaceSet, cfg: RunConfig, cache: DecodedCache | None = N
     if cache is not None and cache.preset.image_size != preset.image_size:
         raise ValueError(f"the decoded cache holds {cache.preset.image_size} px images; the run wants "
                          f"{preset.image_size} px")
-    loaded = {s: load_cached_split(faceset, s, cache) if cache is not None
-              else load_split(faceset, s, preset, cfg.data.decode_workers) for s in SPLITS}
+    loaded = load_cached_splits(faceset, cache) if cache is not None else \
+        {s: load_split(faceset, s, preset, cfg.data.decode_workers) for s in SPLITS}
     for s, t in loaded.items():
         present = set(t.labels.tolist())
         for i, c in enumerate(faceset.classes):
