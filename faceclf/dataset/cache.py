@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from faceclf.config import CacheConfig
-from faceclf.dataset.faceset import FaceImage, FaceSet
+from faceclf.dataset.faceset import FaceImage, FaceSet, ImageIndex
 from faceclf.dataset.layout import sha256_file
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
@@ -41,13 +41,33 @@ FORMAT = 1
 REMOTE_PREFIX = "datasets/face/decoded/"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Shard:
-    """One shard file: its name, the sha256 of its bytes, and the image (sha256) held in each row."""
+    """One shard file: its name, the sha256 of its bytes, and the image held in each row (hex sha256,
+    bytes dtype S64: 64 bytes per image instead of a Python string each)."""
 
     name: str
     sha256: str
-    rows: tuple[str, ...]
+    rows: np.ndarray
+
+
+@dataclass(frozen=True)
+class CacheIndex:
+    """Where each cached image is: image sha256s sorted, with the shard and row of each (numpy columns,
+    so looking up a split of N images costs a few arrays of N, not a dict entry per image)."""
+
+    sha256: np.ndarray     # S64 (M,), sorted
+    shard: np.ndarray      # int64 (M,)
+    row: np.ndarray        # int64 (M,)
+
+    def lookup(self, sha256: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found, where) for hex digests ``sha256`` (S64 (N,)): bool (N,), and int64 (K, 2) shard and row
+        of each found one, in order."""
+        pos = np.searchsorted(self.sha256, sha256)
+        pos = np.minimum(pos, max(len(self.sha256) - 1, 0))
+        found = (self.sha256[pos] == sha256) if len(self.sha256) else np.zeros(len(sha256), dtype=bool)
+        hit = pos[found]
+        return found, np.stack([self.shard[hit], self.row[hit]], axis=1).reshape(-1, 2)
 
 
 @dataclass
@@ -68,7 +88,7 @@ def parse_catalog(catalog: dict[str, Any], image_size: int, where: str) -> tuple
     """(shards, rejected images) of a catalog; ValueError if it is not a cache of ``image_size`` px images."""
     if catalog.get("format") != FORMAT or catalog.get("image_size") != image_size:
         raise ValueError(f"{where} is not a format-{FORMAT} cache of {image_size} px images")
-    shards = [Shard(s["name"], s["sha256"], tuple(s["rows"])) for s in catalog["shards"]]
+    shards = [Shard(s["name"], s["sha256"], np.array(s["rows"], dtype="S64")) for s in catalog["shards"]]
     return shards, dict(catalog.get("rejected", {}))
 
 
@@ -98,14 +118,21 @@ class DecodedCache:
     def catalog(self) -> dict[str, Any]:
         """The catalog as JSON-ready data."""
         return {"format": FORMAT, "image_size": self.preset.image_size, "rejected": self.rejected,
-                "shards": [{"name": s.name, "sha256": s.sha256, "rows": list(s.rows)} for s in self.shards]}
+                "shards": [{"name": s.name, "sha256": s.sha256, "rows": np.char.decode(s.rows).tolist()}
+                           for s in self.shards]}
 
     def _write_catalog(self) -> None:
         write_json_atomic(self.folder / CATALOG, self.catalog())
 
-    def locate(self) -> dict[str, tuple[int, int]]:
-        """image sha256 -> (shard index, row) for every image the cache holds."""
-        return {sha: (i, r) for i, s in enumerate(self.shards) for r, sha in enumerate(s.rows)}
+    def locate(self) -> CacheIndex:
+        """The shard and row of every image the cache holds."""
+        if not self.shards:
+            return CacheIndex(np.zeros(0, dtype="S64"), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        sha = np.concatenate([s.rows for s in self.shards])
+        shard = np.concatenate([np.full(len(s.rows), i, dtype=np.int64) for i, s in enumerate(self.shards)])
+        row = np.concatenate([np.arange(len(s.rows), dtype=np.int64) for s in self.shards])
+        order = np.argsort(sha, kind="stable")
+        return CacheIndex(sha[order], shard[order], row[order])
 
     # --- checking and decoding -----------------------------------------------------------------
     def verify(self, full: bool = False) -> list[str]:
@@ -148,16 +175,17 @@ class DecodedCache:
         self.verified = {k: v for k, v in self.verified.items() if k in held}
         write_json_atomic(self.folder / VERIFIED, self.verified)
 
-    def missing(self, faceset: FaceSet) -> list[FaceImage]:
-        """The FaceSet's images that no shard holds and that were not found undecodable before."""
-        held = set(self.locate()) | set(self.rejected)
-        seen: set[str] = set()
-        todo = []
-        for image in faceset.images:
-            if image.sha256 not in held and image.sha256 not in seen:
-                seen.add(image.sha256)
-                todo.append(image)
-        return todo
+    def missing(self, faceset: FaceSet) -> ImageIndex:
+        """The FaceSet's images that no shard holds and that were not found undecodable before (one per
+        sha256, in the FaceSet's order)."""
+        shas = faceset.images.sha256s
+        found, _ = self.locate().lookup(shas)
+        if self.rejected:
+            found |= np.isin(shas, np.array(list(self.rejected), dtype="S64"))
+        _, first = np.unique(shas, return_index=True)
+        todo = np.zeros(len(shas), dtype=bool)
+        todo[first] = True                      # the first of byte-identical copies
+        return faceset.images.take(todo & ~found)
 
     def add(self, faceset: FaceSet, images: Sequence[FaceImage]) -> int:
         """Decode ``images`` (files of ``faceset``) into new shards of at most ``shard_images`` rows; returns
@@ -191,7 +219,7 @@ class DecodedCache:
             digest = sha256_bytes(data)
             name = f"shard-{digest[:16]}.npy"
             write_atomic(self.folder / name, lambda p: p.write_bytes(data))
-            self.shards.append(Shard(name, digest, tuple(img.sha256 for img, _ in good)))
+            self.shards.append(Shard(name, digest, np.array([img.sha256 for img, _ in good], dtype="S64")))
             self.verified[name] = self._stamp(self.folder / name)  # hashed as it was written
             self._write_verified()
         self._write_catalog()
@@ -254,7 +282,8 @@ def update_cache(faceset: FaceSet, face_dir: Path, preset: Preprocess, store: St
     if store is not None:
         report.uploaded = cache.push(store)
     report.shards, report.images = len(cache.shards), sum(len(s.rows) for s in cache.shards)
-    report.rejected = {i.sha256: cache.rejected[i.sha256] for i in faceset.images if i.sha256 in cache.rejected}
+    report.rejected = {sha: cache.rejected[sha] for sha in np.char.decode(faceset.images.sha256s).tolist()
+                       if sha in cache.rejected} if cache.rejected else {}
     log.info("decoded cache %s: %d shards, %d images; decoded %d, downloaded %d shards, uploaded %d, rebuilt %s",
              cache.folder, report.shards, report.images, report.decoded, report.downloaded, report.uploaded,
              report.rebuilt or "none")

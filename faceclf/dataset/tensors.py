@@ -86,33 +86,32 @@ class TensorSplit:
 
     images: torch.Tensor | ShardedImages
     labels: torch.Tensor
-    records: list[FaceImage]
+    records: Sequence[FaceImage]        # an ImageIndex: columns, not an object per image
     rejected: list[tuple[Path, str]]
 
 
 def load_split(faceset: FaceSet, split: str, preset: Preprocess, workers: int = 4) -> TensorSplit:
     """Decode the images of one split once, dropping (and reporting) files that do not decode."""
-    records = list(faceset.split(split))
+    records = faceset.split(split)
     images, ok, rejected = decode_images([faceset.file(r) for r in records], preset, workers, f"decode {split}")
-    kept = [records[i] for i in ok]
-    labels = torch.tensor([faceset.label_index(r) for r in kept], dtype=torch.int64)
-    return TensorSplit(images, labels, kept, rejected)
+    kept = records.take(np.array(ok, dtype=np.int64))
+    return TensorSplit(images, torch.from_numpy(faceset.label_indices(kept)), kept, rejected)
 
 
 def load_cached_splits(faceset: FaceSet, cache: DecodedCache, splits: Sequence[str] = SPLITS) -> dict[str, TensorSplit]:
     """Splits read from the decoded cache through memory maps, in the same order as ``load_split``;
     images the cache could not decode are listed with their reason. The cache is indexed and its shards
-    mapped once, for every split."""
+    mapped once, for every split; the index is numpy columns (a few dozen bytes per image)."""
     where = cache.locate()
     shards = [cache.open(i) for i in range(len(cache.shards))]
     loaded = {}
     for split in splits:
-        records = list(faceset.split(split))
-        kept = [r for r in records if r.sha256 in where]
-        rejected = [(faceset.file(r), cache.rejected.get(r.sha256, "not in the decoded cache")) for r in records
-                    if r.sha256 not in where]
-        index = np.array([where[r.sha256] for r in kept], dtype=np.int64).reshape(-1, 2)
-        labels = torch.tensor([faceset.label_index(r) for r in kept], dtype=torch.int64)
+        records = faceset.split(split)
+        found, index = where.lookup(records.sha256s)          # bool (N,), int64 (K, 2)
+        kept = records.take(found)
+        rejected = [(faceset.file(r), cache.rejected.get(r.sha256, "not in the decoded cache"))
+                    for r in records.take(~found)]
+        labels = torch.from_numpy(faceset.label_indices(kept))
         loaded[split] = TensorSplit(ShardedImages(shards, index, cache.preset.image_size), labels, kept, rejected)
     return loaded
 
