@@ -17,7 +17,8 @@ from pathlib import Path
 MODULES = {"train": "benchmarks.train_bench", "score": "benchmarks.score_bench",
            "ingest": "benchmarks.ingest_bench", "night": "benchmarks.night_bench", "gpu": "benchmarks.gpu_bench",
            "imbalance": "benchmarks.imbalance_bench", "warmstart": "benchmarks.warmstart_bench",
-           "growth": "benchmarks.growth_bench", "imagesize": "benchmarks.imagesize_bench"}
+           "growth": "benchmarks.growth_bench", "imagesize": "benchmarks.imagesize_bench",
+           "ddp": "benchmarks.ddp_bench"}
 
 
 def machine() -> str:

@@ -148,7 +148,7 @@ def _gate(metrics: dict[str, Any], a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from faceclf.training.run import train_run
+    from faceclf.training.launch import train
 
     cfg = run_config_from_args(a)
     store = None
@@ -157,7 +157,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         from faceclf.store.objects import open_store
 
         store = open_store(resolve_location(a.bucket))
-    metrics = train_run(a.data, a.out, cfg, resume=a.resume, store=store)
+    metrics = train(a.data, a.out, cfg, resume=a.resume, store=store)
     print(json.dumps({"run": str(Path(a.out)), "best_epoch": metrics["best_epoch"], "device": metrics["device"],
                       "test": metrics["test"]}, indent=2))
     _gate(metrics["test"], a)

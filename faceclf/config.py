@@ -41,6 +41,10 @@ CLASS_WEIGHTING = "auto"              # balanced when the train split is imbalan
                                       # full set within one test image either way (seed noise, which on the demo's
                                       # 300 faces made balanced lose 5 of 30 test images): so weights only where
                                       # they were measured to help
+WORKERS = 1                           # training processes (DDP ranks): > 1 runs torchrun's launcher on this machine
+                                      # (one per GPU; on CPUs each gets its share of the cores), or that many Ray
+                                      # Train workers with a Ray address. 1: the plain single-process loop
+RAY_ADDRESS_ENV = "FACECLF_RAY_ADDRESS"  # default Ray cluster address for training ("local": a Ray instance here)
 IMBALANCE_RATIO = 2.0                 # "auto" weights the loss when the largest class has more than this many
                                       # times the images of the smallest (a judgement between the measured 1 and 4)
 DECODE_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -187,8 +191,16 @@ class TrainConfig:
                                   f"(balanced when the largest class has over {IMBALANCE_RATIO:g}x the images "
                                   "of the smallest, else none)",
                                   choices=CLASS_WEIGHTINGS)
+    workers: int = option(WORKERS, "training processes: DDP through torchrun's launcher on this machine (one per "
+                          "GPU; CPU processes share the cores), or Ray Train workers with --ray-address",
+                          flag="--nproc-per-node")
+    ray_address: str | None = option(None, "train on the Ray cluster at this address (host:port, ray://host:port, "
+                                     f"auto; 'local' starts Ray here; default ${RAY_ADDRESS_ENV}) with --nproc-per-node "
+                                     "workers (pip install -e '.[ray]')")
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers (--nproc-per-node) must be >= 1, got {self.workers}")
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -89,16 +89,16 @@ def refresh_cache(location: str, face_dir: str, faceset: FaceSet, cfg: dict[str,
 def train_candidate(location: str, faceset: FaceSet, face_dir: str, run: runs.NightRun, cfg: dict[str, Any]) -> RunMetrics:
     """Train on the FaceSet's train/val from the decoded cache (or continue from last.pt), evaluate on test;
     metrics.json's content. A warm start fetches the champion's checkpoint (sha256-checked) from LOCATION."""
-    from faceclf.training.run import train_run
+    from faceclf.training.launch import train
 
     if run.trained:
         return RunMetrics.from_dict(runs.read_json(run.run_dir / "metrics.json"))
     config = RunConfig.from_dict(cfg)
     try:
-        return RunMetrics.from_dict(train_run(faceset, run.run_dir, config,
-                                              resume=run.resume and (run.run_dir / "last.pt").is_file(),
-                                              version=run.version, cache=night.open_cache(Path(face_dir), config.data),
-                                              store=open_store(location)))
+        return RunMetrics.from_dict(train(faceset, run.run_dir, config,
+                                          resume=run.resume and (run.run_dir / "last.pt").is_file(),
+                                          version=run.version, cache=night.open_cache(Path(face_dir), config.data),
+                                          store=open_store(location)))
     except TrainingDiverged as e:  # a rejected night with its reason, not a bare failed run
         return RunMetrics.from_dict(night.record_divergence(run.run_dir, run.version, faceset, str(e)))
 
@@ -162,20 +162,23 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
           image_size: int | str = _RUN.data.image_size, batch_size: int = _RUN.train.batch_size,
           seed: int = _RUN.train.seed, conv_channels: list[int] | None = None, learning_rate: float | None = None,
           allow_new_classes: bool = _NIGHT.allow_new_classes, min_new_images: int = _NIGHT.min_new_images,
-          force: bool = _NIGHT.force, warm_start: bool = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs, class_weighting: str = _RUN.train.class_weighting) -> dict[str, Any]:
+          force: bool = _NIGHT.force, warm_start: bool = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs, class_weighting: str = _RUN.train.class_weighting,
+          workers: int = _RUN.train.workers, ray_address: str | None = _RUN.train.ray_address) -> dict[str, Any]:
     """One night: ingest new images, train a candidate, gate it against the champion, publish.
 
     ``bucket``: an S3 bucket name (default $FACECLF_BUCKET) or a local folder with the same layout.
     Training settings left out (or None) keep faceclf.config's defaults. A rerun after a crash resumes
     the unfinished run (same data and settings) and promotes it once. A night with fewer than
     ``min_new_images`` new images since the last published version ends after ingest ("nothing new"),
-    unless ``force``.
+    unless ``force``. ``workers`` > 1 trains in that many DDP processes on the worker's machine (torchrun's
+    launcher), or on that many Ray Train workers with ``ray_address`` (default $FACECLF_RAY_ADDRESS).
     """
     location = night.resolve_location(bucket)
     gate = GateConfig(min_accuracy, min_class_accuracy, tolerance)
     night_cfg = NightConfig(min_new_images, force, allow_new_classes, warm_start, warm_epochs)
     run_cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
-                             conv_channels=conv_channels, learning_rate=learning_rate, class_weighting=class_weighting)
+                             conv_channels=conv_channels, learning_rate=learning_rate, class_weighting=class_weighting,
+                             workers=workers, ray_address=ray_address)
     with night_lock(Path(face_dir)):  # one night at a time on this face/ folder
         report = ingest_images(location, face_dir)
         champion = read_champion(location)

@@ -32,12 +32,14 @@ from faceclf.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from faceclf.training.distributed import barrier, current, digests_of_every_rank, share
 from faceclf.training.loop import (
     Trainer,
     evaluate,
     make_trainer,
     resolve_device,
     split_on_device,
+    start_ranks_together,
     train_one_epoch,
 )
 
@@ -120,6 +122,7 @@ class FitResult:
     history: list[dict[str, Any]]
     version: str
     device: str
+    rank_digests: list[str]      # sha256 of the final weights on each rank, in rank order (one alone)
 
 
 def _restore(tr: Trainer, last: dict[str, Any], generator: torch.Generator) -> None:
@@ -141,13 +144,17 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
     with ``resume`` it continues from last.pt and reaches the same result as an uninterrupted run.
     ``version`` names the model (default: a new time-sortable one). ``init_state`` (weights of a model of
     the same classes and architecture) replaces the random initialisation: a warm start.
+
+    Under torch.distributed (torchrun, Ray Train) every rank calls this with the same arguments: each
+    trains on its part of every epoch, all agree on the validation figures, rank 0 alone writes files.
     """
     device = resolve_device(cfg.train.device)
+    part = current()
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     generator = seed_everything(cfg.train.seed)
-    steps = math.ceil(len(train.labels) / cfg.train.batch_size)
-    tr = make_trainer(cfg, steps, device)
+    steps = math.ceil(share(len(train.labels), part) / cfg.train.batch_size)
+    tr = make_trainer(cfg, steps, device, part)
     if init_state is not None and not resume:  # a resumed run continues from last.pt's weights
         tr.model.load_state_dict(init_state)
     train = split_on_device(train, device)
@@ -159,26 +166,31 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
         history, best_val_loss, best_epoch = last["history"], last["best_val_loss"], last["best_epoch"]
         version, start = last["version"], last["epoch"] + 1
         log.info("resuming %s at epoch %d (best val loss %.4f at epoch %d)", run_dir, start, best_val_loss, best_epoch)
-    log.info("training on %s: %d train / %d val images, %d epochs max", device, len(train.labels), len(val.labels), cfg.train.epochs)
-    bar = progress(range(start, cfg.train.epochs), desc="epochs", unit="epoch", initial=start, total=cfg.train.epochs)
+    start_ranks_together(tr)
+    log.info("training on %s: %d train / %d val images, %d epochs max%s", device, len(train.labels), len(val.labels),
+             cfg.train.epochs, f"; rank {part.rank} of {part.world_size}" if part.distributed else "")
+    bar = progress(range(start, cfg.train.epochs), desc="epochs", unit="epoch", initial=start, total=cfg.train.epochs,
+                   disable=not part.is_main or None)
     for epoch in bar:
         if best_epoch >= 0 and epoch - best_epoch > cfg.train.patience:
             break  # a resumed run that had already stopped early
         t0 = time.perf_counter()
         train_loss = train_one_epoch(tr, train, generator)
-        val_metrics = evaluate(tr.model, val, classes, tr.preset, device)
+        val_metrics = evaluate(tr.model, val, classes, tr.preset, device, part)
         row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_metrics["loss"], 6),
                "val_accuracy": round(val_metrics["accuracy"], 6), "lr": tr.scheduler.get_last_lr()[0],
                "seconds": round(time.perf_counter() - t0, 3)}
         history.append(row)
         if val_metrics["loss"] < best_val_loss:
             best_val_loss, best_epoch = val_metrics["loss"], epoch
-            save_checkpoint(run_dir / "checkpoint.pt",
-                            best_payload(tr, cfg, classes, epoch, best_val_loss, {"val": val_metrics}, version,
-                                         val.images[:SAMPLE_IMAGES].clone()))
-        save_checkpoint(run_dir / "last.pt", last_payload(tr, cfg, generator, version, epoch, history, best_val_loss,
-                                                          best_epoch))
-        write_history(run_dir / "history.csv", history)
+            if part.is_main:
+                save_checkpoint(run_dir / "checkpoint.pt",
+                                best_payload(tr, cfg, classes, epoch, best_val_loss, {"val": val_metrics}, version,
+                                             val.images[:SAMPLE_IMAGES].clone()))
+        if part.is_main:
+            save_checkpoint(run_dir / "last.pt", last_payload(tr, cfg, generator, version, epoch, history,
+                                                              best_val_loss, best_epoch))
+            write_history(run_dir / "history.csv", history)
         bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_metrics['loss']:.4f}", val_acc=f"{val_metrics['accuracy']:.3f}")
         log.info("epoch %d: train_loss %.4f val_loss %.4f val_acc %.4f (%.1fs)", epoch, train_loss,
                  val_metrics["loss"], val_metrics["accuracy"], row["seconds"])
@@ -189,4 +201,6 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
     if best_epoch < 0:
         raise TrainingDiverged("no epoch produced a finite validation loss; no weights were kept "
                                "(check the data and learning rate)")
-    return FitResult(best_epoch, best_val_loss, history, version, device.type)
+    digests = digests_of_every_rank(tr.model, part)
+    barrier(part)  # rank 0's files are whole before any rank goes on
+    return FitResult(best_epoch, best_val_loss, history, version, device.type, digests)

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import gc
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from faceclf.config import IMBALANCE_RATIO, RunConfig
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import TensorSplit, augment, normalize
 from faceclf.progress import progress
+from faceclf.training.distributed import Rank, gather_rows, part_of, share, sum_over_ranks, wrap
 from faceclf.training.metrics import summarize
 from faceclf.training.model import FaceCNN, build_model
 
@@ -34,10 +36,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
-    """Index batches over n items: shuffled by ``generator`` when given, else in order."""
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None,
+                  part: Rank = Rank()) -> Iterator[torch.Tensor]:
+    """Index batches over n items: shuffled by ``generator`` when given, else in order; under DDP only this
+    rank's part of that order (see faceclf.training.distributed.part_of)."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    yield from order.split(batch_size)
+    yield from part_of(order, part).split(batch_size)
 
 
 @dataclass
@@ -56,6 +60,13 @@ class Trainer:
     scaler: torch.amp.GradScaler | None
     memory_format: torch.memory_format = torch.contiguous_format
     class_weighting: str = "none"      # "balanced": training loss weighted by inverse class frequency
+    part: Rank = Rank()                # this process's rank and the world size (rank 0 of 1 alone)
+    step_model: nn.Module | None = None  # what training steps run through: DDP(model) across ranks
+
+    @property
+    def stepper(self) -> nn.Module:
+        """The module a training step calls (gradients synchronised across ranks under DDP)."""
+        return self.step_model if self.step_model is not None else self.model
 
     def loss_weight(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Per-class weights (C,) of the training loss on ``self.device``, from the training labels (N,).
@@ -129,8 +140,23 @@ def reuse_freed_memory() -> bool:
         return False
 
 
-def make_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device) -> Trainer:
-    """Build model, AdamW, one-cycle schedule and AMP/memory-layout settings for ``device``."""
+def release_memory() -> bool:
+    """Collect the garbage earlier steps of the process left (ingest's manifest rows, decode buffers, cyclic
+    objects not yet collected) and hand the freed heap back to the OS before training builds its own
+    working set; True if glibc trimmed. A night runs ingest and decoding in the process that trains, so
+    without this its training peak carried part of their peaks (memory that grew with the face set).
+    The trim is a no-op off glibc."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def make_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device, part: Rank = Rank()) -> Trainer:
+    """Build model, AdamW, one-cycle schedule and AMP/memory-layout settings for ``device``; across ranks
+    the model is wrapped in DistributedDataParallel for the training steps."""
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     if device.type == "cpu":
         reuse_freed_memory()
@@ -142,7 +168,14 @@ def make_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device) -> 
     amp_dtype = amp_dtype_for(device, cfg.train.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # fp16 gradients underflow
     return Trainer(model, opt, sched, Preprocess.from_config(cfg.data), cfg.data.max_rotation_deg, cfg.data.hflip_prob,
-                   device, cfg.train.batch_size, amp_dtype, scaler, memory_format, cfg.train.class_weighting)
+                   device, cfg.train.batch_size, amp_dtype, scaler, memory_format, cfg.train.class_weighting,
+                   part, None)
+
+
+def start_ranks_together(tr: Trainer) -> None:
+    """Wrap the model for DDP (after any warm-start or resumed weights are loaded: DDP broadcasts rank 0's
+    weights to every rank when it wraps)."""
+    tr.step_model = wrap(tr.model, tr.device, tr.part) if tr.part.distributed else None
 
 
 def split_on_device(split: TensorSplit, device: torch.device, max_share: float = 0.25) -> TensorSplit:
@@ -167,19 +200,19 @@ def train_one_epoch(tr: Trainer, split: TensorSplit, generator: torch.Generator)
     the step size stays that of an unweighted mean whatever the batch's class mix; the returned loss is
     the weighted mean over the epoch. Evaluation (``evaluate``) never weights.
     """
-    tr.model.train()
+    tr.stepper.train()
     weight = tr.loss_weight(split.labels)  # (C,) or None
     loss_fn = nn.NLLLoss(weight=weight, reduction="sum")
     total, seen = 0.0, 0.0  # loss sum, and the images' weight sum (their count when unweighted)
     n = len(split.labels)
-    bar = progress(total=n, desc="train", unit="img", leave=False)
-    for idx in batch_indices(n, tr.batch_size, generator):
+    bar = progress(total=share(n, tr.part), desc="train", unit="img", leave=False, disable=not tr.part.is_main or None)
+    for idx in batch_indices(n, tr.batch_size, generator, tr.part):
         if len(idx) < 2:  # a 1-image batch breaks batch norm statistics; it is reshuffled next epoch
             continue
         x = tr.prepare(split.images[idx], train=True, generator=generator)
         y = split.labels[idx].to(tr.device, non_blocking=True)
         with tr.autocast():
-            loss = loss_fn(tr.model(x).float(), y)  # log-probs (B, C) vs (B,)
+            loss = loss_fn(tr.stepper(x).float(), y)  # log-probs (B, C) vs (B,)
         tr.optimizer.zero_grad(set_to_none=True)
         batch_weight = weight[y].sum() if weight is not None else len(idx)  # > 0: every weight is > 0
         mean_loss = loss / batch_weight
@@ -195,27 +228,33 @@ def train_one_epoch(tr: Trainer, split: TensorSplit, generator: torch.Generator)
         seen += float(batch_weight)
         bar.update(len(idx))
     bar.close()
+    total, seen = sum_over_ranks([total, seen], tr.part)
     return total / seen if seen > 0 else 0.0
 
 
 @torch.no_grad()
 def predict_log_probs(model: nn.Module, images_u8: torch.Tensor, preset: Preprocess, device: torch.device,
-                      batch_size: int = 256) -> torch.Tensor:
-    """Eval-mode log-probabilities (N, C) for uint8 images (N, 3, S, S), computed in batches."""
+                      batch_size: int = 256, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Eval-mode log-probabilities (N, C) for uint8 images (N, 3, S, S), computed in batches; with
+    ``positions`` (K,) only for those images, (K, C)."""
     model.eval()
     out = []
     weights = next(model.parameters())
     layout = torch.channels_last if weights.dim() == 4 and weights.is_contiguous(memory_format=torch.channels_last) \
         else torch.contiguous_format  # follow the model's layout; always fp32, so metrics match the ONNX model
-    for idx in batch_indices(len(images_u8), batch_size, None):
+    for idx in (positions if positions is not None else torch.arange(len(images_u8))).split(batch_size):
         x = normalize(images_u8[idx].to(device), preset)
         out.append(model(x.contiguous(memory_format=layout)).float().cpu())
     return torch.cat(out) if out else torch.empty((0, model.cfg.num_classes))
 
 
 def evaluate(model: nn.Module, split: TensorSplit, classes: list[str], preset: Preprocess,
-             device: torch.device) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix of ``model`` on a decoded split."""
-    log_probs = predict_log_probs(model, split.images, preset, device)
+             device: torch.device, part: Rank = Rank()) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix of ``model`` on a decoded split. Across
+    ranks each predicts its part of the split and every rank gets every prediction, so all compute the
+    same figures."""
+    n = len(split.labels)
+    mine = part_of(torch.arange(n), part, pad=False)  # (K,)
+    log_probs = gather_rows(predict_log_probs(model, split.images, preset, device, positions=mine), mine, n, part)
     loss_sum = float(nn.functional.nll_loss(log_probs, split.labels, reduction="sum")) if len(split.labels) else 0.0
     return summarize(loss_sum, log_probs.argmax(dim=1), split.labels, classes)

@@ -23,13 +23,14 @@ from faceclf.store.atomic import (
     write_text_atomic,
 )
 from faceclf.store.objects import Store
+from faceclf.training.distributed import current
 from faceclf.training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
 from faceclf.training.fit import fit
-from faceclf.training.loop import evaluate, resolve_device
+from faceclf.training.loop import evaluate, release_memory, resolve_device
 from faceclf.training.plots import plot_confusion, plot_history
 from faceclf.training.warmstart import init_weights, resolve_init
 
@@ -90,11 +91,16 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
     version of ``store``'s registry) warm-starts the run from those weights.
     With ``resume`` the run continues from run_dir/last.pt with run_dir/config.json (``cfg`` is ignored).
     ``version`` names the model (default: a new time-sortable version).
+
+    Under torch.distributed every rank calls this alike; rank 0 alone writes run_dir and returns the
+    metrics, the other ranks return an empty dict once training ends.
     """
-    run_dir = Path(run_dir)
+    release_memory()
+    run_dir, part = Path(run_dir), current()
     run_dir.mkdir(parents=True, exist_ok=True)
-    for p in remove_stale_temps(run_dir):
-        log.warning("removed %s, left by an interrupted write", p)
+    if part.is_main:  # another rank must not remove rank 0's half-written files
+        for p in remove_stale_temps(run_dir):
+            log.warning("removed %s, left by an interrupted write", p)
     cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
     faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
     faceset.require_every_class()
@@ -102,17 +108,21 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
     cfg.model.num_classes = len(faceset.classes)
     cfg.model.image_size = cfg.data.image_size
     cfg.model.__post_init__()  # re-validate after filling in data-dependent fields
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    write_text_atomic(run_dir / "splits.csv", faceset.to_csv())
+    if part.is_main:
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        write_text_atomic(run_dir / "splits.csv", faceset.to_csv())
     loaded = load_splits(faceset, cfg, cache)
-    n_rejected = write_rejected(run_dir / "rejected.csv", loaded)
+    n_rejected = write_rejected(run_dir / "rejected.csv", loaded) if part.is_main else 0
     classes = list(faceset.classes)
     init = None
     if cfg.train.init_from and not resume:
         init = init_weights(resolve_init(cfg.train.init_from, store, run_dir), classes, cfg.model)
     result = fit(cfg, classes, loaded["train"], loaded["val"], run_dir, resume=resume, version=version,
                  init_state=init)
+    if not part.is_main:
+        return {}
     metrics = finish_run(run_dir, classes, loaded, result.best_epoch, result.device)
+    metrics["ranks"] = {"world_size": part.world_size, "weights_sha256": result.rank_digests}
     metrics["data"] = {"counts": {s: len(loaded[s].labels) for s in SPLITS}, "duplicates_dropped": faceset.duplicates,
                        "conflicts_dropped": len(faceset.conflicts), "rejected": n_rejected, "presplit": faceset.presplit}
     write_json_atomic(run_dir / "metrics.json", finite_or_none(metrics))

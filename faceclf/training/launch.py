@@ -1,0 +1,166 @@
+"""Training in several processes on one machine, through PyTorch's elastic launcher (torchrun's own API).
+
+    train_processes(data, run_dir, cfg, workers=N)
+        -> the data decoded once into the decoded-image cache (each rank memory-maps the same shards)
+        -> torch.distributed.launcher.elastic_launch: N processes, a c10d rendezvous on localhost
+        -> each rank: join the group (gloo on CPU, NCCL on CUDA), faceclf.training.run.train_run
+        -> rank 0's metrics; rank 0 alone wrote run_dir
+
+One process per GPU on a GPU machine; elsewhere N CPU processes, each with its share of the cores. A rank
+that dies ends the run (no restarts): the error names it, checkpoint.pt and last.pt are whole (every write
+is atomic) and `--resume` continues from last.pt. One worker is the plain single-process path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from faceclf.config import RAY_ADDRESS_ENV, RunConfig, with_overrides
+from faceclf.dataset.cache import DecodedCache
+from faceclf.dataset.discover import discover
+from faceclf.dataset.faceset import FaceSet, resolve_image_size
+from faceclf.dataset.preprocess import Preprocess
+from faceclf.store.objects import Store
+from faceclf.training.fit import TrainingDiverged, new_version
+from faceclf.training.loop import resolve_device
+from faceclf.training.run import resolve_run_config, train_run
+from faceclf.training.warmstart import resolve_init
+
+log = logging.getLogger(__name__)
+
+RUN_CACHE = "decoded"   # run_dir/decoded/<size>/: the shards of a run on a plain folder (removed at the end)
+
+
+class TrainingProcessFailed(RuntimeError):
+    """A training process (rank) died or failed; the run folder keeps last.pt for --resume."""
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_workers(workers: int, device: torch.device) -> int:
+    """How many processes to start: ``workers``, refused below 1, capped (with a warning) at one per GPU on
+    CUDA and one per core on the CPU (more would only share the same cores)."""
+    if workers < 1:
+        raise ValueError(f"--nproc-per-node (workers) must be at least 1, got {workers}")
+    limit, what = (torch.cuda.device_count(), "GPUs") if device.type == "cuda" else (usable_cores(), "CPU cores")
+    if workers > limit:
+        log.warning("%d training processes asked for, but this machine has %d %s: starting %d", workers, limit,
+                    what, limit)
+        return limit
+    return workers
+
+
+def train_processes(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
+                    workers: int = 1, resume: bool = False, version: str | None = None,
+                    cache: DecodedCache | None = None, store: Store | None = None) -> dict[str, Any]:
+    """``train_run`` in ``workers`` DDP processes on this machine; returns rank 0's metrics.
+
+    Without ``cache`` the images are decoded once into run_dir/decoded/ first (removed after a finished
+    run). A warm start's weights are fetched here, once, not by every rank.
+    """
+    run_dir = Path(run_dir)
+    cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
+    n = resolve_workers(cfg.train.workers if resume else workers, resolve_device(cfg.train.device))
+    if n == 1:
+        return train_run(data, run_dir, cfg, resume=resume, version=version, cache=cache, store=store)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
+    faceset.require_every_class()
+    cfg = resolve_image_size(cfg, faceset)
+    preset = Preprocess.from_config(cfg.data)
+    own_cache = cache is None
+    if own_cache:  # decoded once here; every rank maps the same shard files
+        cache = DecodedCache(run_dir / RUN_CACHE / str(preset.image_size), preset)
+        cache.verify()
+        cache.add(faceset, cache.missing(faceset))
+    if cfg.train.init_from and not resume:
+        cfg = with_overrides(cfg, init_from=str(resolve_init(cfg.train.init_from, store, run_dir)))
+    if resolve_device(cfg.train.device).type == "cpu" and cfg.train.num_threads == 0:
+        cfg = with_overrides(cfg, num_threads=max(1, usable_cores() // n))
+    version = version or new_version()
+    result = launch(n, (faceset, str(run_dir), cfg.to_dict(), resume, version, str(cache.folder)), run_dir)
+    if own_cache:
+        shutil.rmtree(run_dir / RUN_CACHE, ignore_errors=True)
+    return result
+
+
+def launch(n: int, args: tuple[Any, ...], run_dir: Path) -> dict[str, Any]:
+    """Run ``rank_main(*args)`` in ``n`` processes with torch's elastic launcher; rank 0's result."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"faceclf-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          start_method="spawn")
+    log.info("training in %d processes (torch elastic launch, c10d rendezvous on localhost)", n)
+    try:
+        results = elastic_launch(config, rank_main)(*args)
+    except ChildFailedError as err:
+        raise TrainingProcessFailed(describe_failure(err, run_dir)) from None
+    out = results[0]
+    if isinstance(out, dict) and "diverged" in out:
+        raise TrainingDiverged(out["diverged"])
+    return out
+
+
+def describe_failure(err: Any, run_dir: Path) -> str:
+    """One paragraph: which rank failed and how, and where the run can resume from."""
+    rank, failure = min(err.failures.items()) if err.failures else (None, None)
+    if failure is None:
+        how = "failed"
+    elif failure.exitcode < 0:
+        how = f"was killed by {failure.signal_name()}"
+    else:
+        how = f"exited with code {failure.exitcode}"
+    history = run_dir / "history.csv"
+    epochs = max(0, len(history.read_text().splitlines()) - 1) if history.is_file() else 0
+    resume = (f"{run_dir / 'last.pt'} holds {epochs} finished epoch(s): rerun with --resume to continue"
+              if (run_dir / "last.pt").is_file() else "no epoch had finished: rerun to start again")
+    return f"training process of rank {rank} {how}; the other ranks were stopped and nothing was promoted. {resume}"
+
+
+def rank_main(faceset: FaceSet, run_dir: str, cfg_dict: dict[str, Any], resume: bool, version: str,
+              cache_folder: str) -> dict[str, Any]:
+    """One rank: join the group the launcher set up, train, leave the group. Rank 0 returns the metrics."""
+    from faceclf.training.distributed import init_from_env
+
+    cfg = RunConfig.from_dict(cfg_dict)
+    device = resolve_device(cfg.train.device)
+    part = init_from_env(device)
+    logging.basicConfig(level=logging.INFO if part.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {part.rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cache = DecodedCache(Path(cache_folder), Preprocess.from_config(cfg.data))
+        return train_run(faceset, run_dir, cfg, resume=resume, version=version, cache=cache)
+    except TrainingDiverged as err:  # every rank agrees on it: the caller records a diverged night
+        return {"diverged": str(err)}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def train(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None, resume: bool = False,
+          version: str | None = None, cache: DecodedCache | None = None, store: Store | None = None) -> dict[str, Any]:
+    """Train the way ``cfg.train`` asks: on a Ray cluster (ray_address, or $FACECLF_RAY_ADDRESS), in
+    ``workers`` DDP processes here, or in this process; returns the metrics of metrics.json."""
+    cfg = cfg or RunConfig()
+    address = cfg.train.ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
+    if address:
+        if resume:
+            raise ValueError("--resume is not supported with a Ray address: rerun the Ray training, or resume "
+                             "it on one machine without --ray-address")
+        from faceclf.training.ray_train import train_on_ray
+
+        return train_on_ray(address, data, run_dir, cfg, workers=cfg.train.workers, version=version, store=store,
+                            cache=cache)
+    return train_processes(data, run_dir, cfg, cfg.train.workers, resume=resume, version=version, cache=cache,
+                           store=store)
