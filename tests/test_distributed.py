@@ -19,8 +19,8 @@ from faceclf.config import with_overrides
 from faceclf.training.distributed import Rank, part_of, share
 from faceclf.training.launch import resolve_workers
 from faceclf.training.ray_train import RayUnavailable, check_address
-from tests.conftest import tiny_config
-from tests.test_cli import TINY, faceclf
+from conftest import FAST, LENIENT, put_local_faces, tiny_config
+from test_cli import TINY, faceclf
 
 QUALITY_BAR = 0.8   # what a single process reaches on the sample faces (tests/test_train.py)
 
@@ -127,3 +127,17 @@ def test_a_ray_address_that_does_not_answer_is_a_one_line_error(faces: Path, tmp
                    check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "Ray cluster at 127.0.0.1:1 does not answer" in proc.stderr
+
+
+def test_a_night_trains_in_two_processes_with_the_workers_parameter(prefect_api, tmp_path: Path) -> None:
+    from flows.train import train
+
+    bucket = tmp_path / "bucket"
+    put_local_faces(bucket, tmp_path / "gen", 60, 1)
+    night = train(bucket=str(bucket), face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **LENIENT,
+                  **{**FAST, "epochs": 8}, workers=2)
+    assert not night["skipped"] and night["promoted"], night
+    run = tmp_path / "runs" / night["version"]
+    metrics = ranks_agree(run)  # trained by two ranks from the night's decoded cache
+    assert metrics["version"] == night["version"] and night["decoded_cache"]["decoded"] == 120
+    assert not (run / "decoded").exists()  # the ranks read face-decoded/, no copy in the run folder
