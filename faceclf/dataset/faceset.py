@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -241,13 +240,13 @@ class FaceSet:
                 raise ValueError(f"class {missing[0]!r} has no images in the {s} split (images per class: "
                                  f"{counts[s]}); add more images of that class")
 
-    def to_csv(self) -> str:
-        """splits.csv: split, class, sha256, path (as the run read it), size — to audit or reuse the split."""
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["split", "class", "sha256", "path", "size"])
-        w.writerows((i.split, i.label, i.sha256, str(self.file(i)), i.size) for i in self.images)
-        return buf.getvalue()
+    def write_csv(self, path: Path) -> None:
+        """splits.csv: split, class, sha256, path (as the run read it), size — to audit or reuse the split.
+        Written row by row: a million images cost one row of memory, not a 200 MB string."""
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["split", "class", "sha256", "path", "size"])
+            w.writerows((i.split, i.label, i.sha256, str(self.file(i)), i.size) for i in self.images)
 
 
 def ordered(images: Iterable[FaceImage]) -> tuple[FaceImage, ...]:

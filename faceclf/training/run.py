@@ -19,6 +19,7 @@ from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import TensorSplit, load_cached_splits, load_split
 from faceclf.store.atomic import (
     remove_stale_temps,
+    write_atomic,
     write_json_atomic,
     write_text_atomic,
 )
@@ -110,7 +111,7 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
     cfg.model.__post_init__()  # re-validate after filling in data-dependent fields
     if part.is_main:
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
-        write_text_atomic(run_dir / "splits.csv", faceset.to_csv())
+        write_atomic(run_dir / "splits.csv", faceset.write_csv)
     loaded = load_splits(faceset, cfg, cache)
     n_rejected = write_rejected(run_dir / "rejected.csv", loaded) if part.is_main else 0
     classes = list(faceset.classes)
