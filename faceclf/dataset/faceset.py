@@ -242,7 +242,7 @@ class FaceSet:
 
     def write_csv(self, path: Path) -> None:
         """splits.csv: split, class, sha256, path (as the run read it), size — to audit or reuse the split.
-        Written row by row: a million images cost one row of memory, not a 200 MB string."""
+        Written row by row, so its memory does not grow with the set (it was one string of every row)."""
         with open(path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["split", "class", "sha256", "path", "size"])
