@@ -50,6 +50,18 @@ def test_a_night_decodes_only_what_no_shard_holds_and_reads_what_it_decoded(face
     assert other.missing(faceset) == list(faceset.images)
 
 
+def test_a_big_decode_in_a_child_process_writes_the_same_cache(faces: Path, tmp_path: Path) -> None:
+    faceset, preset = discover(faces, FRACTIONS, workers=2), Preprocess(32)
+    here = update_cache(faceset, tmp_path / "here" / "face", preset, cfg=SMALL)[0]
+    child_cfg = CacheConfig(shard_images=16, decode_workers=2, decode_in_child_above=10)
+    child, report = update_cache(faceset, tmp_path / "child" / "face", preset, cfg=child_cfg)
+    assert report.decoded == len(faceset.images) and report.images == len(faceset.images)  # reread from disk
+    assert [(s.name, s.sha256) for s in child.shards] == [(s.name, s.sha256) for s in here.shards]
+    assert update_cache(faceset, tmp_path / "child" / "face", preset, cfg=child_cfg)[1].decoded == 0  # all hits
+    with pytest.raises(ValueError, match="decode_in_child_above must be >= 0, got -1"):
+        CacheConfig(decode_in_child_above=-1)
+
+
 def test_a_corrupted_shard_is_detected_reported_and_rebuilt(faces: Path, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     faceset, preset, face = discover(faces, FRACTIONS, workers=2), Preprocess(32), tmp_path / "face"

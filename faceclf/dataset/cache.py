@@ -14,10 +14,12 @@ place, and the catalog is rewritten after the shard it names: a killed write lea
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -189,7 +191,12 @@ class DecodedCache:
 
     def add(self, faceset: FaceSet, images: Sequence[FaceImage]) -> int:
         """Decode ``images`` (files of ``faceset``) into new shards of at most ``shard_images`` rows; returns
-        how many decoded. The catalog is rewritten after each shard, so a killed run keeps what it wrote."""
+        how many decoded. The catalog is rewritten after each shard, so a killed run keeps what it wrote.
+
+        ``decode_in_child_above`` images or more are decoded in a fresh child process, so the heap a big
+        decode leaves (thread arenas, freed shard buffers) is not carried into what this process does next."""
+        if 0 < self.cfg.decode_in_child_above <= len(images):
+            return self._add_in_child(faceset, images)
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.folder)
         done = 0
@@ -202,6 +209,22 @@ class DecodedCache:
                 done += len(chunk)
                 bar.update(len(chunk))
         bar.close()
+        return done
+
+    def _add_in_child(self, faceset: FaceSet, images: Sequence[FaceImage]) -> int:
+        """``add`` in a spawned child process; this cache then rereads the catalog the child wrote."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        log.info("decoding %d images in a child process", len(images))
+        cfg = dataclasses.replace(self.cfg, decode_in_child_above=0)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                done = pool.submit(_add_child, self.folder, self.preset, cfg, faceset, images).result()
+            except BrokenProcessPool:
+                raise RuntimeError(f"the child process decoding into {self.folder} died; the shards it finished "
+                                   "are kept and a rerun decodes only the rest") from None
+            finally:
+                self._read_catalog()
         return done
 
     def _append(self, chunk: Sequence[FaceImage], results: list[np.ndarray | str]) -> None:
@@ -267,6 +290,12 @@ class DecodedCache:
                 sent += 1
         store.put_bytes(self.remote(CATALOG), (json.dumps(self.catalog()) + "\n").encode())
         return sent
+
+
+def _add_child(folder: Path, preset: Preprocess, cfg: CacheConfig, faceset: FaceSet,
+               images: Sequence[FaceImage]) -> int:
+    """Child process of ``DecodedCache._add_in_child``: open the same cache and decode into it."""
+    return DecodedCache(folder, preset, cfg).add(faceset, images)
 
 
 def update_cache(faceset: FaceSet, face_dir: Path, preset: Preprocess, store: Store | None = None,
