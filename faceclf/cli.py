@@ -92,10 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="path of the .onnx file to write")
     ex.add_argument("--version", default=None, help="model version stored in the metadata (default: the run's)")
 
-    sc = sub.add_parser("score", help="score images with an ONNX model into a CSV")
+    sc = sub.add_parser("score", help="score images with an ONNX model into a CSV, streamed; a killed run resumes")
     sc.add_argument("model", help="model.onnx written by `faceclf export`")
-    sc.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    sc.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>..., error, model_version")
+    sc.add_argument("images", nargs="+", help="image files and/or folders (searched recursively, links followed), "
+                                              "or one s3://BUCKET/PREFIX/")
+    sc.add_argument("--out", required=True, help="FILE.csv, a folder or s3://BUCKET/PREFIX/ (-> predictions.csv): "
+                                                 "path, predicted_class, p_<class>..., error, model_version, etag")
+    sc.add_argument("--incremental", action="store_true",
+                    help="keep the rows of --out whose (path, etag, model version) still match; score the rest")
     add_config_options(sc, ScoreConfig)
     sc.add_argument("--sha256", default=None, metavar="HEX",
                     help="refuse the model unless its sha256 is HEX (e.g. champion.json's model_sha256)")
@@ -180,10 +184,13 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_score(a: argparse.Namespace) -> None:
-    from faceclf.serving.score import score
+    from faceclf.serving.stream import score
 
-    s = score(a.model, a.images, a.out, config_from_args(ScoreConfig, a), expected_sha256=a.sha256)
-    print(f"scored {s.scored} of {s.images} images ({s.errors} errors) in {s.seconds:.2f}s: "
+    s = score(a.model, a.images, a.out, config_from_args(ScoreConfig, a), expected_sha256=a.sha256,
+              incremental=a.incremental)
+    kept = (f"; {s.reused} kept from the previous run" if s.reused else "") + (
+        f"; {s.resumed} from the killed run resumed" if s.resumed else "")
+    print(f"scored {s.scored} of {s.images} images ({s.errors} errors{kept}) in {s.seconds:.2f}s: "
           f"{s.images_per_s:.1f} images/s on {s.provider}; model {s.version}; wrote {s.out}")
 
 

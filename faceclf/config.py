@@ -52,6 +52,10 @@ DECODE_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity"
                                       # more only oversubscribes (2 cores: 4 threads scored ~15% slower)
 SCORE_BATCH_SIZE = 64
 SCORE_PREFETCH_BATCHES = 2            # batches decoding ahead of the one in ONNX Runtime
+SCORE_FETCH_WORKERS = 16              # S3 GETs in flight while scoring a bucket prefix (latency-bound)
+SCORE_PART_ROWS = 10_000              # prediction rows per part file (what a killed run can lose)
+SCORE_RAY_ACTORS = 1                  # ONNX Runtime actors per CPU cluster (ORT already uses every core it is given)
+SCORE_RAY_CHUNK = 10_000              # keys per Ray Data dataset: the driver holds one chunk's keys at a time
 
 # Ingest (incoming/ -> face/): limits checked before and after download.
 INGEST_WORKERS = 16                   # download threads; <= the S3 client's pooled connections
@@ -222,10 +226,17 @@ class ScoreConfig:
     batch_size: int = option(SCORE_BATCH_SIZE, "images per ONNX Runtime call")
     decode_workers: int = option(DECODE_WORKERS, "image decoding threads", flag="--workers")
     prefetch_batches: int = option(SCORE_PREFETCH_BATCHES, "batches decoding ahead of the one in the model")
+    fetch_workers: int = option(SCORE_FETCH_WORKERS, "threads fetching and decoding from a bucket (network-bound)")
+    part_rows: int = option(SCORE_PART_ROWS, "rows per part file: a killed run resumes after its last part")
+    ray_address: str | None = option(None, "score with Ray Data on the cluster at this address (host:port, "
+                                     "ray://host:port, auto; 'local' starts Ray here) (pip install -e '.[ray]')")
+    ray_actors: int = option(SCORE_RAY_ACTORS, "ONNX Runtime actors on a cluster without GPUs (with GPUs: one per GPU)")
+    ray_chunk: int = option(SCORE_RAY_CHUNK, "keys handed to Ray Data at a time (bounds the driver's memory)")
     device: str = option("auto", "auto: the CUDA provider only where a GPU is present", choices=DEVICES)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "decode_workers", "prefetch_batches"):
+        for name in ("batch_size", "decode_workers", "prefetch_batches", "fetch_workers", "part_rows", "ray_actors",
+                     "ray_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -6,7 +6,6 @@ Deployed on demand as `score/face` (deployments/prefect.yaml).
 from __future__ import annotations
 
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,10 @@ from prefect.cache_policies import NONE
 
 from faceclf.config import ScoreConfig
 from faceclf.nightly import night
-from faceclf.serving.score import ScoreSummary
-from faceclf.serving.score import score as score_images
+from faceclf.serving.stream import ScoreSummary
+from faceclf.serving.stream import score as score_images
 from faceclf.store import registry
-from faceclf.store.objects import download_prefix, open_store
+from faceclf.store.objects import Store, open_store
 from flows.common import IO_RETRIES
 
 _SCORE = ScoreConfig()  # the flow's defaults are the config's
@@ -32,14 +31,6 @@ class FetchedModel:
     version: str
     path: Path
     sha256: str
-
-
-@dataclass(frozen=True)
-class ScoreInputs:
-    """What to score: folders/files, and the folder their keys are relative to (None for a local source)."""
-
-    inputs: list[str]
-    relative_to: Path | None
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -58,58 +49,57 @@ def fetch_model(location: str, version: str | None, work: str) -> FetchedModel:
     return FetchedModel(version, Path(path), registry.sha256_bytes(Path(path).read_bytes()))
 
 
-@task(cache_policy=NONE, **IO_RETRIES)
-def gather_images(location: str, source: str, work: str) -> ScoreInputs:
-    """The images to score: a local folder as it is, or every object under a prefix of the store."""
-    if Path(source).is_dir():
-        return ScoreInputs([source], None)
-    root = Path(work) / "images"
-    paths = download_prefix(open_store(location), source, root)
-    if not paths:
-        raise ValueError(f"nothing to score under {open_store(location).uri(source)}")
-    return ScoreInputs([str(root)], root)
+def default_output(version: str, source: str) -> str:
+    """predictions/<version>/<source>/predictions.csv: the same key on a rerun, so it resumes or, with
+    ``incremental``, scores only what changed; a local folder source is named by its folder name."""
+    where = f"local/{Path(source).name}" if Path(source).is_dir() else source.strip("/") or "all"
+    return f"predictions/{version}/{where}/predictions.csv"
 
 
-@task(cache_policy=NONE)
-def score_batch(model: FetchedModel, images: ScoreInputs, out_csv: str, batch_size: int) -> ScoreSummary:
-    """ONNX Runtime batch scoring of the verified model (its sha256 is checked again as it loads)."""
-    return score_images(model.path, images.inputs, out_csv, ScoreConfig(batch_size=batch_size),
-                        relative_to=images.relative_to, expected_sha256=model.sha256)
-
-
-@task(cache_policy=NONE, **IO_RETRIES)
-def publish_predictions(location: str, out_csv: str, output: str) -> str:
-    """Put predictions.csv at ``output``: a key in the store, or a local path (ends with .csv and has a '/')."""
-    if output.startswith(("/", "./", "../")):
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_bytes(Path(out_csv).read_bytes())
-        return str(Path(output).resolve())
-    store = open_store(location)
-    store.put_file(output, Path(out_csv))
+def output_location(store: Store, output: str) -> str:
+    """A flow ``output`` as stream.score takes it: local paths as given, keys inside the store."""
+    if output.startswith(("/", "./", "../", "s3://")):
+        return output
     return store.uri(output)
+
+
+@task(cache_policy=NONE, **IO_RETRIES)
+def score_stream(model: FetchedModel, location: str, source: str, output: str, cfg: ScoreConfig,
+                 incremental: bool) -> ScoreSummary:
+    """List, fetch, decode and score ``source`` straight into ``output`` (parts, then one CSV).
+
+    A retry of this task, or a rerun of the flow, resumes from the parts already written. The model's
+    sha256 is checked again as it loads."""
+    store = open_store(location)
+    return score_images(model.path, [source], output_location(store, output), cfg,
+                        expected_sha256=model.sha256, incremental=incremental, store=store)
 
 
 @flow(name="score", log_prints=True)
 def score(bucket: str | None = None, source: str = "incoming/", version: str | None = None,
-          output: str | None = None, batch_size: int = _SCORE.batch_size) -> dict[str, Any]:
+          output: str | None = None, batch_size: int = _SCORE.batch_size, incremental: bool = False,
+          ray_address: str | None = _SCORE.ray_address) -> dict[str, Any]:
     """Score ``source`` (a prefix in the bucket, or a local folder) with the champion or ``version``.
 
-    Predictions (path or key, predicted class, probabilities, error, model version) go to
-    ``output`` (default predictions/<time>/predictions.csv in the bucket, or a local path).
+    Streamed: nothing is downloaded first. Predictions (path or key, predicted class, probabilities,
+    error, model version, etag) go to ``output``: a key in the bucket, s3://BUCKET/PREFIX/ or a local
+    path; default predictions/<version>/<source>/predictions.csv. ``incremental`` keeps the rows of an
+    earlier run there whose image (key and ETag) and model version are unchanged. ``ray_address``
+    ("local", host:port, ray://host:port) scores with Ray Data on that cluster instead of in this process.
     """
     logger = get_run_logger()
     location = night.resolve_location(bucket)
     with tempfile.TemporaryDirectory(prefix="faceclf-score-") as work:
         model = fetch_model(location, version, work)
-        images = gather_images(location, source, work)
-        out_csv = str(Path(work) / "predictions.csv")
-        summary = score_batch(model, images, out_csv, batch_size)
-        target = output or f"predictions/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}/predictions.csv"
-        where = publish_predictions(location, out_csv, target)
-    logger.info("scored %d images (%d errors) with model %s on %s at %.1f images/s -> %s", summary.images,
-                summary.errors, model.version, summary.provider, summary.images_per_s, where)
-    return {"images": summary.images, "errors": summary.errors, "images_per_s": round(summary.images_per_s, 1),
-            "provider": summary.provider, "version": summary.version, "predictions": where}
+        target = output or default_output(model.version, source)
+        cfg = ScoreConfig(batch_size=batch_size, ray_address=ray_address or None)
+        summary = score_stream(model, location, source, target, cfg, incremental)
+    logger.info("scored %d images (%d errors, %d kept from the previous run) with model %s on %s at %.1f "
+                "images/s -> %s", summary.images, summary.errors, summary.reused, model.version, summary.provider,
+                summary.images_per_s, summary.out)
+    return {"images": summary.images, "errors": summary.errors, "reused": summary.reused,
+            "resumed": summary.resumed, "images_per_s": round(summary.images_per_s, 1),
+            "provider": summary.provider, "version": summary.version, "predictions": summary.out}
 
 
 if __name__ == "__main__":

@@ -46,6 +46,16 @@ def trained_run(faces: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def onnx_model(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``trained_run`` exported to ONNX (self-contained, metadata included, parity-checked)."""
+    from faceclf.serving.export import export_onnx
+
+    report = export_onnx(trained_run / "checkpoint.pt", tmp_path_factory.mktemp("onnx") / "model.onnx")
+    assert report.max_abs_diff <= 1e-4 and report.batch > 1
+    return report.path
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
     """A real S3 HTTP endpoint (moto server mode) on 127.0.0.1; boto3 in this process points at it."""
     from faceclf.devtools.services import local_s3_env, moto_s3_server

@@ -17,16 +17,9 @@ import faceclf.serving.export as E
 from faceclf.dataset.preprocess import Preprocess, load_image
 from faceclf.dataset.tensors import normalize
 from faceclf.serving.export import ExportParityError, check_parity, export_onnx
-from faceclf.serving.score import CPU_PROVIDER, load_onnx_model, providers_for, score
+from faceclf.serving.score import CPU_PROVIDER, load_onnx_model, providers_for
+from faceclf.serving.stream import score
 from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
-
-
-@pytest.fixture(scope="module")
-def onnx_model(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    report = export_onnx(trained_run / "checkpoint.pt", out)
-    assert report.max_abs_diff <= 1e-4 and report.batch > 1
-    return out
 
 
 def _test_images(trained_run: Path) -> list[Path]:
@@ -45,6 +38,7 @@ def test_exported_file_is_valid_self_contained_and_described(onnx_model: Path, t
     assert json.loads(meta["std"]) == pytest.approx(ckpt["std"])
     assert int(meta["image_size"]) == ckpt["image_size"]
     assert meta["version"] == ckpt["version"]
+    assert meta["input_format"].startswith("uint8 (batch, image_size, image_size, 3) RGB")
     assert not list(onnx_model.parent.glob("*.data"))
 
 
@@ -57,7 +51,9 @@ def test_onnx_matches_torch_for_any_batch_size(onnx_model: Path, trained_run: Pa
     with torch.no_grad():
         expected = model_from_checkpoint(ckpt)(x).numpy()
     session = ort.InferenceSession(str(onnx_model), providers=[CPU_PROVIDER])
-    got = session.run(None, {"input": x.numpy()})[0]
+    (spec,) = session.get_inputs()
+    assert spec.type == "tensor(uint8)" and spec.shape[1:] == [ckpt["image_size"], ckpt["image_size"], 3]
+    got = session.run(None, {"input": images.permute(0, 2, 3, 1).contiguous().numpy()})[0]  # pixels, as decoded
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
 
 
@@ -67,7 +63,7 @@ def test_parity_check_fails_loudly_on_a_different_model(onnx_model: Path, traine
     with torch.no_grad():
         other.classifier[-2].bias[0] += 0.5  # one class only: a shift of every logit cancels in log-softmax
     with pytest.raises(ExportParityError, match="max abs diff"):
-        check_parity(onnx_model, other, E.parity_batch(ckpt))
+        check_parity(onnx_model, E.pixel_model(ckpt, other), E.parity_batch(ckpt))
 
 
 def test_export_that_fails_parity_writes_nothing(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,7 +72,7 @@ def test_export_that_fails_parity_writes_nothing(trained_run: Path, tmp_path: Pa
     def export_a_perturbed_copy(model, example):  # noqa: ANN001 - the exporter produced the wrong graph
         bad = copy.deepcopy(model)
         with torch.no_grad():
-            bad.classifier[-2].weight.mul_(1.5)
+            bad.model.classifier[-2].weight.mul_(1.5)
         return real(bad, example)
 
     monkeypatch.setattr(E, "to_onnx_proto", export_a_perturbed_copy)
@@ -109,7 +105,8 @@ def test_score_writes_one_row_per_image_with_errors_inline(onnx_model: Path, tra
     assert (summary.images, summary.errors) == (len(test_images) + 1, 1)
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "predicted_class", "p_with_mask", "p_without_mask", "error", "model_version"]
+    assert list(rows[0]) == ["path", "predicted_class", "p_with_mask", "p_without_mask", "error", "model_version",
+                             "etag"]
     assert {r["model_version"] for r in rows} == {load_checkpoint(trained_run / "checkpoint.pt")["version"]}
     assert len(rows) == len(test_images) + 1
     bad = [r for r in rows if r["error"]]
@@ -136,16 +133,20 @@ def test_score_writes_one_row_per_image_with_errors_inline(onnx_model: Path, tra
 def test_decoding_ahead_keeps_every_row_in_input_order(onnx_model: Path, trained_run: Path, tmp_path: Path,
                                                         prefetch: int, workers: int) -> None:
     from faceclf.config import ScoreConfig
-    from faceclf.serving.score import score_rows
+    from faceclf.serving.sources import LocalSource
+    from faceclf.serving.stream import score_items
 
     files = _test_images(trained_run)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     paths = [*files[:5], broken, *files[5:]]
     model = load_onnx_model(onnx_model, "cpu")
-    reference = list(score_rows(model, paths, ScoreConfig(batch_size=len(paths), device="cpu")))
-    rows = list(score_rows(model, paths, ScoreConfig(batch_size=2, decode_workers=workers,
-                                                     prefetch_batches=prefetch, device="cpu")))
+    source = LocalSource(paths)
+    items = list(source.items())  # sorted by path, whatever order they were given in
+    paths = [Path(i.key) for i in items]
+    reference = list(score_items(model, source, items, ScoreConfig(batch_size=len(paths), device="cpu")))
+    rows = list(score_items(model, source, iter(items), ScoreConfig(batch_size=2, decode_workers=workers,
+                                                                    prefetch_batches=prefetch, device="cpu")))
     assert [r["path"] for r in rows] == [str(p) for p in paths] == [r["path"] for r in reference]
     assert [r["predicted_class"] for r in rows] == [r["predicted_class"] for r in reference]
     assert [bool(r["error"]) for r in rows] == [p == broken for p in paths]

@@ -414,8 +414,8 @@ class VanishingStore(LocalStore):
 
     victim = "incoming/a/gone.png"
 
-    def list(self, prefix: str = ""):
-        yield from super().list(prefix)
+    def list(self, prefix: str = "", start_after: str = ""):
+        yield from super().list(prefix, start_after)
         (self.root / self.victim).unlink(missing_ok=True)
 
 

@@ -12,6 +12,7 @@ import builtins
 import contextlib
 import csv
 import json
+import io
 import math
 import os
 import signal
@@ -32,8 +33,9 @@ from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess, load_image
 from faceclf.dataset.tensors import load_split
 from faceclf.nightly.gate import decide
-from faceclf.serving.export import check_parity, export_onnx, parity_batch
-from faceclf.serving.score import evaluate_onnx, load_onnx_model, predict_proba, score
+from faceclf.serving.export import check_parity, parity_batch, pixel_model
+from faceclf.serving.score import evaluate_onnx, load_onnx_model, predict_proba
+from faceclf.serving.stream import score
 from faceclf.store import registry
 from faceclf.store.objects import open_store
 from faceclf.store.s3 import s3_client
@@ -65,12 +67,6 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a predictions CSV."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def onnx_model(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trained run exported to ONNX (self-contained, metadata included)."""
-    return export_onnx(trained_run / "checkpoint.pt", tmp_path_factory.mktemp("onnx") / "model.onnx").path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +210,7 @@ def test_external_data_outside_the_folder_is_refused_before_a_session_exists(evi
             score(path, [held_out_images(trained_run)[0]], tmp_path / "p.csv", CPU)
         ckpt = load_checkpoint(trained_run / "checkpoint.pt")
         with pytest.raises(ValueError, match="refusing to load it"):  # export's parity check opens any path it is given
-            check_parity(path, model_from_checkpoint(ckpt), parity_batch(ckpt))
+            check_parity(path, pixel_model(ckpt), parity_batch(ckpt))
     message = str(err.value)
     assert f"tensor {tensor!r}" in message and f"location {location!r}" in message
     assert ("absolute path" if case == "absolute" else "outside the model's folder") in message
@@ -333,35 +329,40 @@ def test_bad_image_in_the_middle_of_a_full_batch(onnx_model: Path, trained_run: 
     assert out.read_bytes() == first and len(read_rows(out)) == 9
 
 
-def test_rerun_after_a_killed_scoring_run_has_exactly_one_row_per_image(onnx_model: Path, trained_run: Path,
-                                                                        tmp_path: Path) -> None:
+def test_a_killed_scoring_run_resumes_after_its_last_part_with_one_row_per_image(onnx_model: Path, trained_run: Path,
+                                                                                 tmp_path: Path) -> None:
     folder = tmp_path / "batch"
     paths = image_folder(trained_run, folder, 800, bad={400})
-    out = folder / "pred.csv"  # inside the scored folder: neither it nor a leftover temp may be scored
+    out = folder / "pred.csv"  # inside the scored folder: neither it nor its parts may be scored
     score(onnx_model, [folder], out, CPU)
     previous = out.read_bytes()
-    assert len(read_rows(out)) == 800
+    assert len(read_rows(out)) == 800 and not (folder / "pred.csv.parts").exists()
 
+    parts = folder / "pred.csv.parts"
     proc = subprocess.Popen([sys.executable, "-m", "faceclf", "-q", "score", str(onnx_model), str(folder),
-                             "--out", str(out), "--batch-size", "1", "--workers", "1", "--device", "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    leftover: list[Path] = []
+                             "--out", str(out), "--batch-size", "1", "--workers", "1", "--device", "cpu",
+                             "--part-rows", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        leftover = [p for p in folder.glob(".pred.csv.*.tmp") if p.stat().st_size > 0]
-        if leftover:
-            os.kill(proc.pid, signal.SIGKILL)  # mid-write: rows are in the temp file, none in pred.csv yet
-            break
+    while time.monotonic() < deadline and proc.poll() is None and len(list(parts.glob("part-*.csv"))) < 3:
         time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run: some parts written, the final CSV not yet replaced
     proc.wait(timeout=30)
-    assert leftover and proc.returncode == -signal.SIGKILL, "the scoring run finished before it could be killed mid-write"
-    assert leftover[0].exists() and out.read_bytes() == previous  # the killed run changed nothing that others read
+    written = sorted(parts.glob("part-*.csv"))
+    assert proc.returncode == -signal.SIGKILL and 3 <= len(written) < 16, "the run finished before it was killed"
+    assert out.read_bytes() == previous  # the killed run changed nothing that others read
+    done = sum(len(read_rows(p)) for p in written)
 
-    summary = score(onnx_model, [folder], out, CPU)
+    summary = score(onnx_model, [folder], out, ScoreConfig(device="cpu", part_rows=50))
     rows = read_rows(out)
-    assert summary.images == len(rows) == 800 and summary.errors == 1
-    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in paths)  # one row per image, no extra
-    assert not list(folder.glob(".*.tmp")), "the killed run's temp file was left behind"
+    assert summary.resumed == done and summary.images == len(rows) == 800 and summary.errors == 1
+    assert [r["path"] for r in rows] == [str(p) for p in paths]  # one row per image, in order, no extra
+    assert [r["predicted_class"] for r in rows] == [r["predicted_class"] for r in read_rows_bytes(previous)]
+    assert not parts.exists() and not list(folder.glob(".*.tmp")), "the killed run left files behind"
+
+
+def read_rows_bytes(data: bytes) -> list[dict[str, str]]:
+    """CSV rows of file content."""
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,16 +7,21 @@ stay importable without torch (~1 s and ~500 MB less for `faceclf ingest`).
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Sequence
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLITS = ("train", "val", "test")
 
 
+def has_image_name(path: PurePath) -> bool:
+    """True for a visible name with an allowed image extension (an S3 key or a local path; no disk access)."""
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
 def is_image_file(path: Path) -> bool:
     """True for visible files with an allowed image extension."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    return has_image_name(path) and path.is_file()
 
 
 def find_classes(root: Path) -> list[str]:

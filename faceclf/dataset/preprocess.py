@@ -9,17 +9,19 @@ numbers from a ``Preprocess``: the same scale and shift arrays, so both paths bu
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from faceclf.config import AUTO_MAX_SIZE, MEAN, STD, DataConfig
 
-INPUT_FORMAT = "float32 NCHW RGB, resized to image_size x image_size, /255 then (x-mean)/std"
+_BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Preprocess:
     def metadata(self) -> dict[str, str]:
         """ONNX metadata_props entries that let any reader rebuild this preset."""
         return {"image_size": str(self.image_size), "mean": json.dumps(list(self.mean)),
-                "std": json.dumps(list(self.std)), "input_format": INPUT_FORMAT}
+                "std": json.dumps(list(self.std))}
 
     def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
         """float32 (3,) arrays with u8 * scale - shift == (u8 / 255 - mean) / std: one multiply, one subtract."""
@@ -71,6 +73,13 @@ class Preprocess:
         except ValueError as e:
             return str(e)
 
+    def try_decode_bytes(self, data: bytes) -> np.ndarray | str:
+        """An image file's bytes (fetched from a bucket) -> uint8 (S, S, 3), or the reason it does not decode."""
+        try:
+            return load_image(io.BytesIO(data), self.image_size)
+        except ValueError as e:
+            return str(e)
+
     def to_input(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S, 3) -> normalised float32 (B, 3, S, S), the model's input (numpy: ONNX Runtime)."""
         scale, shift = self.scale_shift()
@@ -80,7 +89,7 @@ class Preprocess:
         return x
 
 
-def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
+def load_image(path: str | os.PathLike[str] | BinaryIO, size: int) -> np.ndarray:
     """Decode one image to RGB, apply its EXIF orientation and resize it to (size, size).
 
     Returns uint8 (size, size, 3). Grayscale, RGBA, palette and CMYK images become RGB. Raises
@@ -102,4 +111,6 @@ def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
     except Image.DecompressionBombError as e:  # PIL's own guard at twice the limit, raised by open()
         raise ValueError(f"image too large (decompression bomb guard): {e}") from None
     except (OSError, SyntaxError) as e:  # PIL raises these for unreadable files
-        raise ValueError(f"cannot decode image: {e}") from None
+        # PIL names an in-memory file by its repr ("<_io.BytesIO object at 0x7f..>"): leave that out, so
+        # the same bad bytes give the same error text in every run (the row's key names the file).
+        raise ValueError(f"cannot decode image: {_BUFFER_REPR.sub('', str(e))}") from None

@@ -1,8 +1,10 @@
 """Export a checkpoint to a self-contained ONNX file and prove it matches torch.
 
-The file gets a dynamic batch dimension and metadata (classes, mean, std, image size, version),
-passes onnx.checker, and is only moved into place after onnxruntime reproduced torch's output on
-a real batch within rtol 1e-3 / atol 1e-5.
+The model takes pixels: uint8 RGB (batch, S, S, 3), as any decoder gives them after a resize. The cast,
+/255, (x - mean) / std and the NHWC -> NCHW change are the graph's first nodes, so a client needs no
+numpy normalisation and cannot get it wrong. The file gets a dynamic batch dimension and metadata
+(classes, mean, std, image size, input format, version), passes onnx.checker, and is only moved into
+place after onnxruntime reproduced torch's output on a real batch within rtol 1e-3 / atol 1e-5.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "input"      # float32 (batch, 3, S, S), RGB, normalised with the metadata's mean/std
+INPUT_NAME = "input"      # uint8 (batch, S, S, 3), RGB, resized to S x S (earlier exports: float32 NCHW, normalised)
 OUTPUT_NAME = "log_probs" # float32 (batch, num_classes), log-softmax
 RTOL, ATOL = 1e-3, 1e-5
+INPUT_FORMAT = ("uint8 (batch, image_size, image_size, 3) RGB, resized to image_size x image_size; cast, /255, "
+                "(x-mean)/std and NCHW inside the graph")
 
 
 class ExportParityError(RuntimeError):
@@ -46,12 +50,29 @@ class ExportReport:
     batch: int
 
 
+class PixelInput(torch.nn.Module):
+    """``model`` behind its preprocessing: uint8 (B, S, S, 3) -> the model's log-probabilities (B, C)."""
+
+    def __init__(self, model: torch.nn.Module, preset: Preprocess):
+        super().__init__()
+        self.model, self.preset = model, preset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(normalize(x.permute(0, 3, 1, 2), self.preset))  # (B, S, S, 3) -> (B, 3, S, S)
+
+
+def pixel_model(ckpt: dict[str, Any], model: torch.nn.Module | None = None) -> PixelInput:
+    """The checkpoint's model (or ``model``) taking uint8 pixels, as exported."""
+    return PixelInput(model if model is not None else model_from_checkpoint(ckpt, "cpu"),
+                      Preprocess.from_checkpoint(ckpt)).eval()
+
+
 def parity_batch(ckpt: dict[str, Any]) -> torch.Tensor:
-    """The real images stored in the checkpoint for parity checks, normalised: float (B, 3, S, S)."""
+    """The real images stored in the checkpoint for parity checks: uint8 (B, S, S, 3)."""
     images = ckpt.get("sample_images")
     if images is None or len(images) == 0:
         raise ValueError("checkpoint holds no sample_images for the parity check (was it written by faceclf train?)")
-    return normalize(images, Preprocess.from_checkpoint(ckpt))
+    return images.permute(0, 2, 3, 1).contiguous()
 
 
 def to_onnx_proto(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
@@ -74,7 +95,8 @@ def add_metadata(proto: onnx.ModelProto, ckpt: dict[str, Any], version: str, sou
     """Write classes, normalisation, input size and version into the model's metadata_props."""
     props = {
         "classes": json.dumps(list(ckpt["classes"])),
-        **Preprocess.from_checkpoint(ckpt).metadata(),  # image_size, mean, std, input_format
+        **Preprocess.from_checkpoint(ckpt).metadata(),  # image_size, mean, std
+        "input_format": INPUT_FORMAT,
         "version": version,
         "output_format": "float32 (batch, classes) log-probabilities",
         "checkpoint_sha256": source_sha256,
@@ -110,7 +132,7 @@ def export_onnx(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
     """Export ``checkpoint`` to ``out`` (atomically, only after checker and parity pass on its real images)."""
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, "cpu")
+    model = pixel_model(ckpt)
     batch = parity_batch(ckpt)
     version = version or ckpt["version"]
     proto = to_onnx_proto(model, batch)

@@ -1,21 +1,16 @@
-"""Batch scoring with ONNX Runtime: CUDA where a GPU is really there, else CPU, and it says which.
+"""The ONNX model for scoring: CUDA where a GPU is really there, else CPU, and it says which.
 
-Decoding of the next batch runs in threads while the current batch is in the model, so the
-slower of the two sets the pace, not their sum.
+Loading (checked against its sha256), prediction on uint8 batches and evaluation on a labelled test
+set. The bulk-scoring stream that feeds it is faceclf.serving.stream.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
-import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -23,9 +18,7 @@ from faceclf.config import ScoreConfig
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.layout import list_images
 from faceclf.dataset.preprocess import Preprocess
-from faceclf.progress import progress
 from faceclf.serving.safety import session_source
-from faceclf.store.atomic import atomic_path, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +37,7 @@ class OnnxModel:
     version: str
     provider: str           # the execution provider that actually runs the model
     input_name: str
+    takes_pixels: bool = True  # uint8 (B, S, S, 3) input; False: a float32 NCHW export of earlier versions
 
     @property
     def image_size(self) -> int:
@@ -119,12 +113,14 @@ def load_onnx_model(path: str | os.PathLike[str], device: str = "auto", expected
         version=meta.get("version", "unknown"),
         provider=provider,
         input_name=session.get_inputs()[0].name,
+        takes_pixels=session.get_inputs()[0].type == "tensor(uint8)",
     )
 
 
 def predict_log_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
     """uint8 (B, S, S, 3) -> class log-probabilities (B, C), the model's raw output."""
-    return model.session.run(None, {model.input_name: model.preprocess.to_input(images)})[0]
+    x = np.ascontiguousarray(images) if model.takes_pixels else model.preprocess.to_input(images)
+    return model.session.run(None, {model.input_name: x})[0]
 
 
 def predict_proba(model: OnnxModel, images: np.ndarray) -> np.ndarray:
@@ -178,103 +174,3 @@ def evaluate_onnx(model_path: str | os.PathLike[str], data: FaceSet | str | os.P
         log.warning("no decodable images of classes %s in %s: empty metrics (n=0, accuracy NaN)", model.classes, data)
     loss_sum = float(-log_probs[np.arange(len(y)), y].sum()) if len(y) else 0.0
     return summarize(loss_sum, torch.from_numpy(log_probs.argmax(1)), torch.from_numpy(y), model.classes)
-
-
-def collect_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Expand folders (recursively, image extensions only) and keep named files as given."""
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            paths += list_images(p)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise FileNotFoundError(f"input {str(p)!r} does not exist")
-    return paths
-
-
-def _batches(paths: list[Path], batch_size: int) -> Iterator[list[Path]]:
-    for i in range(0, len(paths), batch_size):
-        yield paths[i:i + batch_size]
-
-
-def score_rows(model: OnnxModel, paths: list[Path], cfg: ScoreConfig, relative_to: Path | None = None) -> Iterator[dict[str, str]]:
-    """One row per path: predicted class and probabilities, or an error for an undecodable file.
-
-    Batches k+1..k+prefetch_batches are decoding in the pool while batch k runs in onnxruntime. With ``relative_to`` the
-    path column is relative to it (e.g. an S3 key when images were downloaded to dir/<key>).
-    """
-    def name(p: Path) -> str:
-        return p.relative_to(relative_to).as_posix() if relative_to else str(p)
-
-    batches = list(_batches(paths, cfg.batch_size))
-    with ThreadPoolExecutor(cfg.decode_workers) as pool:
-        def submit(batch: list[Path]) -> list[Future]:
-            return [pool.submit(model.preprocess.try_decode, p) for p in batch]
-
-        # Up to prefetch_batches batches decode while one runs: decoding never waits on the model.
-        pending = deque(submit(b) for b in batches[:cfg.prefetch_batches])
-        for k, batch in enumerate(batches):
-            decoded = [f.result() for f in pending.popleft()]
-            if k + cfg.prefetch_batches < len(batches):
-                pending.append(submit(batches[k + cfg.prefetch_batches]))
-            good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-            probs = predict_proba(model, np.stack([decoded[i] for i in good])) if good else np.empty((0, len(model.classes)))
-            by_index = dict(zip(good, probs))
-            for i, p in enumerate(batch):
-                if i in by_index:
-                    pr = by_index[i]
-                    row = {"path": name(p), "predicted_class": model.classes[int(pr.argmax())], "error": ""}
-                    row.update({f"p_{c}": f"{float(v):.6f}" for c, v in zip(model.classes, pr)})
-                else:
-                    row = {"path": name(p), "predicted_class": "", "error": decoded[i]}
-                    row.update({f"p_{c}": "" for c in model.classes})
-                row["model_version"] = model.version
-                yield row
-
-
-@dataclass
-class ScoreSummary:
-    """What a scoring run did and how fast."""
-
-    out: Path
-    images: int
-    scored: int
-    errors: int
-    seconds: float
-    images_per_s: float
-    provider: str
-    version: str
-
-
-def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
-          cfg: ScoreConfig | None = None, relative_to: Path | None = None, expected_sha256: str | None = None) -> ScoreSummary:
-    """Score every image in ``inputs`` with the ONNX model and write ``out`` (CSV) atomically.
-
-    Columns: path, predicted_class, p_<class>..., error, model_version. A file that does not decode
-    gets a row with its error and the run goes on; rerunning replaces the file, never appends to it,
-    and removes what a killed run left beside it. With ``expected_sha256`` a model file whose
-    sha256 differs is refused before onnxruntime opens it.
-    """
-    cfg = cfg or ScoreConfig()
-    model = load_onnx_model(model_path, cfg.device, expected_sha256)
-    log.info("scoring with %s on %s (model version %s)", model.path, model.provider, model.version)
-    paths = collect_inputs(inputs)
-    for p in remove_stale_temps(Path(out).parent, Path(out).name):  # only this output's own leftovers
-        log.warning("removed %s, left by an interrupted scoring run", p)
-    fields = ["path", "predicted_class", *[f"p_{c}" for c in model.classes], "error", "model_version"]
-    errors = 0
-    t0 = time.perf_counter()
-    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in progress(score_rows(model, paths, cfg, relative_to), total=len(paths), desc="score", unit="img"):
-            errors += bool(row["error"])
-            writer.writerow(row)
-    seconds = time.perf_counter() - t0
-    summary = ScoreSummary(Path(out), len(paths), len(paths) - errors, errors, seconds,
-                           len(paths) / seconds if seconds > 0 else 0.0, model.provider, model.version)
-    log.info("scored %d images (%d errors) in %.2fs: %.1f images/s on %s", summary.images, errors, seconds,
-             summary.images_per_s, model.provider)
-    return summary

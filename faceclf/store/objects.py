@@ -9,12 +9,12 @@ asked for, so boto3 is loaded only for S3). A missing object is a FileNotFoundEr
 from __future__ import annotations
 
 import os
+import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from faceclf.config import S3_POOL
 from faceclf.dataset.layout import sha256_file
 from faceclf.store.atomic import write_atomic
 
@@ -50,8 +50,10 @@ class Store(ABC):
     """Keys are '/'-separated and relative to the store's root (bucket or folder)."""
 
     @abstractmethod
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object whose key starts with ``prefix``, in key order."""
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (and sorts after ``start_after``), in key order.
+
+        Lazy: a listing of millions of keys is read page by page, never held whole."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -68,6 +70,10 @@ class Store(ABC):
     @abstractmethod
     def exists(self, key: str) -> bool:
         """True if ``key`` exists."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a key that is not there is not an error."""
 
     @abstractmethod
     def uri(self, key: str = "") -> str:
@@ -88,7 +94,7 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*PurePosixPath(safe_key(key)).parts)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[ObjectInfo]:
         if not self.root.is_dir():
             raise FileNotFoundError(f"folder {str(self.root)!r} does not exist")
         # Walk only the folder the prefix names ('incoming/x' -> ROOT/incoming): the rest of the bucket
@@ -100,7 +106,7 @@ class LocalStore(Store):
             if not p.is_file() or p.name.startswith(".") and p.name.endswith(".tmp"):
                 continue
             key = p.relative_to(self.root).as_posix()
-            if key.startswith(prefix):
+            if key.startswith(prefix) and key > start_after:
                 yield ObjectInfo(key, sha256_file(p), p.stat().st_size)
 
     def get_bytes(self, key: str) -> bytes:
@@ -113,10 +119,25 @@ class LocalStore(Store):
         write_atomic(self._path(key), lambda p: p.write_bytes(data))
 
     def put_file(self, key: str, path: Path) -> None:
-        self.put_bytes(key, Path(path).read_bytes())
+        write_atomic(self._path(key), lambda p: shutil.copyfile(path, p))  # streamed, not read whole
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        """Remove the file, then the folders it leaves empty (a bucket has no empty folders either)."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == self.root or not folder.is_relative_to(self.root) or any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+    def download(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} does not exist")
+        write_atomic(path, lambda p: shutil.copyfile(source, p))
 
     def uri(self, key: str = "") -> str:
         return str(self.root / key) if key else str(self.root)  # display only (may be a prefix): not validated
@@ -135,14 +156,3 @@ def open_store(location: str | os.PathLike[str], client=None) -> Store:  # noqa:
             raise ValueError(f"{text!r}: give the bucket only (s3://BUCKET); the layout below it is fixed")
         return S3Store(bucket, client)
     return LocalStore(text)
-
-
-def download_prefix(store: Store, prefix: str, dest: Path, workers: int = 16) -> list[Path]:
-    """Copy every object under ``prefix`` to dest/<key> in parallel; unsafe keys raise ValueError."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    objects = list(store.list(prefix))
-    targets = [dest.joinpath(*PurePosixPath(safe_key(o.key)).parts) for o in objects]
-    with ThreadPoolExecutor(max(1, min(workers, S3_POOL))) as pool:
-        list(pool.map(lambda ot: store.download(ot[0].key, ot[1]), zip(objects, targets)))
-    return targets

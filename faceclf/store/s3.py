@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from faceclf.config import S3_BODY_ATTEMPTS, S3_CONNECT_TIMEOUT, S3_POOL, S3_RETRIES
+from faceclf.store.atomic import write_atomic
 from faceclf.store.objects import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,14 @@ class S3Store(Store):
         self.bucket = bucket
         self.client = client or s3_client()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its client (Ray tasks, spawned processes): the other side builds its own from
+        boto3's configuration there (AWS_ENDPOINT_URL, credentials)."""
+        return {"bucket": self.bucket}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.bucket, self.client = state["bucket"], s3_client()
+
     @contextlib.contextmanager
     def _errors(self, key: str = "") -> Iterator[None]:
         """Turn botocore/boto3 exceptions raised inside into StoreError (FileNotFoundError passes)."""
@@ -145,10 +154,10 @@ class S3Store(Store):
         except (ClientError, BotoCoreError, Boto3Error) as e:
             raise store_error(e, self.bucket, self.client.meta.endpoint_url, key) from e
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[ObjectInfo]:
         with self._errors(prefix):
             paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, StartAfter=start_after):
                 for obj in page.get("Contents", []):
                     yield ObjectInfo(obj["Key"], obj["ETag"].strip('"'), int(obj["Size"]))
 
@@ -192,6 +201,17 @@ class S3Store(Store):
                 if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return False
                 raise
+
+    def download(self, key: str, path: Path) -> None:
+        """Streamed to disk in chunks (boto3's transfer manager), never the whole object in memory."""
+        if not self.exists(key):
+            raise FileNotFoundError(f"s3://{self.bucket}/{key} does not exist")
+        with self._errors(key):
+            write_atomic(path, lambda p: self.client.download_file(self.bucket, key, str(p)))
+
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
 
     def uri(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key}"

@@ -1,0 +1,160 @@
+"""Bulk scoring as a bounded stream: list -> fetch + decode (threads) -> ONNX Runtime -> parts -> CSV.
+
+Nothing is copied to local disk first and memory does not grow with the number of images: at most
+``prefetch_batches + 1`` batches are in flight, the listing is read page by page, and rows leave in
+parts of ``part_rows``. Keys are processed in sorted order, which is what makes resume (after the last
+written key) and ``incremental`` (a merge with the previous CSV) constant-memory too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from faceclf.config import ScoreConfig
+from faceclf.dataset.preprocess import Preprocess
+from faceclf.progress import progress
+from faceclf.serving.output import PredictionOutput, PreviousRows, columns, destination
+from faceclf.serving.score import OnnxModel, load_onnx_model, predict_proba
+from faceclf.serving.sources import Item, Source, open_source, require_images
+from faceclf.store.objects import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreSummary:
+    """What a scoring run did and how fast."""
+
+    out: str            # where the final CSV is (local path or s3:// URI)
+    images: int         # rows in the final CSV
+    scored: int         # rows without an error
+    errors: int         # rows with an error (undecodable or vanished image)
+    seconds: float
+    images_per_s: float  # images run through the model by this run, per second
+    provider: str
+    version: str
+    reused: int = 0     # rows kept from the previous CSV (--incremental)
+    resumed: int = 0    # rows a killed run had already written
+
+
+def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """Consecutive lists of ``size`` items (the last may be shorter), read lazily."""
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def fetch_and_decode(preprocess: Preprocess, source: Source, item: Item) -> np.ndarray | str:
+    """uint8 (S, S, 3) of one item, or why not: undecodable, or gone between listing and reading."""
+    try:
+        data = source.read(item)
+    except FileNotFoundError:
+        return "image disappeared between listing and reading"
+    return preprocess.try_decode_bytes(data)
+
+
+def result_row(model: OnnxModel, item: Item, probs: np.ndarray | None, error: str) -> dict[str, str]:
+    """A CSV row: probabilities to 6 decimals, or the error with empty class columns."""
+    row = {"path": item.key, "predicted_class": model.classes[int(probs.argmax())] if probs is not None else "",
+           "error": error}
+    row.update({f"p_{c}": f"{float(v):.6f}" if probs is not None else "" for c, v in
+                zip(model.classes, probs if probs is not None else model.classes)})
+    row.update(model_version=model.version, etag=item.etag)
+    return row
+
+
+def score_items(model: OnnxModel, source: Source, items: Iterable[Item], cfg: ScoreConfig,
+                reuse: Callable[[Item], dict[str, str] | None] = lambda item: None) -> Iterator[dict[str, str]]:
+    """One row per item, in item order. Batches k+1..k+prefetch are fetched and decoded in threads while
+    batch k is in ONNX Runtime; an item ``reuse`` returns a row for is neither fetched nor scored."""
+    workers = cfg.fetch_workers if cfg.fetch_workers > cfg.decode_workers and _remote(source) else cfg.decode_workers
+    with ThreadPoolExecutor(workers) as pool:
+        def submit(batch: list[Item]) -> tuple[list[Item], list[Future | dict[str, str]]]:
+            return batch, [reuse(i) or pool.submit(fetch_and_decode, model.preprocess, source, i) for i in batch]
+
+        stream = batches(items, cfg.batch_size)
+        pending = deque(submit(b) for b in itertools.islice(stream, cfg.prefetch_batches))
+        while pending:
+            batch, work = pending.popleft()
+            nxt = next(stream, None)
+            if nxt is not None:
+                pending.append(submit(nxt))
+            decoded = [w.result() if isinstance(w, Future) else w for w in work]
+            good = [k for k, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+            probs = predict_proba(model, np.stack([decoded[k] for k in good])) if good else None
+            by_index = dict(zip(good, probs)) if probs is not None else {}
+            for k, (item, d) in enumerate(zip(batch, decoded)):
+                if isinstance(d, dict):
+                    yield d                                                # reused row, as it was
+                elif k in by_index:
+                    yield result_row(model, item, by_index[k], "")
+                else:
+                    yield result_row(model, item, None, d)
+
+
+def _remote(source: Source) -> bool:
+    """True when reading an item waits on the network (threads beyond the cores then pay)."""
+    return source.uri.startswith("s3://")
+
+
+def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+          cfg: ScoreConfig | None = None, expected_sha256: str | None = None, incremental: bool = False,
+          store: Store | None = None) -> ScoreSummary:
+    """Score every image of ``inputs`` (local files/folders, one s3://BUCKET/PREFIX, or a prefix of
+    ``store``) into ``out`` (a .csv path, a local folder or s3://BUCKET/PREFIX/ -> predictions.csv).
+
+    Columns: path, predicted_class, p_<class>..., error, model_version, etag. An undecodable file gets
+    a row with its error and the run goes on. A rerun replaces the CSV; a killed run's rerun resumes
+    from its parts. ``incremental`` keeps the previous CSV's rows whose (key, etag, model version)
+    match and scores only the rest. With ``expected_sha256`` a model file whose sha256 differs is
+    refused before onnxruntime opens it. An input without images raises NoImages.
+    """
+    cfg = cfg or ScoreConfig()
+    model = load_onnx_model(model_path, cfg.device, expected_sha256)
+    source = open_source(inputs, store)
+    require_images(source)
+    log.info("scoring %s with %s on %s (model version %s)", source.uri, model.path, model.provider, model.version)
+    output = PredictionOutput(destination(out), columns(model.classes),
+                              {"model_version": model.version, "source": source.uri,
+                               "columns": ",".join(columns(model.classes))}, cfg.part_rows)
+    start_after = output.begin()
+    items = source.items(start_after)
+    previous = PreviousRows(output.previous_rows(), model.version) if incremental else None
+    reused = 0
+
+    def reuse(item: Item) -> dict[str, str] | None:
+        nonlocal reused
+        row = previous.reusable(item.key, item.etag) if previous else None
+        reused += row is not None
+        return row
+
+    if cfg.ray_address:
+        from faceclf.serving.ray_score import score_items_on_ray
+
+        rows_of = score_items_on_ray(cfg.ray_address, model, source, items, cfg, reuse)
+    else:
+        rows_of = score_items(model, source, items, cfg, reuse)
+    t0 = time.perf_counter()
+    new = 0
+    for row in progress(rows_of, desc="score", unit="img"):
+        output.write(row)
+        new += 1
+    seconds = time.perf_counter() - t0
+    rows, errors = output.finish()
+    fresh = new - reused
+    summary = ScoreSummary(output.dest.uri(), rows, rows - errors, errors, seconds,
+                           fresh / seconds if seconds > 0 else 0.0, model.provider, model.version,
+                           reused=reused, resumed=rows - new)
+    log.info("scored %d images (%d errors; %d kept from the previous run, %d from a killed run) in %.2fs: "
+             "%.1f images/s on %s", rows, errors, reused, summary.resumed, seconds, summary.images_per_s,
+             model.provider)
+    return summary
