@@ -123,7 +123,8 @@ def tree(face: Path) -> dict[str, str]:
 
 
 def onnx_accuracy(model_path: Path, folder: Path) -> float:
-    """Accuracy of an exported model on folder/<class>/*, preprocessed from its own metadata alone."""
+    """Accuracy of an exported model on folder/<class>/*, as any client runs it: from its metadata alone,
+    decode and resize to uint8 pixels (the graph normalises them itself)."""
     import onnxruntime as ort
 
     from faceclf.dataset.preprocess import load_image
@@ -131,11 +132,10 @@ def onnx_accuracy(model_path: Path, folder: Path) -> float:
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     classes, size = json.loads(meta["classes"]), int(meta["image_size"])
-    mean = np.array(json.loads(meta["mean"]), np.float32).reshape(1, 3, 1, 1)
-    std = np.array(json.loads(meta["std"]), np.float32).reshape(1, 3, 1, 1)
+    assert meta["input_format"].startswith("uint8 (batch, image_size, image_size, 3) RGB"), meta["input_format"]
     paths = sorted(folder.rglob("*.*"))
-    x = np.stack([load_image(p, size) for p in paths]).transpose(0, 3, 1, 2).astype(np.float32) / 255
-    pred = session.run(None, {"input": (x - mean) / std})[0].argmax(1)
+    pixels = np.stack([load_image(p, size) for p in paths])  # uint8 (N, S, S, 3)
+    pred = session.run(None, {"input": pixels})[0].argmax(1)
     return float(np.mean([classes[k] == p.parent.name for k, p in zip(pred, paths)]))
 
 

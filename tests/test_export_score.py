@@ -17,7 +17,7 @@ import faceclf.serving.export as E
 from faceclf.dataset.preprocess import Preprocess, load_image
 from faceclf.dataset.tensors import normalize
 from faceclf.serving.export import ExportParityError, check_parity, export_onnx
-from faceclf.serving.score import CPU_PROVIDER, load_onnx_model, providers_for
+from faceclf.serving.score import CPU_PROVIDER, load_onnx_model, predict_proba, providers_for
 from faceclf.serving.stream import score
 from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -163,3 +163,17 @@ def test_score_missing_input_and_foreign_model_are_clear_errors(onnx_model: Path
     with pytest.raises(ValueError, match="no 'classes' in its metadata"):
         load_onnx_model(tmp_path / "bare.onnx")
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_model_exported_with_the_earlier_float_input_still_scores_alike(onnx_model: Path, trained_run: Path,
+                                                                          tmp_path: Path) -> None:
+    """Champions exported before the uint8 input (float32 NCHW, normalised by the caller) keep working."""
+    ckpt = load_checkpoint(trained_run / "checkpoint.pt")
+    pixels = E.parity_batch(ckpt)                                                   # uint8 (B, S, S, 3)
+    proto = E.to_onnx_proto(model_from_checkpoint(ckpt), normalize(pixels.permute(0, 3, 1, 2),
+                                                                   Preprocess.from_checkpoint(ckpt)))
+    E.add_metadata(proto, ckpt, ckpt["version"], "0" * 64)
+    onnx.save_model(proto, str(tmp_path / "float.onnx"))
+    old, new = load_onnx_model(tmp_path / "float.onnx", "cpu"), load_onnx_model(onnx_model, "cpu")
+    assert (old.takes_pixels, new.takes_pixels) == (False, True)
+    np.testing.assert_allclose(predict_proba(old, pixels.numpy()), predict_proba(new, pixels.numpy()), atol=1e-6)
