@@ -285,7 +285,7 @@ def test_score_flow_refuses_a_swapped_model_and_writes_no_predictions(prefect_ap
         score_flow.score(bucket=bucket, source="to-score/", output="predictions/champion/predictions.csv")
     with pytest.raises(registry.ModelIntegrityError, match=f"but {VERSION}/sha256.json expects"):
         score_flow.score(bucket=bucket, source="to-score/", version=VERSION, output=str(tmp_path / "out" / "p.csv"))
-    assert [o.key for o in store.list("predictions/")] == ["predictions/ok/predictions.csv"]
+    assert [o.key for o in store.list("predictions/")] == ["predictions/ok/predictions.csv", "predictions/ok/predictions.json"]
     assert not (tmp_path / "out").exists()
     with pytest.raises(registry.ModelIntegrityError):  # nor can it be promoted by hand
         registry.promote(store, VERSION)
@@ -358,6 +358,8 @@ def test_a_killed_scoring_run_resumes_after_its_last_part_with_one_row_per_image
     assert [r["path"] for r in rows] == [str(p) for p in paths]  # one row per image, in order, no extra
     assert [r["predicted_class"] for r in rows] == [r["predicted_class"] for r in read_rows_bytes(previous)]
     assert not parts.exists() and not list(folder.glob(".*.tmp")), "the killed run left files behind"
+    run = json.loads((folder / "pred.json").read_text())  # the resumed run's summary beside the CSV
+    assert (run["images"], run["errors"], run["resumed"], run["config"]["part_rows"]) == (800, 1, done, 50)
 
 
 def read_rows_bytes(data: bytes) -> list[dict[str, str]]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -68,7 +70,11 @@ def test_an_s3_prefix_streams_into_s3_and_an_incremental_rerun_scores_only_what_
     assert (first.images, first.errors, first.reused) == (31, 1, 0)
     assert [r["path"] for r in rows] == sorted([*keys, "to-score/with_mask/broken.jpg"])
     listed = [o["Key"] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix="predictions/").get("Contents", [])]
-    assert listed == ["predictions/run-1/predictions.csv"]  # the parts are gone once the CSV is whole
+    assert listed == ["predictions/run-1/predictions.csv", "predictions/run-1/predictions.json"]  # parts gone
+    summary = json.loads(s3_client().get_object(Bucket=bucket, Key="predictions/run-1/predictions.json")["Body"].read())
+    assert (summary["images"], summary["errors"], summary["source"]) == (31, 1, f"s3://{bucket}/to-score/")
+    assert summary["model_sha256"] == hashlib.sha256(onnx_model.read_bytes()).hexdigest()
+    assert summary["config"]["part_rows"] == CPU.part_rows
     reference = local_reference(onnx_model, files, tmp_path)
     for name, r in by_name(rows).items():
         if name == "with_mask/broken.jpg":

@@ -1,6 +1,7 @@
 """Where predictions go: parts while a run is under way, one atomically written CSV when it ends.
 
     OUT                      predictions.csv (local path, or a key in a bucket)
+    OUT minus .csv + .json   predictions.json: model, source, the resolved ScoreConfig, counts
     OUT.parts/run.json       which model and source the parts belong to
     OUT.parts/part-NNNNNN.csv  each a whole, atomically written batch of rows in key order
 
@@ -19,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from faceclf.store.atomic import remove_stale_temps
 from faceclf.store.objects import LocalStore, Store, open_store
@@ -40,6 +41,11 @@ class Destination:
     def parts(self) -> str:
         """Key prefix of the parts folder."""
         return f"{self.key}.parts/"
+
+    @property
+    def summary_key(self) -> str:
+        """Key of the run's summary beside the CSV: predictions.csv -> predictions.json."""
+        return (self.key[:-4] if self.key.lower().endswith(".csv") else self.key) + ".json"
 
     def uri(self) -> str:
         return self.store.uri(self.key)
@@ -127,8 +133,9 @@ class PredictionOutput:
         self._buffer = []
 
     # --- end -----------------------------------------------------------------------------------
-    def finish(self) -> tuple[int, int]:
-        """Join the parts into the final CSV (atomically), delete them; returns (rows, error rows)."""
+    def finish(self, summary: Callable[[int, int], dict[str, Any]]) -> tuple[int, int]:
+        """Join the parts into the final CSV (atomically), write ``summary(rows, errors)`` beside it as JSON
+        (the resolved config and counts), then delete the parts; returns (rows, error rows)."""
         self._flush()
         rows = errors = 0
         with tempfile.TemporaryDirectory(prefix="faceclf-predictions-") as tmp:
@@ -142,6 +149,7 @@ class PredictionOutput:
                         errors += bool(r["error"])
                         w.writerow(r)
             self.dest.store.put_file(self.dest.key, joined)
+        self.dest.store.put_bytes(self.dest.summary_key, json.dumps(summary(rows, errors), indent=2).encode())
         for key in self._parts:
             self.dest.store.delete(key)
         self.dest.store.delete(self.dest.parts + "run.json")

@@ -8,6 +8,7 @@ written key) and ``incremental`` (a merge with the previous CSV) constant-memory
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -15,11 +16,12 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from faceclf.config import ScoreConfig
+from faceclf.config import ScoreConfig, json_ready
+from faceclf.dataset.layout import sha256_file
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
 from faceclf.serving.output import PredictionOutput, PreviousRows, columns, destination
@@ -149,8 +151,15 @@ def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike
         output.write(row)
         new += 1
     seconds = time.perf_counter() - t0
-    rows, errors = output.finish()
     fresh = new - reused
+
+    def summary(rows: int, errors: int) -> dict[str, Any]:
+        return {**output.identity, "model_sha256": sha256_file(model.path), "provider": model.provider,
+                "config": json_ready(dataclasses.asdict(cfg)), "incremental": incremental, "images": rows,
+                "errors": errors, "reused": reused, "resumed": rows - new, "scored_now": fresh,
+                "seconds": round(seconds, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    rows, errors = output.finish(summary)
     summary = ScoreSummary(output.dest.uri(), rows, rows - errors, errors, seconds,
                            fresh / seconds if seconds > 0 else 0.0, model.provider, model.version,
                            reused=reused, resumed=rows - new)
