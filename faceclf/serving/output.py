@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from faceclf.store.atomic import remove_stale_temps
-from faceclf.store.objects import LocalStore, Store, open_store
+from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,10 @@ def destination(out: str | os.PathLike[str]) -> Destination:
     """``s3://BUCKET/PREFIX/`` or a local folder -> its predictions.csv; a name ending in .csv is the file."""
     text = str(out)
     if text.startswith("s3://"):
-        bucket, _, key = text[len("s3://"):].partition("/")
+        location, key = parse_s3_url(text)
         if not key or key.endswith("/"):
             key += DEFAULT_NAME
-        return Destination(open_store(f"s3://{bucket}"), key)
+        return Destination(open_store(location), key)
     path = Path(text)
     if path.suffix.lower() != ".csv":
         path = path / DEFAULT_NAME
@@ -70,11 +70,11 @@ def columns(classes: list[str]) -> list[str]:
     return ["path", "predicted_class", *[f"p_{c}" for c in classes], "error", "model_version", "etag"]
 
 
-def _csv_text(fields: list[str], rows: list[dict[str, str]], header: bool) -> str:
+def _csv_text(fields: list[str], rows: list[dict[str, str]]) -> str:
+    """A whole CSV (header and rows) as text: one part file."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    if header:
-        w.writeheader()
+    w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
 
@@ -90,7 +90,6 @@ class PredictionOutput:
         self.dest, self.fields, self.identity, self.part_rows = dest, fields, identity, part_rows
         self._buffer: list[dict[str, str]] = []
         self._parts: list[str] = []
-        self.resumed_rows = 0
 
     # --- start ---------------------------------------------------------------------------------
     def begin(self) -> str:
@@ -128,7 +127,7 @@ class PredictionOutput:
         if not self._buffer:
             return
         key = f"{self.dest.parts}part-{len(self._parts) + 1:06d}.csv"
-        self.dest.store.put_bytes(key, _csv_text(self.fields, self._buffer, header=True).encode("utf-8"))
+        self.dest.store.put_bytes(key, _csv_text(self.fields, self._buffer).encode("utf-8"))
         self._parts.append(key)
         self._buffer = []
 

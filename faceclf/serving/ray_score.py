@@ -39,7 +39,7 @@ def fetch_decode(batch: dict[str, np.ndarray], source: Source, image_size: int) 
     images = np.zeros((len(batch["key"]), image_size, image_size, 3), dtype=np.uint8)
     errors = []
     for k, (key, etag) in enumerate(zip(batch["key"], batch["etag"])):
-        got = fetch_and_decode(preset, source, Item(str(key), str(etag), 0))
+        got = fetch_and_decode(preset, source, Item(str(key), str(etag)))
         if isinstance(got, str):
             errors.append(got)
         else:
@@ -106,13 +106,12 @@ def score_items_on_ray(address: str, model: OnnxModel, source: Source, items: It
                                                        "device": "cuda" if gpus else "cpu"}, **remote)
             scored = itertools.chain.from_iterable(_rows_of(b) for b in ds.iter_batches(batch_size=None,
                                                                                       batch_format="numpy"))
-        by_item = iter(todo)
         for item, row in zip(chunk, kept):
             if row is not None:
                 yield row
                 continue
             got = next(scored)
-            if got["key"] != item.key or next(by_item).key != item.key:
+            if got["key"] != item.key:
                 raise RuntimeError(f"Ray Data returned {got['key']!r} where {item.key!r} was expected")
             yield result_row(model, item, got["probs"] if not got["error"] else None, got["error"])
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import heapq
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 from faceclf.dataset.layout import IMAGE_EXTENSIONS, has_image_name
-from faceclf.store.objects import Store, open_store
+from faceclf.store.objects import Store, open_store, parse_s3_url
 
 
 class NoImages(ValueError):
@@ -27,21 +28,20 @@ class Item:
 
     key: str
     etag: str   # S3: the object's ETag; local: size and mtime, so --incremental needs no re-read
-    size: int
 
 
-class Source:
+class Source(ABC):
     """Sorted, lazy items plus a way to read each one's bytes."""
 
     uri: str
 
+    @abstractmethod
     def items(self, start_after: str = "") -> Iterator[Item]:
         """Items whose key sorts after ``start_after``, in key order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read(self, item: Item) -> bytes:
         """The image file's bytes."""
-        raise NotImplementedError
 
 
 class StoreSource(Source):
@@ -53,7 +53,7 @@ class StoreSource(Source):
     def items(self, start_after: str = "") -> Iterator[Item]:
         for o in self.store.list(self.prefix, start_after):
             if has_image_name(PurePosixPath(o.key)):
-                yield Item(o.key, o.etag, o.size)
+                yield Item(o.key, o.etag)
 
     def read(self, item: Item) -> bytes:
         return self.store.get_bytes(item.key)
@@ -97,7 +97,7 @@ class LocalSource(Source):
     def _one(self, p: Path) -> Iterator[Item]:
         for f in walk_sorted(p) if p.is_dir() else [p]:
             st = f.stat()
-            yield Item(str(f), _local_etag(st), st.st_size)
+            yield Item(str(f), _local_etag(st))
 
     def items(self, start_after: str = "") -> Iterator[Item]:
         last = None
@@ -108,14 +108,6 @@ class LocalSource(Source):
 
     def read(self, item: Item) -> bytes:
         return Path(item.key).read_bytes()
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """'s3://BUCKET/PREFIX' -> ('s3://BUCKET', 'PREFIX')."""
-    bucket, _, prefix = url[len("s3://"):].partition("/")
-    if not bucket:
-        raise ValueError(f"{url!r} names no bucket")
-    return f"s3://{bucket}", prefix
 
 
 def open_source(inputs: Sequence[str | os.PathLike[str]], store: Store | None = None) -> Source:

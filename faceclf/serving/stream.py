@@ -153,13 +153,13 @@ def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike
     seconds = time.perf_counter() - t0
     fresh = new - reused
 
-    def summary(rows: int, errors: int) -> dict[str, Any]:
+    def run_record(rows: int, errors: int) -> dict[str, Any]:
         return {**output.identity, "model_sha256": sha256_file(model.path), "provider": model.provider,
                 "config": json_ready(dataclasses.asdict(cfg)), "incremental": incremental, "images": rows,
                 "errors": errors, "reused": reused, "resumed": rows - new, "scored_now": fresh,
                 "seconds": round(seconds, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    rows, errors = output.finish(summary)
+    rows, errors = output.finish(run_record)
     summary = ScoreSummary(output.dest.uri(), rows, rows - errors, errors, seconds,
                            fresh / seconds if seconds > 0 else 0.0, model.provider, model.version,
                            reused=reused, resumed=rows - new)

@@ -143,6 +143,14 @@ class LocalStore(Store):
         return str(self.root / key) if key else str(self.root)  # display only (may be a prefix): not validated
 
 
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """'s3://BUCKET/KEY-OR-PREFIX' -> ('s3://BUCKET', 'KEY-OR-PREFIX'), the store and the key part."""
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"{url!r} names no bucket")
+    return f"s3://{bucket}", key
+
+
 def open_store(location: str | os.PathLike[str], client=None) -> Store:  # noqa: ANN001
     """'s3://BUCKET' -> S3Store; anything else is a local folder."""
     text = str(location)
