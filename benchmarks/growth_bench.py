@@ -64,10 +64,11 @@ _STATUS = re.compile(r"^(VmHWM|VmRSS|RssAnon|RssFile|RssShmem):\s+(\d+)\s+kB", r
 # ---------------------------------------------------------------------------------------------
 # In the child process
 # ---------------------------------------------------------------------------------------------
-def proc_status() -> dict[str, int]:
-    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of this process, in bytes (empty off Linux)."""
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of a process (default this one), in bytes (empty off Linux
+    or once the process is gone)."""
     try:
-        text = Path("/proc/self/status").read_text()
+        text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return {}
     return {k: int(v) * 1024 for k, v in _STATUS.findall(text)}
@@ -83,8 +84,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def tree_anon() -> tuple[int, int]:
+    """(largest RssAnon of one process, RssAnon summed) over this process and its descendants: a stage
+    that runs in a child process (training, a big decode) counts there, and the night's total with it."""
+    import psutil
+
+    anon = [proc_status().get("RssAnon", 0)]
+    for kid in psutil.Process().children(recursive=True):
+        anon.append(proc_status(kid.pid).get("RssAnon", 0))
+    return max(anon), sum(anon)
+
+
 class MemorySampler(threading.Thread):
-    """Samples RssAnon and RssFile every ``period`` seconds and keeps the maximum of each per stage."""
+    """Samples, every ``period`` seconds, RssAnon and RssFile of this process, the largest RssAnon of one
+    process of its tree (``ProcAnon``: the training process, wherever it runs) and the tree's sum
+    (``TreeAnon``), and keeps the maximum of each per stage."""
 
     def __init__(self, period: float = SAMPLE_S):
         super().__init__(daemon=True, name="rss-sampler")
@@ -94,8 +108,9 @@ class MemorySampler(threading.Thread):
 
     def sample(self) -> None:
         s = proc_status()
+        s["ProcAnon"], s["TreeAnon"] = tree_anon()
         with self._lock:
-            mine = self.peak.setdefault(self.stage, {"RssAnon": 0, "RssFile": 0})
+            mine = self.peak.setdefault(self.stage, {"RssAnon": 0, "RssFile": 0, "ProcAnon": 0, "TreeAnon": 0})
             for key in mine:
                 mine[key] = max(mine[key], s.get(key, 0))
 
@@ -156,6 +171,7 @@ def night_child(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     sampler.enter("imports")
     import faceclf.dataset.ingest as ingest_mod
+    import faceclf.training.launch as launch_mod
     import faceclf.training.run as run_mod
     from faceclf.config import IngestConfig, RunConfig, with_overrides
     from faceclf.dataset.cache import DecodedCache
@@ -179,13 +195,15 @@ def night_child(spec: dict[str, Any]) -> dict[str, Any]:
     _time_calls(run_mod, "finish_run", "train: val+test eval", sub)
 
     store, face = LocalStore(spec["bucket"]), Path(spec["face"])
-    cfg = with_overrides(RunConfig(), image_size=IMAGE_SIZE, epochs=spec["epochs"])
+    cfg = with_overrides(RunConfig(), image_size=IMAGE_SIZE, epochs=spec["epochs"],
+                         train_in_child_above=spec["train_in_child_above"])
 
     report = stage("ingest", lambda: ingest_mod.ingest(store, face, IngestConfig()))
     faceset = report.faceset
     facts.update(listed=report.listed, new=report.new, skipped=report.skipped, images=len(faceset.images),
                  quarantined=report.quarantined, duplicates=report.duplicates, failed=report.failed)
-    reason = stage("nothing-new check", lambda: night.nothing_new(faceset, read_latest(store), 1, False))
+    reason = stage("nothing-new check", lambda: night.nothing_new(faceset, read_latest(store), 1,
+                                                                 spec.get("force", False)))
     facts["nothing_new"] = reason
     if spec["night"] == 3 or reason:
         if spec["night"] != 3 or not reason:
@@ -198,8 +216,8 @@ def night_child(spec: dict[str, Any]) -> dict[str, Any]:
                      rebuilt=len(cache_report.rebuilt), rejected=len(cache_report.rejected))
         version = new_version()
         facts["train_hwm_reset"] = reset_peak_rss()
-        metrics = stage("train", lambda: run_mod.train_run(faceset, Path(spec["runs"]) / version, cfg, version=version,
-                                                           cache=night.open_cache(face, cfg.data)))
+        metrics = stage("train", lambda: launch_mod.train(faceset, Path(spec["runs"]) / version, cfg, version=version,
+                                                          cache=night.open_cache(face, cfg.data), store=store))
         facts["train_vmhwm"] = proc_status().get("VmHWM") if facts["train_hwm_reset"] else None
         facts.update(split_counts=metrics["data"]["counts"], test_accuracy=metrics["test"]["accuracy"],
                      device=metrics["device"])
@@ -284,8 +302,10 @@ def _night_summary(res: dict[str, Any]) -> str:
     return "; ".join(bits)
 
 
-def measure_size(n: int, epochs: int, workdir: str | None) -> dict[str, Any]:
-    """Three nights on ``n`` images (+2% on night 2) in a fresh temporary folder."""
+def measure_size(n: int, epochs: int, workdir: str | None, train_in_child_above: int) -> dict[str, Any]:
+    """Three nights on ``n`` images (+2% on night 2) in a fresh temporary folder, then night 4, the
+    baseline: night 2's data trained again (force) in the night's own process, as before training moved
+    into a child (``train_in_child_above`` 0)."""
     if n % len(CLASSES):
         raise ValueError(f"n must split evenly over {len(CLASSES)} classes, got {n}")
     new_per_class = max(1, round(n * NEW_SHARE / len(CLASSES)))
@@ -293,7 +313,8 @@ def measure_size(n: int, epochs: int, workdir: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="faceclf-growth-bench-", dir=workdir) as tmp:
         root = Path(tmp)
         bucket = root / "bucket"
-        spec = {"bucket": str(bucket), "face": str(root / "face"), "runs": str(root / "runs"), "epochs": epochs}
+        spec = {"bucket": str(bucket), "face": str(root / "face"), "runs": str(root / "runs"), "epochs": epochs,
+                "train_in_child_above": train_in_child_above}
         t0 = time.perf_counter()
         faces = make_faces(n + new_per_class * len(CLASSES), size=IMAGE_SIZE,
                            base_per_class=min(500, per_class + new_per_class))
@@ -308,15 +329,17 @@ def measure_size(n: int, epochs: int, workdir: str | None) -> dict[str, Any]:
               f"local bucket in {time.perf_counter() - t0:.1f} s", flush=True)
         del first
         out: dict[str, Any] = {"n": n, "new": len(later)}
-        for k in (1, 2, 3):
+        for k in (1, 2, 3, 4):
             if k == 2:
                 put_faces(bucket, later)
-            res = in_child({**spec, "night": k})
+            res = in_child({**spec, "night": k} if k < 4 else {**spec, "night": 4, "force": True,
+                                                                  "train_in_child_above": 0})
             out[k] = res
-            train_peak = res["peaks"].get("train", {}).get("RssAnon")
+            train = res["peaks"].get("train", {})
             print(f"growth: {n:,} images: night {k} {sum(res['secs'].values()):.1f} s "
                   f"({', '.join(f'{s} {v:.1f}' for s, v in res['secs'].items())}); "
-                  + (f"peak RssAnon in training {_mib(train_peak):.0f} MiB; " if train_peak else "")
+                  + (f"peak RssAnon in training: the training process {_mib(train['ProcAnon']):.0f} MiB, the "
+                     f"night's processes {_mib(train['TreeAnon']):.0f} MiB; " if train else "")
                   + f"VmHWM {_mib(res['vmhwm']):.0f} MiB", flush=True)
     return out
 
@@ -351,48 +374,62 @@ def rows_for(size: dict[str, Any], epochs: int) -> list[dict]:
                          f"({_stage_note(r3, 'ingest').split('; ', 1)[-1]}), check "
                          f"{r3['secs']['nothing-new check']:.3f} s; {r3['facts']['nothing_new'].split(';')[0]}; "
                          f"VmHWM {_mib(r3['vmhwm']):.0f} MiB"))
-    for k, res in ((1, r1), (2, r2)):
+    for k, res in ((1, r1), (2, r2), (4, size[4])):
         peak = res["peaks"].get("train", {})
         hwm = res["facts"].get("train_vmhwm")
-        rows.append(row(BENCH, f"{head}, night {k}: training peak RssAnon", _mib(peak.get("RssAnon")), "MiB",
-                        note=f"sampled every {SAMPLE_S * 1000:.0f} ms during train_run; RssFile then up to "
-                             f"{_mib(peak.get('RssFile')):.0f} MiB (memory-mapped shards, libraries); peak RSS "
-                             f"(VmHWM) of training "
+        where = "the night's own process (baseline)" if k == 4 else "its child process"
+        rows.append(row(BENCH, f"{head}, night {k}: training peak RssAnon" + (" (night 2 again, in-process)"
+                                                                              if k == 4 else ""),
+                        _mib(peak.get("ProcAnon")), "MiB",
+                        note=f"training in {where}, sampled every {SAMPLE_S * 1000:.0f} ms; all the night's "
+                             f"processes together {_mib(peak.get('TreeAnon')):.0f} MiB; the night process's RssFile "
+                             f"up to {_mib(peak.get('RssFile')):.0f} MiB (memory-mapped shards, libraries); peak RSS "
+                             f"(VmHWM) of the night process in training "
                              + (f"{_mib(hwm):.0f} MiB" if hwm else "not measured (clear_refs refused)")
-                             + f", of the whole night {_mib(res['vmhwm']):.0f} MiB; peak RssAnon by stage: "
+                             + f", of the whole night {_mib(res['vmhwm']):.0f} MiB; peak RssAnon of the night "
+                             "process by stage: "
                              + ", ".join(f"{s} {_mib(p['RssAnon']):.0f}" for s, p in res["peaks"].items()
                                          if s not in ("start", "between stages"))))
     return rows
 
 
-def training_peak(size: dict[str, Any]) -> float:
-    """Peak RssAnon during training, the larger of nights 1 and 2, in bytes."""
-    return max(size[k]["peaks"].get("train", {}).get("RssAnon", 0) for k in (1, 2))
+def training_peak(size: dict[str, Any], nights: tuple[int, ...] = (1, 2), key: str = "ProcAnon") -> float:
+    """Peak RssAnon during training, the largest of ``nights``, in bytes: of the training process
+    (``ProcAnon``) or of all the night's processes together (``TreeAnon``)."""
+    return max(size[k]["peaks"].get("train", {}).get(key, 0) for k in nights)
+
+
+def ratio_row(results: list[dict[str, Any]], what: str, nights: tuple[int, ...], key: str, goal: bool) -> dict:
+    """One row: the training peak at the largest size against the smallest (``goal``: judged against 1.2x)."""
+    lo, hi = results[0], results[-1]
+    p_lo, p_hi = training_peak(lo, nights, key), training_peak(hi, nights, key)
+    ratio = p_hi / p_lo if p_lo else None
+    verdict = (f"goal < {MEMORY_GOAL} (from 10,000 to 100,000 images): {_verdict(ratio, MEMORY_GOAL, strict=True)}"
+               + ("" if (lo["n"], hi["n"]) == (10_000, 100_000) else " (sizes of this run differ)") + "; "
+               if goal else "")
+    return row(BENCH, f"{what}, {hi['n']:,} / {lo['n']:,} imgs", _mib(p_hi), "MiB", f"at {lo['n']:,} images",
+               _mib(p_lo), note=verdict + f"night{'s' if len(nights) > 1 else ''} {' and '.join(map(str, nights))}, the larger at each size; by "
+               "size: " + ", ".join(f"{s['n']:,}: {_mib(training_peak(s, nights, key)):.0f} MiB" for s in results))
 
 
 def run(quick: bool = False, sizes: tuple[int, ...] | None = None, epochs: int = EPOCHS,
-        workdir: str | None = None) -> list[dict]:
+        workdir: str | None = None, train_in_child_above: int = 1) -> list[dict]:
     """Rows per size: seconds per stage of nights 1 and 2 (and their totals), night 2's decode against
     night 1's, the nothing-new night against night 1, peak RssAnon during training; then the training
-    peak at the largest size against the smallest. ``workdir``: where the temporary folders go."""
+    peak at the largest size against the smallest, with training in a child process (nights 1 and 2, as
+    faceclf trains from ``train_in_child_above`` images: 1 here, so every size trains alike) and in the
+    night's own process (night 4, the baseline). ``workdir``: where the temporary folders go."""
     sizes = tuple(sizes or (QUICK_SIZES if quick else SIZES))
     print(f"growth: sizes {', '.join(f'{n:,}' for n in sizes)}; {IMAGE_SIZE} px, {NEW_SHARE:.0%} new on night 2, "
-          f"{epochs} epoch(s); each night in its own process", flush=True)
-    results = [measure_size(n, epochs, workdir) for n in sizes]
+          f"{epochs} epoch(s); each night in its own process; training in a child from {train_in_child_above} "
+          "images (night 4: in the night process)", flush=True)
+    results = [measure_size(n, epochs, workdir, train_in_child_above) for n in sizes]
     rows = [r for size in results for r in rows_for(size, epochs)]
-    lo, hi = results[0], results[-1]
-    p_lo, p_hi = training_peak(lo), training_peak(hi)
-    ratio = p_hi / p_lo if p_lo else None
-    hwm = [max(s[k]["facts"].get("train_vmhwm") or 0 for k in (1, 2)) for s in (lo, hi)]
-    rows.append(row(BENCH, f"peak training RssAnon, {hi['n']:,} / {lo['n']:,} imgs", _mib(p_hi), "MiB",
-                    f"at {lo['n']:,} images", _mib(p_lo),
-                    note=f"goal < {MEMORY_GOAL} (from 10,000 to 100,000 images): "
-                         f"{_verdict(ratio, MEMORY_GOAL, strict=True)}"
-                         + ("" if (lo["n"], hi["n"]) == (10_000, 100_000) else " (sizes of this run differ)")
-                         + "; the larger of nights 1 and 2 at each size; by size: "
-                         + ", ".join(f"{s['n']:,}: {_mib(training_peak(s)):.0f} MiB" for s in results)
-                         + (f"; peak RSS (VmHWM) of training {_mib(hwm[1]):.0f} / {_mib(hwm[0]):.0f} MiB = "
-                            f"{hwm[1] / hwm[0]:.2f} (includes page-cache-backed shard pages)" if all(hwm) else "")))
+    rows.append(ratio_row(results, "peak RssAnon of the training process", (1, 2), "ProcAnon", goal=True))
+    rows.append(ratio_row(results, "peak RssAnon of the night's processes in training", (1, 2), "TreeAnon",
+                          goal=False))
+    rows.append(ratio_row(results, "baseline: peak RssAnon, training in the night process", (4,), "ProcAnon",
+                          goal=False))
     return rows
 
 

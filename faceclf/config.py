@@ -44,6 +44,11 @@ CLASS_WEIGHTING = "auto"              # balanced when the train split is imbalan
 WORKERS = 1                           # training processes (DDP ranks): > 1 runs torchrun's launcher on this machine
                                       # (one per GPU; on CPUs each gets its share of the cores), or that many Ray
                                       # Train workers with a Ray address. 1: the plain single-process loop
+TRAIN_IN_CHILD_ABOVE = 20_000         # single-process training of a face set this large or larger runs in a fresh
+                                      # spawned process: the night process keeps the heap ingest and decoding grew
+                                      # with the set (the training peak then grew 1.17-1.96x from 10,000 to 100,000
+                                      # images); a fresh process starts at the same size whatever the set (README).
+                                      # ~3 s of start-up (torch import), 1% of training 20,000 images. 0: never
 RAY_ADDRESS_ENV = "FACECLF_RAY_ADDRESS"  # default Ray cluster address for training ("local": a Ray instance here)
 IMBALANCE_RATIO = 2.0                 # "auto" weights the loss when the largest class has more than this many
                                       # times the images of the smallest (a judgement between the measured 1 and 4)
@@ -206,10 +211,15 @@ class TrainConfig:
     ray_address: str | None = option(None, "train on the Ray cluster at this address (host:port, ray://host:port, "
                                      f"auto; 'local' starts Ray here; default ${RAY_ADDRESS_ENV}) with --nproc-per-node "
                                      "workers (pip install -e '.[ray]')")
+    train_in_child_above: int = option(TRAIN_IN_CHILD_ABOVE, "single-process training of this many images or more "
+                                       "runs in a fresh child process, so its memory does not carry what earlier "
+                                       "steps left in this one (0: never)")
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers (--nproc-per-node) must be >= 1, got {self.workers}")
+        if self.train_in_child_above < 0:
+            raise ValueError(f"train_in_child_above must be >= 0, got {self.train_in_child_above}")
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

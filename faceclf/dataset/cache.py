@@ -18,14 +18,14 @@ import dataclasses
 import io
 import json
 import logging
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from faceclf.child import ChildDied, run_in_child
 from faceclf.config import CacheConfig
 from faceclf.dataset.faceset import FaceImage, FaceSet, ImageIndex
 from faceclf.dataset.layout import sha256_file
@@ -213,19 +213,15 @@ class DecodedCache:
 
     def _add_in_child(self, faceset: FaceSet, images: Sequence[FaceImage]) -> int:
         """``add`` in a spawned child process; this cache then rereads the catalog the child wrote."""
-        from concurrent.futures.process import BrokenProcessPool
-
         log.info("decoding %d images in a child process", len(images))
         cfg = dataclasses.replace(self.cfg, decode_in_child_above=0)
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            try:
-                done = pool.submit(_add_child, self.folder, self.preset, cfg, faceset, images).result()
-            except BrokenProcessPool:
-                raise RuntimeError(f"the child process decoding into {self.folder} died; the shards it finished "
-                                   "are kept and a rerun decodes only the rest") from None
-            finally:
-                self._read_catalog()
-        return done
+        try:
+            return run_in_child(_add_child, self.folder, self.preset, cfg, faceset, images, name="faceclf-decode")
+        except ChildDied as err:
+            raise RuntimeError(f"the child process decoding into {self.folder} {err}; the shards it finished "
+                               "are kept and a rerun decodes only the rest") from None
+        finally:
+            self._read_catalog()
 
     def _append(self, chunk: Sequence[FaceImage], results: list[np.ndarray | str]) -> None:
         """Write one shard of the decoded images of ``chunk`` and record the ones that did not decode."""

@@ -1,0 +1,88 @@
+"""One function call in a fresh spawned process: its result or its exception back here, or how it died.
+
+A night's process keeps the heap that ingest and decoding grew with the face set (glibc does not hand all
+of it back). Work that must not carry that heap (decoding a large set, training) runs through
+``run_in_child``: a new interpreter, so its memory starts from the same size whatever came before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import multiprocessing
+import pickle
+import signal
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+class ChildDied(RuntimeError):
+    """The child process ended without a result (killed by a signal, or it exited)."""
+
+    def __init__(self, exitcode: int | None):
+        self.exitcode = exitcode
+        super().__init__(describe_exit(exitcode))
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'was killed by SIGKILL' / 'exited with code 3', from a multiprocessing exit code."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def run_in_child(fn: Callable[..., Any], *args: Any, name: str = "faceclf-child") -> Any:
+    """``fn(*args)`` in a spawned process; its return value, or the exception it raised, raised here.
+
+    ``fn`` and ``args`` must pickle (a module-level function, plain values, a FaceSet). A child that dies
+    without answering (SIGKILL, the OOM killer, os._exit) is ``ChildDied`` with its exit code. The child is
+    killed with its parent (Linux), so a killed night leaves no training process behind.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_entry, args=(send, fn, args), name=name)
+    child.start()
+    send.close()  # only the child writes: recv() then sees EOF when it dies
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise ChildDied(child.exitcode) from None
+    finally:
+        receive.close()
+        child.join()
+    if ok:
+        return value
+    raise value
+
+
+def _child_entry(send: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """In the child: die with the parent, call ``fn``, send (True, result) or (False, exception)."""
+    _die_with_parent()
+    try:
+        out: tuple[bool, Any] = (True, fn(*args))
+    except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent, which raises it
+        out = (False, err if _pickles(err) else RuntimeError(traceback.format_exc()))
+    send.send(out)
+    send.close()
+
+
+def _pickles(obj: Any) -> bool:
+    try:
+        pickle.loads(pickle.dumps(obj))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "send the traceback text instead"
+        return False
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG); no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
