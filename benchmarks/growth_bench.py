@@ -14,8 +14,8 @@ Stages, as library calls in the flow's order (flows/train.py):
   nothing-new check  faceclf.nightly.night.nothing_new(faceset, registry.read_latest(store), 1, False)
   decode             faceclf.nightly.night.refresh_cache(store, face/, faceset, cfg.data): pull the bucket's
                      shards, verify every shard, decode what no shard holds, mirror new shards to the bucket
-  train              faceclf.training.run.train_run(faceset, runs/<version>/, cfg, version=...,
-                     cache=night.open_cache(face/, cfg.data)) with cfg = with_overrides(RunConfig(),
+  train              faceclf.training.launch.train(faceset, runs/<version>/, cfg, version=...,
+                     cache=night.open_cache(face/, cfg.data), store=store) (what the flow's task calls) with cfg = with_overrides(RunConfig(),
                      image_size=64, epochs=1) (includes the val/test evaluation of the best checkpoint and
                      the plots). One epoch keeps a 100,000-image night within a few minutes on 2 cores.
   record latest      registry.write_latest(store, version, True, len(faceset.images), faceset.fingerprint())
@@ -23,8 +23,9 @@ Not run: the champion's re-score, the gate, export and upload (they do not depen
 are new; leaving them out makes a "full night" shorter, so the nothing-new ratio is the harder to meet).
 Imports (torch and faceclf, the same in every night) are timed apart and not part of a night's total.
 
-Memory, read from /proc/self/status of the child: a thread samples RssAnon and RssFile every 50 ms and
-keeps each stage's maximum (also sampled at every stage's start and end). RssAnon leaves out file-backed
+Memory, read from /proc/<pid>/status: a thread samples, every 50 ms, RssAnon and RssFile of the night's
+process, the largest RssAnon of one process of its tree (the training process; a big decode runs in a
+child of its own) and the tree's sum, and keeps each stage's maximum (also at every stage's start and end). RssAnon leaves out file-backed
 pages, such as the memory-mapped cache shards training reads, which count in RSS (VmRSS / VmHWM).
 VmHWM (peak RSS) is read at the end of the night and, for training alone, after resetting it with
 /proc/self/clear_refs just before train_run (when the kernel allows it).
@@ -195,15 +196,13 @@ def night_child(spec: dict[str, Any]) -> dict[str, Any]:
     _time_calls(run_mod, "finish_run", "train: val+test eval", sub)
 
     store, face = LocalStore(spec["bucket"]), Path(spec["face"])
-    cfg = with_overrides(RunConfig(), image_size=IMAGE_SIZE, epochs=spec["epochs"],
-                         train_in_child_above=spec["train_in_child_above"])
+    cfg = with_overrides(RunConfig(), image_size=IMAGE_SIZE, epochs=spec["epochs"])
 
     report = stage("ingest", lambda: ingest_mod.ingest(store, face, IngestConfig()))
     faceset = report.faceset
     facts.update(listed=report.listed, new=report.new, skipped=report.skipped, images=len(faceset.images),
                  quarantined=report.quarantined, duplicates=report.duplicates, failed=report.failed)
-    reason = stage("nothing-new check", lambda: night.nothing_new(faceset, read_latest(store), 1,
-                                                                 spec.get("force", False)))
+    reason = stage("nothing-new check", lambda: night.nothing_new(faceset, read_latest(store), 1, False))
     facts["nothing_new"] = reason
     if spec["night"] == 3 or reason:
         if spec["night"] != 3 or not reason:
@@ -302,10 +301,8 @@ def _night_summary(res: dict[str, Any]) -> str:
     return "; ".join(bits)
 
 
-def measure_size(n: int, epochs: int, workdir: str | None, train_in_child_above: int) -> dict[str, Any]:
-    """Three nights on ``n`` images (+2% on night 2) in a fresh temporary folder, then night 4, the
-    baseline: night 2's data trained again (force) in the night's own process, as before training moved
-    into a child (``train_in_child_above`` 0)."""
+def measure_size(n: int, epochs: int, workdir: str | None) -> dict[str, Any]:
+    """Three nights on ``n`` images (+2% on night 2) in a fresh temporary folder."""
     if n % len(CLASSES):
         raise ValueError(f"n must split evenly over {len(CLASSES)} classes, got {n}")
     new_per_class = max(1, round(n * NEW_SHARE / len(CLASSES)))
@@ -313,8 +310,7 @@ def measure_size(n: int, epochs: int, workdir: str | None, train_in_child_above:
     with tempfile.TemporaryDirectory(prefix="faceclf-growth-bench-", dir=workdir) as tmp:
         root = Path(tmp)
         bucket = root / "bucket"
-        spec = {"bucket": str(bucket), "face": str(root / "face"), "runs": str(root / "runs"), "epochs": epochs,
-                "train_in_child_above": train_in_child_above}
+        spec = {"bucket": str(bucket), "face": str(root / "face"), "runs": str(root / "runs"), "epochs": epochs}
         t0 = time.perf_counter()
         faces = make_faces(n + new_per_class * len(CLASSES), size=IMAGE_SIZE,
                            base_per_class=min(500, per_class + new_per_class))
@@ -329,11 +325,10 @@ def measure_size(n: int, epochs: int, workdir: str | None, train_in_child_above:
               f"local bucket in {time.perf_counter() - t0:.1f} s", flush=True)
         del first
         out: dict[str, Any] = {"n": n, "new": len(later)}
-        for k in (1, 2, 3, 4):
+        for k in (1, 2, 3):
             if k == 2:
                 put_faces(bucket, later)
-            res = in_child({**spec, "night": k} if k < 4 else {**spec, "night": 4, "force": True,
-                                                                  "train_in_child_above": 0})
+            res = in_child({**spec, "night": k})
             out[k] = res
             train = res["peaks"].get("train", {})
             print(f"growth: {n:,} images: night {k} {sum(res['secs'].values()):.1f} s "
@@ -374,14 +369,11 @@ def rows_for(size: dict[str, Any], epochs: int) -> list[dict]:
                          f"({_stage_note(r3, 'ingest').split('; ', 1)[-1]}), check "
                          f"{r3['secs']['nothing-new check']:.3f} s; {r3['facts']['nothing_new'].split(';')[0]}; "
                          f"VmHWM {_mib(r3['vmhwm']):.0f} MiB"))
-    for k, res in ((1, r1), (2, r2), (4, size[4])):
+    for k, res in ((1, r1), (2, r2)):
         peak = res["peaks"].get("train", {})
         hwm = res["facts"].get("train_vmhwm")
-        where = "the night's own process (baseline)" if k == 4 else "its child process"
-        rows.append(row(BENCH, f"{head}, night {k}: training peak RssAnon" + (" (night 2 again, in-process)"
-                                                                              if k == 4 else ""),
-                        _mib(peak.get("ProcAnon")), "MiB",
-                        note=f"training in {where}, sampled every {SAMPLE_S * 1000:.0f} ms; all the night's "
+        rows.append(row(BENCH, f"{head}, night {k}: training peak RssAnon", _mib(peak.get("ProcAnon")), "MiB",
+                        note=f"the training process, sampled every {SAMPLE_S * 1000:.0f} ms; all the night's "
                              f"processes together {_mib(peak.get('TreeAnon')):.0f} MiB; the night process's RssFile "
                              f"up to {_mib(peak.get('RssFile')):.0f} MiB (memory-mapped shards, libraries); peak RSS "
                              f"(VmHWM) of the night process in training "
@@ -413,22 +405,18 @@ def ratio_row(results: list[dict[str, Any]], what: str, nights: tuple[int, ...],
 
 
 def run(quick: bool = False, sizes: tuple[int, ...] | None = None, epochs: int = EPOCHS,
-        workdir: str | None = None, train_in_child_above: int = 1) -> list[dict]:
+        workdir: str | None = None) -> list[dict]:
     """Rows per size: seconds per stage of nights 1 and 2 (and their totals), night 2's decode against
     night 1's, the nothing-new night against night 1, peak RssAnon during training; then the training
-    peak at the largest size against the smallest, with training in a child process (nights 1 and 2, as
-    faceclf trains from ``train_in_child_above`` images: 1 here, so every size trains alike) and in the
-    night's own process (night 4, the baseline). ``workdir``: where the temporary folders go."""
+    peak at the largest size against the smallest (the training process alone, and all the night's
+    processes together). ``workdir``: where the temporary folders go."""
     sizes = tuple(sizes or (QUICK_SIZES if quick else SIZES))
     print(f"growth: sizes {', '.join(f'{n:,}' for n in sizes)}; {IMAGE_SIZE} px, {NEW_SHARE:.0%} new on night 2, "
-          f"{epochs} epoch(s); each night in its own process; training in a child from {train_in_child_above} "
-          "images (night 4: in the night process)", flush=True)
-    results = [measure_size(n, epochs, workdir, train_in_child_above) for n in sizes]
+          f"{epochs} epoch(s); each night in its own process", flush=True)
+    results = [measure_size(n, epochs, workdir) for n in sizes]
     rows = [r for size in results for r in rows_for(size, epochs)]
     rows.append(ratio_row(results, "peak RssAnon of the training process", (1, 2), "ProcAnon", goal=True))
     rows.append(ratio_row(results, "peak RssAnon of the night's processes in training", (1, 2), "TreeAnon",
-                          goal=False))
-    rows.append(ratio_row(results, "baseline: peak RssAnon, training in the night process", (4,), "ProcAnon",
                           goal=False))
     return rows
 

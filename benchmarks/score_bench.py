@@ -10,8 +10,11 @@ face-mask photos (all 1,376; --quick 200), interleaved, medians over repetitions
 - naive serial bound (baseline): 1 / (1/PIL decode + 1/ORT on float32 normalised in numpy), i.e.
   decode everything, then score it, one after the other;
 - faceclf end to end: faceclf.serving.stream.score on the folder (decode overlapped with ORT, parts, CSV);
-- decode only: PIL (load_image: draft + resize) and, where installed, simplejpeg (libjpeg-turbo, DCT scaling);
-- model only: the uint8-input model, and the float32 variant with and without the numpy normalisation.
+- faceclf end to end with the int8 model (`faceclf export --int8`, calibrated on the run's val images);
+- decode only: PIL alone (load_image's PIL path: draft + resize) and faceclf's load_image (libjpeg-turbo through
+  simplejpeg at PIL's DCT scale for JPEGs: the same pixels);
+- model only: the uint8-input model, its int8 variant, and the float32 variant with and without the numpy
+  normalisation.
 
 Then 2,000 (--quick 300) generated JPEGs in an S3 bucket on 127.0.0.1 (moto): streaming score vs download
 then score, and a local Ray instance (Ray Data) vs the single process. Last, ORT vs torch eager (model
@@ -103,13 +106,24 @@ def _pick(files: list[Path], k: int | None) -> list[Path]:
     return [files[round(i * (len(files) - 1) / (k - 1))] for i in range(k)]
 
 
-def decode_simplejpeg(data: bytes, size: int) -> np.ndarray:
-    """libjpeg-turbo through simplejpeg: DCT-scaled decode straight to numpy, then PIL's bilinear resize."""
-    import simplejpeg
-    from PIL import Image
+def decode_pil(data: bytes, size: int) -> np.ndarray:
+    """load_image as before libjpeg-turbo: PIL alone (draft, EXIF, resize), the baseline's decoder."""
+    from unittest import mock
 
-    a = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size)
-    return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    import faceclf.dataset.preprocess as preprocess
+
+    with mock.patch.object(preprocess, "decode_jpeg_scaled", lambda data, size: None):
+        return preprocess.load_image(io.BytesIO(data), size)
+
+
+def int8_variant(ckpt_path: Path, onnx_path: Path) -> tuple[Path, str]:
+    """model.int8.onnx of the benchmark's model (calibrated on the run's val images, never refused here: the
+    figure wanted is its speed) and a note on how it agrees with fp32."""
+    from faceclf.config import Int8Config
+    from faceclf.serving.quantize import export_int8
+
+    q = export_int8(ckpt_path, onnx_path, Int8Config(min_agreement=0.0))
+    return q.path, f"agrees with fp32 on {q.agreement:.1%} of {q.images} val images"
 
 
 def image_sets(work: Path, quick: bool) -> dict[str, list[Path]]:
@@ -127,8 +141,10 @@ def image_sets(work: Path, quick: bool) -> dict[str, list[Path]]:
     return sets
 
 
-def measure_set(label: str, files: list[Path], onnx_path: Path, float_session, reps: int, work: Path) -> list[dict]:  # noqa: ANN001
-    """Rows for one image set: baseline, faceclf end to end, decode-only per decoder, model-only per input."""
+def measure_set(label: str, files: list[Path], onnx_path: Path, float_session, reps: int, work: Path,  # noqa: ANN001
+                int8: tuple[Path, str]) -> list[dict]:
+    """Rows for one image set: baseline, faceclf end to end (fp32 and int8 models), decode-only per decoder,
+    model-only per input."""
     from faceclf.config import ScoreConfig
     from faceclf.dataset.preprocess import load_image
     from faceclf.dataset.tensors import decode_images
@@ -137,6 +153,7 @@ def measure_set(label: str, files: list[Path], onnx_path: Path, float_session, r
 
     cfg = ScoreConfig(device="cpu")
     om = load_onnx_model(onnx_path, "cpu")
+    q8 = load_onnx_model(int8[0], "cpu")
     size, n = om.image_size, len(files)
     images, _ok, _failed = decode_images(files, om.preprocess, cfg.decode_workers)
     pixels = model_batches(images, cfg.batch_size)
@@ -151,18 +168,14 @@ def measure_set(label: str, files: list[Path], onnx_path: Path, float_session, r
 
     fns = {
         "e2e": lambda: score(onnx_path, files, work / "predictions.csv", cfg).seconds,
-        "pil": lambda: timed(lambda: decode(lambda d: load_image(io.BytesIO(d), size))),
+        "pil": lambda: timed(lambda: decode(lambda d: decode_pil(d, size))),
+        "faceclf_decode": lambda: timed(lambda: decode(lambda d: load_image(io.BytesIO(d), size))),
         "ort_u8": lambda: timed(lambda: [om.session.run(None, {om.input_name: b}) for b in pixels]),
         "ort_f32": lambda: timed(lambda: [float_session.run(None, {fname: om.preprocess.to_input(b)}) for b in pixels]),
         "ort_f32_model": lambda: timed(lambda: [float_session.run(None, {fname: x}) for x in floats]),
+        "e2e_int8": lambda: score(int8[0], files, work / "predictions-int8.csv", cfg).seconds,
+        "ort_int8": lambda: timed(lambda: [q8.session.run(None, {q8.input_name: b}) for b in pixels]),
     }
-    try:
-        import simplejpeg  # noqa: F401 - measured where installed (pip install simplejpeg)
-
-        if jpeg:
-            fns["sj"] = lambda: timed(lambda: decode(lambda d: decode_simplejpeg(d, size)))
-    except ImportError:
-        pass
     for f in fns.values():
         f()  # warm-up
     t: dict[str, list[float]] = {k: [] for k in fns}
@@ -180,16 +193,20 @@ def measure_set(label: str, files: list[Path], onnx_path: Path, float_session, r
             f"goal >= {GOAL_E2E_VS_NAIVE:g}x: {'met' if ips['e2e'] / naive >= GOAL_E2E_VS_NAIVE else 'NOT met'}; "
             f"{spread(t['e2e'])} s"),
         row(NAME, f"{label}: decode only, PIL (draft + resize)", ips["pil"], "img/s",
-            note=f"faceclf.dataset.preprocess.load_image from bytes; {spread(t['pil'])} s"),
+            note=f"load_image's PIL path alone, from bytes (the baseline's decoder); {spread(t['pil'])} s"),
+        row(NAME, f"{label}: decode only, faceclf (libjpeg-turbo for JPEGs)", ips["faceclf_decode"], "img/s", "PIL",
+            ips["pil"], ips["faceclf_decode"] / ips["pil"], "faceclf.dataset.preprocess.load_image: simplejpeg at "
+            f"PIL's DCT scale, the same pixels{'' if jpeg else ' (not all files are JPEGs)'}; "
+            f"{spread(t['faceclf_decode'])} s"),
         row(NAME, f"{label}: model only, uint8 pixels in", ips["ort_u8"], "img/s", "float32 input + numpy normalise",
             ips["ort_f32"], ips["ort_u8"] / ips["ort_f32"], "the exported model: cast/scale/layout in the graph"),
         row(NAME, f"{label}: model only, float32 in (pre-normalised)", ips["ort_f32_model"], "img/s",
             note="the earlier float32 NCHW export, normalisation not counted"),
+        row(NAME, f"{label}: faceclf end to end, int8 model", ips["e2e_int8"], "img/s", "naive serial bound",
+            naive, ips["e2e_int8"] / naive, f"`faceclf export --int8`'s model; {int8[1]}; {spread(t['e2e_int8'])} s"),
+        row(NAME, f"{label}: model only, int8", ips["ort_int8"], "img/s", "uint8 pixels in, fp32", ips["ort_u8"],
+            ips["ort_int8"] / ips["ort_u8"], "static QDQ, per-channel int8 weights, uint8 activations"),
     ]
-    if "sj" in ips:
-        rows.append(row(NAME, f"{label}: decode only, simplejpeg (DCT scaling)", ips["sj"], "img/s", "PIL",
-                        ips["pil"], ips["sj"] / ips["pil"], "libjpeg-turbo to numpy + PIL bilinear resize; not "
-                        "adopted: its pixels differ from PIL's (training's decoder), see README"))
     return rows
 
 
@@ -253,8 +270,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         ckpt_path, onnx_path = _train_and_export(work)
         setup_s = time.perf_counter() - t0
         float_session = float_variant(ckpt_path, work / "model-float.onnx")
+        int8 = int8_variant(ckpt_path, onnx_path)
         for label, files in image_sets(work, quick).items():
-            rows += measure_set(label, files, onnx_path, float_session, reps, work)
+            rows += measure_set(label, files, onnx_path, float_session, reps, work, int8)
         rows += streaming_rows(onnx_path, 300 if quick else 2000, work)
 
         # ORT vs torch eager on the face-mask photos (issue 5's comparison), model only.

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from faceclf.config import (
     DEVICES,
     DataConfig,
+    Int8Config,
     ModelConfig,
     RunConfig,
     ScoreConfig,
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint")
     ex.add_argument("--out", required=True, help="path of the .onnx file to write")
     ex.add_argument("--version", default=None, help="model version stored in the metadata (default: the run's)")
+    ex.add_argument("--int8", action="store_true", help="also write OUT's .int8.onnx: static int8 quantization "
+                    "calibrated on the run's validation images, refused unless it agrees with fp32 (see --min-agreement)")
+    ex.add_argument("--calibration", default=None, help="with --int8: a folder of images to calibrate on instead of "
+                    "the val images listed in splits.csv beside the checkpoint")
+    add_config_options(ex, Int8Config)
 
     sc = sub.add_parser("score", help="score images with an ONNX model into a CSV, streamed; a killed run resumes")
     sc.add_argument("model", help="model.onnx written by `faceclf export`")
@@ -179,8 +185,16 @@ def cmd_export(a: argparse.Namespace) -> None:
     from faceclf.serving.export import export_onnx
 
     report = export_onnx(a.checkpoint, a.out, version=a.version)
-    print(json.dumps({"onnx": str(report.path), "version": report.version, "max_abs_diff": report.max_abs_diff,
-                      "parity_images": report.batch}, indent=2))
+    out: dict[str, Any] = {"onnx": str(report.path), "version": report.version, "max_abs_diff": report.max_abs_diff,
+                           "parity_images": report.batch}
+    if a.int8:
+        from faceclf.serving.quantize import export_int8
+
+        q = export_int8(a.checkpoint, report.path, config_from_args(Int8Config, a), a.calibration)
+        out["int8"] = {"onnx": str(q.path), "images": q.images, "agreement": q.agreement,
+                       "max_prob_diff": q.max_prob_diff, "fp32_images_per_s": round(q.fp32_img_s, 1),
+                       "int8_images_per_s": round(q.int8_img_s, 1), "speedup": round(q.speedup, 3)}
+    print(json.dumps(out, indent=2))
 
 
 def cmd_score(a: argparse.Namespace) -> None:

@@ -44,11 +44,6 @@ CLASS_WEIGHTING = "auto"              # balanced when the train split is imbalan
 WORKERS = 1                           # training processes (DDP ranks): > 1 runs torchrun's launcher on this machine
                                       # (one per GPU; on CPUs each gets its share of the cores), or that many Ray
                                       # Train workers with a Ray address. 1: the plain single-process loop
-TRAIN_IN_CHILD_ABOVE = 20_000         # single-process training of a face set this large or larger runs in a fresh
-                                      # spawned process: the night process keeps the heap ingest and decoding grew
-                                      # with the set (the training peak then grew 1.17-1.96x from 10,000 to 100,000
-                                      # images); a fresh process starts at the same size whatever the set (README).
-                                      # ~3 s of start-up (torch import), 1% of training 20,000 images. 0: never
 RAY_ADDRESS_ENV = "FACECLF_RAY_ADDRESS"  # default Ray cluster address for training ("local": a Ray instance here)
 IMBALANCE_RATIO = 2.0                 # "auto" weights the loss when the largest class has more than this many
                                       # times the images of the smallest (a judgement between the measured 1 and 4)
@@ -85,6 +80,11 @@ DECODE_IN_CHILD_ABOVE = 20_000        # decode this many new images or more in a
                                       # decoding all of them in the night process, 777 MiB after decoding 2,000);
                                       # a child costs ~1 s, under 2% of decoding 20,000. 0: never
 
+# The optional int8 model (`faceclf export --int8`).
+INT8_MIN_AGREEMENT = 0.995            # share of validation images on which int8 must predict fp32's class
+INT8_CALIBRATION_IMAGES = 512         # at most this many validation images calibrate it (and judge it)
+INT8_REDUCE_RANGE = False             # 7-bit weights: avoids u8s8 overflow on CPUs without VNNI (see README)
+
 # The night.
 MIN_NEW_IMAGES = 1                    # fewer new images than this since the last published version: the night
                                       # ends after ingest (no training, no version, champion untouched)
@@ -96,7 +96,12 @@ WARM_EPOCHS = 5                       # epochs of a warm-started night (3: 0.997
 # Promotion gate.
 MIN_ACCURACY = 0.90                   # overall test accuracy a candidate must reach
 MIN_CLASS_ACCURACY = 0.85             # every class's test accuracy must reach this
-TOLERANCE = 0.0                       # candidate accuracy may trail the champion's by at most this much
+TOLERANCE = 0.01                      # candidate accuracy may trail the champion's (same test images) by at most
+                                      # this much: one image of face-mask's 111 (0.009) no longer decides alone
+ALPHA = 0.05                          # McNemar's exact test on the discordant images: significantly worse (p < alpha)
+                                      # is rejected; with require_improvement only significantly better promotes
+CLASS_TOLERANCE = 0.02                # no class may trail the champion's accuracy on it by more than this, whatever
+                                      # overall accuracy does (a regression on the minority class blocks promotion)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -211,15 +216,10 @@ class TrainConfig:
     ray_address: str | None = option(None, "train on the Ray cluster at this address (host:port, ray://host:port, "
                                      f"auto; 'local' starts Ray here; default ${RAY_ADDRESS_ENV}) with --nproc-per-node "
                                      "workers (pip install -e '.[ray]')")
-    train_in_child_above: int = option(TRAIN_IN_CHILD_ABOVE, "single-process training of this many images or more "
-                                       "runs in a fresh child process, so its memory does not carry what earlier "
-                                       "steps left in this one (0: never)")
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers (--nproc-per-node) must be >= 1, got {self.workers}")
-        if self.train_in_child_above < 0:
-            raise ValueError(f"train_in_child_above must be >= 0, got {self.train_in_child_above}")
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -324,6 +324,24 @@ class IngestConfig:
 
 
 @dataclass
+class Int8Config:
+    """Static int8 quantization of an exported model, and the agreement it must keep with fp32."""
+
+    min_agreement: float = option(INT8_MIN_AGREEMENT, "refuse the int8 model below this share of validation images "
+                                  "predicted as the fp32 model does")
+    calibration_images: int = option(INT8_CALIBRATION_IMAGES, "validation images that calibrate and judge it (at most)")
+    reduce_range: bool = option(INT8_REDUCE_RANGE, "7-bit weights (for CPUs without VNNI int8 instructions)")
+    batch_size: int = SCORE_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
+        for name in ("calibration_images", "batch_size"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+
+
+@dataclass
 class CacheConfig:
     """How decoded images are kept: shard size and decoding threads (results never depend on them)."""
 
@@ -348,6 +366,7 @@ class NightConfig:
     allow_new_classes: bool = False   # a class appearing or vanishing is a deliberate change, not an accident
     warm_start: bool = WARM_START
     warm_epochs: int = WARM_EPOCHS
+    int8: bool = False                # also publish model.int8.onnx with a promoted model, where it agrees with fp32
 
     def __post_init__(self) -> None:
         if self.min_new_images < 0:
@@ -363,11 +382,17 @@ class GateConfig:
     min_accuracy: float = MIN_ACCURACY
     min_class_accuracy: float = MIN_CLASS_ACCURACY
     tolerance: float = TOLERANCE
+    alpha: float = ALPHA
+    class_tolerance: float = CLASS_TOLERANCE
+    require_improvement: bool = False  # promote only a candidate significantly better than the champion
 
     def __post_init__(self) -> None:
         for name in ("min_accuracy", "min_class_accuracy"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
-        if self.tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        for name in ("tolerance", "class_tolerance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")

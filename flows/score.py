@@ -34,26 +34,30 @@ class FetchedModel:
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
-def fetch_model(location: str, version: str | None, work: str) -> FetchedModel:
-    """Download the champion's (or ``version``'s) model.onnx, checking its sha256 against the registry."""
+def fetch_model(location: str, version: str | None, work: str, int8: bool = False) -> FetchedModel:
+    """Download the champion's (or ``version``'s) model.onnx, or its model.int8.onnx with ``int8``, checking
+    its sha256 against the registry."""
     store = open_store(location)
-    dest = Path(work) / "model.onnx"
+    name = registry.INT8_MODEL_FILE if int8 else registry.MODEL_FILE
+    dest = Path(work) / name
     if version is None:
-        found = registry.fetch_champion(store, dest)
-        if found is None:
+        pointer = registry.read_champion(store)
+        if pointer is None:
             raise ValueError(f"no champion in {store.uri(registry.CHAMPION_KEY)}: run the train flow first or pass version=")
-        path = found[1]
-        version = found[0]["version"]
+        version = pointer["version"]
+        path = registry.fetch_model(store, version, dest, *(() if int8 else (pointer.get("model_sha256"),
+                                                                           "champion.json")), name=name)
     else:
-        path = registry.fetch_model(store, version, dest)
+        path = registry.fetch_model(store, version, dest, name=name)
     return FetchedModel(version, Path(path), registry.sha256_bytes(Path(path).read_bytes()))
 
 
-def default_output(version: str, source: str) -> str:
-    """predictions/<version>/<source>/predictions.csv: the same key on a rerun, so it resumes or, with
-    ``incremental``, scores only what changed; a local folder source is named by its folder name."""
+def default_output(version: str, source: str, int8: bool = False) -> str:
+    """predictions/<version>/<source>/predictions.csv (predictions.int8.csv for the int8 model): the same key
+    on a rerun, so it resumes or, with ``incremental``, scores only what changed; a local folder source is
+    named by its folder name."""
     where = f"local/{Path(source).name}" if Path(source).is_dir() else source.strip("/") or "all"
-    return f"predictions/{version}/{where}/predictions.csv"
+    return f"predictions/{version}/{where}/predictions{'.int8' if int8 else ''}.csv"
 
 
 def output_location(store: Store, output: str) -> str:
@@ -78,7 +82,7 @@ def score_stream(model: FetchedModel, location: str, source: str, output: str, c
 @flow(name="score", log_prints=True)
 def score(bucket: str | None = None, source: str = "incoming/", version: str | None = None,
           output: str | None = None, batch_size: int = _SCORE.batch_size, incremental: bool = False,
-          ray_address: str | None = _SCORE.ray_address) -> dict[str, Any]:
+          ray_address: str | None = _SCORE.ray_address, int8: bool = False) -> dict[str, Any]:
     """Score ``source`` (a prefix in the bucket, or a local folder) with the champion or ``version``.
 
     Streamed: nothing is downloaded first. Predictions (path or key, predicted class, probabilities,
@@ -86,12 +90,15 @@ def score(bucket: str | None = None, source: str = "incoming/", version: str | N
     path; default predictions/<version>/<source>/predictions.csv. ``incremental`` keeps the rows of an
     earlier run there whose image (key and ETag) and model version are unchanged. ``ray_address``
     ("local", host:port, ray://host:port) scores with Ray Data on that cluster instead of in this process.
+    ``int8`` scores with the version's int8 model (published by a night with int8=true), which agreed with
+    the fp32 model on at least 99.5% of its validation images; the default output then ends in
+    predictions.int8.csv.
     """
     logger = get_run_logger()
     location = night.resolve_location(bucket)
     with tempfile.TemporaryDirectory(prefix="faceclf-score-") as work:
-        model = fetch_model(location, version, work)
-        target = output or default_output(model.version, source)
+        model = fetch_model(location, version, work, int8)
+        target = output or default_output(model.version, source, int8)
         cfg = ScoreConfig(batch_size=batch_size, ray_address=ray_address or None)
         summary = score_stream(model, location, source, target, cfg, incremental)
     logger.info("scored %d images (%d errors, %d kept from the previous run) with model %s on %s at %.1f "

@@ -111,22 +111,25 @@ def rescore_champion(location: str, champion: ChampionRef | None, faceset: FaceS
 
 
 @task(cache_policy=NONE)
-def gate_candidate(metrics: RunMetrics, gate: GateConfig, champion: night.ChampionScore | None) -> Decision:
-    """Promote or reject, with every failed rule spelled out."""
-    return decide(metrics.test, gate, champion.metrics if champion else None, champion.version if champion else None)
+def gate_candidate(metrics: RunMetrics, gate: GateConfig, champion: night.ChampionScore | None,
+                   run: runs.NightRun) -> Decision:
+    """Promote or reject, with every failed rule spelled out: the absolute bars, then the champion compared
+    image by image on the same test set (McNemar, per-class tolerance)."""
+    return decide(metrics.test, gate, champion.metrics if champion else None, champion.version if champion else None,
+                  night.paired_outcomes(run.run_dir, champion))
 
 
 @task(cache_policy=NONE)
-def export_model(run: runs.NightRun) -> ExportReport:
-    """ONNX export of the best checkpoint, checked and parity-tested in onnxruntime."""
-    return night.export_candidate(run.run_dir)
+def export_model(run: runs.NightRun, int8: bool) -> ExportReport:
+    """ONNX export of the best checkpoint, checked and parity-tested in onnxruntime (and its int8 model)."""
+    return night.export_candidate(run.run_dir, int8)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunMetrics, data: dict[str, Any],
-            score: night.ChampionScore | None, champion: ChampionRef | None, faceset: FaceSet) -> night.Published:
+            champion: ChampionRef | None, faceset: FaceSet) -> night.Published:
     """Upload the version (report, decision, checkpoint, model if promoted); move champion.json last."""
-    files = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data, score)
+    files = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data)
     result = night.publish(open_store(location), run.run_dir, files, decision, metrics.to_dict(), champion, faceset)
     runs.mark_published(run.run_dir, result.version, result.promoted)
     return result
@@ -158,12 +161,15 @@ def skip_night(reason: str, report: IngestReport, champion: ChampionRef | None) 
 @flow(name="train", log_prints=True)
 def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "runs",
           min_accuracy: float = _GATE.min_accuracy, min_class_accuracy: float = _GATE.min_class_accuracy,
-          tolerance: float = _GATE.tolerance, epochs: int = _RUN.train.epochs,
+          tolerance: float = _GATE.tolerance, alpha: float = _GATE.alpha,
+          class_tolerance: float = _GATE.class_tolerance, require_improvement: bool = _GATE.require_improvement,
+          epochs: int = _RUN.train.epochs,
           image_size: int | str = _RUN.data.image_size, batch_size: int = _RUN.train.batch_size,
           seed: int = _RUN.train.seed, conv_channels: list[int] | None = None, learning_rate: float | None = None,
           allow_new_classes: bool = _NIGHT.allow_new_classes, min_new_images: int = _NIGHT.min_new_images,
           force: bool = _NIGHT.force, warm_start: bool = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs, class_weighting: str = _RUN.train.class_weighting,
-          workers: int = _RUN.train.workers, ray_address: str | None = _RUN.train.ray_address) -> dict[str, Any]:
+          workers: int = _RUN.train.workers, ray_address: str | None = _RUN.train.ray_address,
+          int8: bool = _NIGHT.int8) -> dict[str, Any]:
     """One night: ingest new images, train a candidate, gate it against the champion, publish.
 
     ``bucket``: an S3 bucket name (default $FACECLF_BUCKET) or a local folder with the same layout.
@@ -172,10 +178,15 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     ``min_new_images`` new images since the last published version ends after ingest ("nothing new"),
     unless ``force``. ``workers`` > 1 trains in that many DDP processes on the worker's machine (torchrun's
     launcher), or on that many Ray Train workers with ``ray_address`` (default $FACECLF_RAY_ADDRESS).
+    The gate: overall and per-class bars, then against the champion on the same test images: rejected when
+    worse by more than ``tolerance``, significantly worse (exact McNemar p < ``alpha``) or any class worse by
+    more than ``class_tolerance``; ``require_improvement`` promotes only a significantly better candidate.
+    ``int8`` also publishes model.int8.onnx with a promoted model, where it agrees with the fp32 model on at
+    least 99.5% of the validation images (the `score` flow's ``int8`` uses it).
     """
     location = night.resolve_location(bucket)
-    gate = GateConfig(min_accuracy, min_class_accuracy, tolerance)
-    night_cfg = NightConfig(min_new_images, force, allow_new_classes, warm_start, warm_epochs)
+    gate = GateConfig(min_accuracy, min_class_accuracy, tolerance, alpha, class_tolerance, require_improvement)
+    night_cfg = NightConfig(min_new_images, force, allow_new_classes, warm_start, warm_epochs, int8)
     run_cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
                              conv_channels=conv_channels, learning_rate=learning_rate, class_weighting=class_weighting,
                              workers=workers, ray_address=ray_address)
@@ -196,17 +207,17 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         cache = None if run.trained else refresh_cache(location, face_dir, report.faceset, cfg)
         metrics = train_candidate(location, report.faceset, face_dir, run, cfg)
         score = rescore_champion(location, champion, report.faceset, run)
-        decision = gate_candidate(metrics, gate, score)
-        if decision.promote:
-            export_model(run)
+        decision = gate_candidate(metrics, gate, score, run)
+        exported = export_model(run, night_cfg.int8) if decision.promote else None
         result = publish(location, run, decision, metrics, night.report_counts(report.to_dict(), metrics.to_dict()),
-                         score, champion, report.faceset)
+                         champion, report.faceset)
     publish_artifacts(result, metrics, decision, score)
     get_run_logger().info("%s; model %s in %s", decision.summary(), run.version, location)
     return {"version": run.version, "promoted": decision.promote, "reasons": decision.reasons,
             "test_accuracy": metrics.test["accuracy"], "ingest": report.to_dict(), "uris": result.uris,
             "champion": result.champion, "resumed": run.resume, "skipped": False,
-            "decoded_cache": dataclasses.asdict(cache) if cache else None}
+            "decoded_cache": dataclasses.asdict(cache) if cache else None,
+            "int8": exported.int8 if exported else None}
 
 
 if __name__ == "__main__":

@@ -104,8 +104,10 @@ def test_score_flow_writes_predictions_for_a_prefix(prefect_api, bucket: str, tm
 
     monkeypatch.chdir(tmp_path)
     upload_faces(bucket, tmp_path / "faces", per_class=80, seed=5)
-    night = train(bucket=bucket, **LENIENT, **FAST)
+    night = train(bucket=bucket, **LENIENT, **FAST, int8=True)
     assert night["promoted"]
+    assert night["int8"]["file"] == "model.int8.onnx" and night["int8"]["agreement"] >= 0.995, night["int8"]
+    assert registry.INT8_MODEL_FILE in registry.recorded_sha256(open_store(f"s3://{bucket}"), night["version"])
     client = s3_client()
     generate_sample_faces(tmp_path / "batch", per_class=10, size=48, seed=6)
     for p in sorted((tmp_path / "batch").rglob("*.*")):
@@ -124,6 +126,28 @@ def test_score_flow_writes_predictions_for_a_prefix(prefect_api, bucket: str, tm
 
     local = score(bucket=bucket, source=str(tmp_path / "batch"), output=str(tmp_path / "out" / "p.csv"))
     assert local["images"] == 20 and (tmp_path / "out" / "p.csv").is_file()
+
+    # The night's int8 model scores the same prefix into predictions.int8.csv beside the fp32 rows.
+    q8 = score(bucket=bucket, source="to-score/", int8=True)
+    assert q8["predictions"].endswith(f"predictions/{night['version']}/to-score/predictions.int8.csv")
+    assert (q8["images"], q8["errors"]) == (21, 1)
+    key = q8["predictions"].split(f"s3://{bucket}/", 1)[1]
+    rows8 = {r["path"]: r for r in csv.DictReader(open_store(f"s3://{bucket}").get_bytes(key).decode().splitlines())}
+    same = [rows8[r["path"]]["predicted_class"] == r["predicted_class"] for r in good]
+    assert np.mean(same) >= 0.9  # int8 agrees with fp32 on held-out images too
+
+
+def test_the_score_flow_names_a_missing_int8_model(prefect_api, tmp_path: Path) -> None:
+    from flows.score import score
+    from flows.train import train
+
+    bucket = tmp_path / "bucket"
+    put_local_faces(bucket, tmp_path / "gen", 40, 2)
+    night = train(bucket=str(bucket), face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **LENIENT,
+                  **FAST)
+    assert night["promoted"] and night["int8"] is None
+    with pytest.raises(FileNotFoundError, match=f"model version {night['version']} has no model.int8.onnx"):
+        score(bucket=str(bucket), source=str(tmp_path / "gen"), int8=True)
 
 
 def test_prefect_passes_a_faceset_to_tasks_without_walking_its_images() -> None:

@@ -1,12 +1,14 @@
-"""The promotion gate: absolute accuracy bars, then 'not worse than the champion' on the same test set."""
+"""The promotion gate: absolute accuracy bars, then a paired comparison with the champion on the same test
+images (exact McNemar test, per-class tolerance), every accuracy with its Wilson 95% interval and n."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from faceclf.config import GateConfig
+from faceclf.nightly.stats import McNemar, wilson
 
 
 def gate_failures(metrics: dict[str, Any], min_accuracy: float, min_class_accuracy: float) -> list[str]:
@@ -24,16 +26,50 @@ def gate_failures(metrics: dict[str, Any], min_accuracy: float, min_class_accura
     return reasons
 
 
+def interval(value: float | None, right: int | None, n: int | None) -> dict[str, Any]:
+    """An accuracy as decision.json and the report show it: value, n, Wilson 95% low/high (None unmeasured)."""
+    bounds = wilson(right, n) if right is not None and n else None
+    return {"value": value if _finite(value) else None, "n": n or 0,
+            "low": bounds[0] if bounds else None, "high": bounds[1] if bounds else None}
+
+
+def accuracies(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Overall and per-class accuracy of a metrics dict, each with n and its Wilson interval (counts from the
+    confusion matrix, rows = true class)."""
+    if metrics is None:
+        return None
+    cm = metrics.get("confusion_matrix") or []
+    right = sum(cm[i][i] for i in range(len(cm))) if cm else None
+    per_class = {}
+    for i, (cls, value) in enumerate((metrics.get("per_class_accuracy") or {}).items()):
+        row = cm[i] if i < len(cm) else None
+        per_class[cls] = interval(value, row[i] if row else None, sum(row) if row else None)
+    return {"accuracy": interval(metrics.get("accuracy"), right, metrics.get("n")), "per_class": per_class}
+
+
+def fmt(acc: dict[str, Any]) -> str:
+    """'0.9820 [0.9421, 0.9950], n=111' (or 'n/a')."""
+    if acc["value"] is None:
+        return f"n/a, n={acc['n']}"
+    ci = f" [{acc['low']:.4f}, {acc['high']:.4f}]" if acc["low"] is not None else ""
+    return f"{acc['value']:.4f}{ci}, n={acc['n']}"
+
+
 @dataclass
 class Decision:
-    """Whether the candidate is promoted, and every rule it failed (with by how much)."""
+    """Whether the candidate is promoted, every rule it failed (with by how much), and the evidence:
+    accuracies with intervals, the paired comparison, and one sentence saying why."""
 
     promote: bool
     reasons: list[str] = field(default_factory=list)
     candidate_accuracy: float | None = None
     champion_version: str | None = None
     champion_accuracy: float | None = None
-    gate: dict[str, float] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    candidate: dict[str, Any] | None = None     # accuracies() of the candidate
+    champion: dict[str, Any] | None = None      # accuracies() of the champion on the same test set
+    paired: dict[str, Any] | None = None        # McNemar counts and p-value (None: nothing to pair with)
+    why: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (decision.json)."""
@@ -49,20 +85,70 @@ class Decision:
 
 
 def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def compare_with_champion(candidate: dict[str, Any], champion: dict[str, Any], version: str | None,
+                          cfg: GateConfig, paired: McNemar | None) -> list[str]:
+    """Reasons the candidate may not replace the champion, re-scored on the same test images: worse overall
+    by more than ``tolerance``, significantly worse (McNemar p < alpha), not significantly better (with
+    ``require_improvement``), or any class worse by more than ``class_tolerance``."""
+    reasons = []
+    acc, champ_acc = candidate.get("accuracy"), champion.get("accuracy")
+    if not _finite(champ_acc):
+        return [f"the champion's re-scored accuracy {champ_acc} is not a number; refusing to replace it blindly"]
+    if _finite(acc) and acc < champ_acc - cfg.tolerance:
+        reasons.append(f"accuracy {acc:.4f} is worse than champion {version}'s {champ_acc:.4f} on the same test "
+                       f"set by {champ_acc - acc:.4f} (tolerance {cfg.tolerance})")
+    if paired is not None and paired.discordant:
+        if paired.champion_only > paired.candidate_only and paired.p_value < cfg.alpha:
+            reasons.append(f"significantly worse than champion {version} on the same images: it gets "
+                           f"{paired.champion_only} images wrong that the champion gets right, and {paired.candidate_only} "
+                           f"right that the champion gets wrong (McNemar p = {paired.p_value:.3g} < {cfg.alpha})")
+    if cfg.require_improvement and not (paired is not None and paired.candidate_only > paired.champion_only
+                                        and paired.p_value < cfg.alpha):
+        p = f"p = {paired.p_value:.3g}" if paired is not None else "no paired comparison"
+        reasons.append(f"not significantly better than champion {version} "
+                       f"({paired.candidate_only if paired else 0} vs {paired.champion_only if paired else 0} "
+                       f"discordant images, {p}; require_improvement with alpha {cfg.alpha})")
+    theirs = champion.get("per_class_accuracy") or {}
+    for cls, value in (candidate.get("per_class_accuracy") or {}).items():
+        other = theirs.get(cls)
+        if _finite(value) and _finite(other) and value < other - cfg.class_tolerance:
+            reasons.append(f"class {cls!r} accuracy {value:.4f} is worse than champion {version}'s {other:.4f} by "
+                           f"{other - value:.4f} (class_tolerance {cfg.class_tolerance})")
+    return reasons
+
+
+def why(promote: bool, reasons: Sequence[str], candidate: dict[str, Any] | None, champion: dict[str, Any] | None,
+        version: str | None, paired: McNemar | None) -> str:
+    """The decision in one sentence."""
+    if not promote:
+        return f"Rejected because {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "") + "."
+    cand = fmt(candidate["accuracy"]) if candidate else "n/a"
+    if champion is None:
+        return f"Promoted: test accuracy {cand} clears the absolute bars; there is no champion to compare with."
+    test = (f"; on the same images {paired.candidate_only} vs {paired.champion_only} discordant "
+            f"(McNemar p = {paired.p_value:.3g})" if paired is not None else "")
+    return (f"Promoted: test accuracy {cand} against champion {version}'s {fmt(champion['accuracy'])}{test}, "
+            "no class worse by more than the class tolerance.")
 
 
 def decide(candidate: dict[str, Any], cfg: GateConfig, champion: dict[str, Any] | None = None,
-           champion_version: str | None = None) -> Decision:
-    """Gate a candidate's test metrics; ``champion`` is the champion re-scored on the same test set.
+           champion_version: str | None = None, paired: McNemar | None = None) -> Decision:
+    """Gate a candidate's test metrics; ``champion`` is the champion re-scored on the same test set and
+    ``paired`` the two models' per-image outcomes compared on it.
 
-    Fails on: accuracy or any class below its bar, NaN/missing numbers, an empty or single-class
-    test set, or accuracy below the champion's minus the tolerance.
+    Fails on: accuracy or any class below its bar, NaN/missing numbers, an empty or single-class test set,
+    and against a champion: see ``compare_with_champion``.
     """
     champ_acc = champion.get("accuracy") if champion else None
+    evidence = dict(candidate=accuracies(candidate), champion=accuracies(champion),
+                    paired={"n": paired.n, **asdict(paired)} if paired else None)
     if candidate.get("diverged"):  # nothing was measured: the one reason says why
-        return Decision(False, [f"training diverged: {candidate['diverged']}"], None, champion_version,
-                        champ_acc if _finite(champ_acc) else None, asdict(cfg))
+        reasons = [f"training diverged: {candidate['diverged']}"]
+        return Decision(False, reasons, None, champion_version, champ_acc if _finite(champ_acc) else None, asdict(cfg),
+                        **evidence, why=why(False, reasons, None, None, champion_version, paired))
     reasons = gate_failures(candidate, cfg.min_accuracy, cfg.min_class_accuracy)
     per_class = candidate.get("per_class_accuracy") or {}
     measured = [c for c, v in per_class.items() if v is not None]
@@ -72,12 +158,9 @@ def decide(candidate: dict[str, Any], cfg: GateConfig, champion: dict[str, Any] 
         reasons.append(f"the test set measures {len(measured)} class(es); at least 2 are needed")
     if not _finite(candidate.get("loss")):
         reasons.append(f"test loss {candidate.get('loss')} is not a finite number")
-    acc = candidate.get("accuracy")
     if champion is not None:
-        if not _finite(champ_acc):
-            reasons.append(f"the champion's re-scored accuracy {champ_acc} is not a number; refusing to replace it blindly")
-        elif _finite(acc) and acc < champ_acc - cfg.tolerance:
-            reasons.append(f"accuracy {acc:.4f} is worse than champion {champion_version}'s {champ_acc:.4f} "
-                           f"on the same test set by {champ_acc - acc:.4f} (tolerance {cfg.tolerance})")
+        reasons += compare_with_champion(candidate, champion, champion_version, cfg, paired)
+    acc = candidate.get("accuracy")
     return Decision(not reasons, reasons, acc if _finite(acc) else None, champion_version,
-                    champ_acc if _finite(champ_acc) else None, asdict(cfg))
+                    champ_acc if _finite(champ_acc) else None, asdict(cfg), **evidence,
+                    why=why(not reasons, reasons, evidence["candidate"], evidence["champion"], champion_version, paired))

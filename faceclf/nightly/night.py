@@ -9,10 +9,11 @@ no step walks face/ or re-reads the champion pointer.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,14 @@ from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.nightly.gate import Decision
 from faceclf.nightly.report import render_report
+from faceclf.nightly.stats import McNemar, mcnemar
 from faceclf.serving.export import ExportReport, export_onnx
-from faceclf.serving.score import evaluate_onnx
+from faceclf.serving.score import evaluate_onnx_per_image
 from faceclf.store.atomic import write_json_atomic, write_text_atomic
 from faceclf.store.objects import Store
 from faceclf.store.registry import (
     DECISION_FILE,
+    INT8_MODEL_FILE,
     MODEL_FILE,
     ChampionRef,
     fetch_champion,
@@ -37,20 +40,22 @@ from faceclf.store.registry import (
     version_key,
     write_latest,
 )
+from faceclf.training.run import TEST_PREDICTIONS
 
 log = logging.getLogger(__name__)
 
 BUCKET_ENV = "FACECLF_BUCKET"
 PUBLISHED_FILES = ("checkpoint.pt", "metrics.json", "report.md", DECISION_FILE, "history.csv", "config.json",
-                   "history.png", "confusion_matrix.png")
+                   "history.png", "confusion_matrix.png", TEST_PREDICTIONS)
 
 
 @dataclass(frozen=True)
 class ChampionScore:
-    """The champion re-scored on tonight's test set."""
+    """The champion re-scored on tonight's test set, with its predicted class per test image (by sha256)."""
 
     version: str
     metrics: dict[str, Any]
+    predicted: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -202,27 +207,52 @@ def rescore_champion(store: Store, champion: ChampionRef | None, faceset: FaceSe
                     champion.version, unknown)
         return None
     _, path = fetch_champion(store, work_dir / "champion.onnx", champion)
-    metrics = evaluate_onnx(path, faceset)
+    metrics, predicted = evaluate_onnx_per_image(path, faceset)
     log.info("champion %s re-scored on tonight's test set: accuracy %.4f on %d images",
              champion.version, metrics["accuracy"], metrics["n"])
-    return ChampionScore(champion.version, metrics)
+    return ChampionScore(champion.version, metrics, predicted)
 
 
-def export_candidate(run_dir: Path) -> ExportReport:
-    """Export the run's best checkpoint to run_dir/model.onnx (checked and parity-tested)."""
-    return export_onnx(run_dir / "checkpoint.pt", run_dir / MODEL_FILE)
+def paired_outcomes(run_dir: Path, champion: ChampionScore | None) -> McNemar | None:
+    """The candidate (RUN/test_predictions.csv) and the champion compared image by image on the test images
+    both scored; None without a champion, or for a run written before per-image predictions existed."""
+    path = run_dir / TEST_PREDICTIONS
+    if champion is None or not champion.predicted or not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        candidate = {r["sha256"]: (r["class"], r["predicted"]) for r in csv.DictReader(f)}
+    common = sorted(set(candidate) & set(champion.predicted))
+    return mcnemar([candidate[s][1] == candidate[s][0] for s in common],
+                   [champion.predicted[s] == candidate[s][0] for s in common])
 
 
-def write_night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data: dict[str, Any],
-                      champion: ChampionScore | None) -> dict[str, Path]:
+def export_candidate(run_dir: Path, int8: bool = False) -> ExportReport:
+    """Export the run's best checkpoint to run_dir/model.onnx (checked and parity-tested); with ``int8`` also
+    run_dir/model.int8.onnx, calibrated on the run's validation images. An int8 model that disagrees with
+    fp32 is refused and left out, with the reason in the report: the fp32 model is promoted all the same."""
+    from faceclf.serving.quantize import QuantizationRefused, export_int8
+
+    report = export_onnx(run_dir / "checkpoint.pt", run_dir / MODEL_FILE)
+    if int8:
+        try:
+            q = export_int8(run_dir / "checkpoint.pt", run_dir / MODEL_FILE)
+            report.int8 = {"file": q.path.name, "images": q.images, "agreement": q.agreement,
+                           "speedup": round(q.speedup, 3)}
+        except QuantizationRefused as e:
+            log.warning("int8 model not published: %s", e)
+            report.int8 = {"refused": str(e)}
+    return report
+
+
+def write_night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data: dict[str, Any]) -> dict[str, Path]:
     """Write decision.json and report.md next to the run's outputs; return every file to publish."""
     write_json_atomic(run_dir / DECISION_FILE, decision.to_dict())
-    report = render_report(metrics["version"], metrics["classes"], metrics, decision.to_dict(), data,
-                           champion.metrics if champion else None)
+    report = render_report(metrics["version"], metrics["classes"], metrics, decision.to_dict(), data)
     write_text_atomic(run_dir / "report.md", report)
     files = {name: run_dir / name for name in PUBLISHED_FILES}
     if decision.promote:
         files[MODEL_FILE] = run_dir / MODEL_FILE
+        files[INT8_MODEL_FILE] = run_dir / INT8_MODEL_FILE  # kept below only where export wrote one
     return {k: v for k, v in files.items() if v.is_file()}
 
 

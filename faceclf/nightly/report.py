@@ -9,19 +9,31 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def per_class_rows(classes: Sequence[str], candidate: dict[str, Any], champion: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """One row per class: test images, candidate accuracy, champion accuracy (same test set)."""
-    cm = candidate.get("confusion_matrix")
-    rows = []
-    for i, c in enumerate(classes):
-        rows.append({
-            "class": c,
-            "test_images": (int(sum(cm[i])) if i < len(cm) else 0) if cm is not None
-            else candidate.get("per_class_n", {}).get(c),
-            "candidate_accuracy": candidate["per_class_accuracy"].get(c),
-            "champion_accuracy": (champion or {}).get("per_class_accuracy", {}).get(c) if champion else None,
-        })
-    return rows
+def _ci(acc: dict[str, Any] | None) -> str:
+    """'98.20% [94.21, 99.50]' or 'n/a'."""
+    if not acc or acc.get("value") is None:
+        return "n/a"
+    ci = f" [{100 * acc['low']:.2f}, {100 * acc['high']:.2f}]" if acc.get("low") is not None else ""
+    return f"{_pct(acc['value'])}{ci}"
+
+
+def interval_rows(classes: Sequence[str], candidate: dict[str, Any] | None, champion: dict[str, Any] | None) -> list[str]:
+    """Markdown rows: overall, then each class; candidate and champion accuracy with interval, and n."""
+    if candidate is None:
+        return ["| overall | n/a | n/a | n/a |"]
+    rows = [("overall", candidate["accuracy"], (champion or {}).get("accuracy"))]
+    rows += [(c, candidate["per_class"].get(c), (champion or {}).get("per_class", {}).get(c)) for c in classes]
+    return [f"| {name} | {(cand or {}).get('n', 0)} | {_ci(cand)} | {_ci(champ)} |" for name, cand, champ in rows]
+
+
+def paired_lines(paired: dict[str, Any] | None, champion_version: str | None) -> list[str]:
+    """The image-by-image comparison with the champion, in words (nothing without a champion)."""
+    if not paired:
+        return []
+    return [f"Image by image against champion {champion_version} on the same {paired['n']} test images: the "
+            f"candidate alone right on {paired['candidate_only']}, the champion alone right on "
+            f"{paired['champion_only']}, both right on {paired['both']}, both wrong on {paired['neither']} "
+            f"(exact McNemar p = {paired['p_value']:.3g}).", ""]
 
 
 def confusion_markdown(classes: Sequence[str], matrix: Sequence[Sequence[int]]) -> str:
@@ -33,7 +45,7 @@ def confusion_markdown(classes: Sequence[str], matrix: Sequence[Sequence[int]]) 
 
 
 def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any], decision: dict[str, Any],
-                  data: dict[str, Any], champion: dict[str, Any] | None = None) -> str:
+                  data: dict[str, Any]) -> str:
     """Markdown for people reading the night's outcome in S3 or the Prefect UI."""
     test = metrics["test"]
     lines = [
@@ -42,12 +54,16 @@ def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any],
         f"**Decision: {'PROMOTED' if decision['promote'] else 'REJECTED'}**",
         "",
     ]
+    if decision.get("why"):
+        lines += [decision["why"], ""]
     if decision["reasons"]:
         lines += ["Why not:", *[f"- {r}" for r in decision["reasons"]], ""]
+    gate = decision["gate"]
     lines += [
-        f"Gate: overall >= {decision['gate'].get('min_accuracy')}, every class >= "
-        f"{decision['gate'].get('min_class_accuracy')}, not worse than the champion by more than "
-        f"{decision['gate'].get('tolerance')}.",
+        f"Gate: overall >= {gate.get('min_accuracy')}, every class >= {gate.get('min_class_accuracy')}; against the "
+        f"champion on the same test images: not worse by more than {gate.get('tolerance')}, not significantly worse "
+        f"(exact McNemar test, alpha {gate.get('alpha')}), no class worse by more than {gate.get('class_tolerance')}"
+        + (", and significantly better (require_improvement)." if gate.get("require_improvement") else "."),
         f"Champion before tonight: {decision.get('champion_version') or 'none'}"
         + (f" (re-scored on tonight's test set: {_pct(decision.get('champion_accuracy'))})" if decision.get("champion_version") else ""),
         "",
@@ -63,11 +79,13 @@ def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any],
         f"{_pct(test['accuracy'])} on {test['n']} images "
         f"(best epoch {metrics.get('best_epoch')}, trained on {metrics.get('device')}).",
         "",
-        "| class | test images | candidate | champion |",
-        "| --- | --- | --- | --- |",
-        *[f"| {r['class']} | {r['test_images']} | {_pct(r['candidate_accuracy'])} | {_pct(r['champion_accuracy'])} |"
-          for r in per_class_rows(classes, test, champion)],
+        "Accuracies with their Wilson 95% interval and the number of test images:",
         "",
+        "| | test images | candidate | champion |",
+        "| --- | --- | --- | --- |",
+        *interval_rows(classes, decision.get("candidate"), decision.get("champion")),
+        "",
+        *paired_lines(decision.get("paired"), decision.get("champion_version")),
         "## Confusion matrix (test)",
         "",
         confusion_markdown(classes, test["confusion_matrix"]) if test.get("confusion_matrix") is not None

@@ -48,6 +48,7 @@ class ExportReport:
     version: str
     max_abs_diff: float
     batch: int
+    int8: dict[str, Any] | None = None  # the int8 model's figures (or why it was refused), when one was asked for
 
 
 class PixelInput(torch.nn.Module):

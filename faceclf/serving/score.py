@@ -157,6 +157,14 @@ def evaluate_onnx(model_path: str | os.PathLike[str], data: FaceSet | str | os.P
 
     No images gives n=0 and NaN loss/accuracy (which the gate rejects) rather than an error.
     """
+    return evaluate_onnx_per_image(model_path, data, cfg, expected_sha256)[0]
+
+
+def evaluate_onnx_per_image(model_path: str | os.PathLike[str], data: FaceSet | str | os.PathLike[str],
+                            cfg: ScoreConfig | None = None,
+                            expected_sha256: str | None = None) -> tuple[dict, dict[str, str]]:
+    """``evaluate_onnx``'s metrics and, for a FaceSet, each decoded test image's predicted class by sha256
+    (the gate pairs them with the candidate's, image by image)."""
     import torch
 
     from faceclf.dataset.tensors import decode_images
@@ -173,4 +181,10 @@ def evaluate_onnx(model_path: str | os.PathLike[str], data: FaceSet | str | os.P
     if not len(y):
         log.warning("no decodable images of classes %s in %s: empty metrics (n=0, accuracy NaN)", model.classes, data)
     loss_sum = float(-log_probs[np.arange(len(y)), y].sum()) if len(y) else 0.0
-    return summarize(loss_sum, torch.from_numpy(log_probs.argmax(1)), torch.from_numpy(y), model.classes)
+    predicted = log_probs.argmax(1)
+    metrics = summarize(loss_sum, torch.from_numpy(predicted), torch.from_numpy(y), model.classes)
+    per_image = {}
+    if isinstance(data, FaceSet):
+        shas = np.char.decode(data.split("test").sha256s).tolist()  # labelled_files' order
+        per_image = {shas[i]: model.classes[int(p)] for i, p in zip(ok, predicted)}
+    return metrics, per_image

@@ -22,6 +22,7 @@ MODELS_PREFIX = "models/face/"
 CHAMPION_KEY = MODELS_PREFIX + "champion.json"
 LATEST_KEY = MODELS_PREFIX + "latest.json"   # the last published version (promoted or not) and its data
 MODEL_FILE = "model.onnx"
+INT8_MODEL_FILE = "model.int8.onnx"   # the optional int8 model (`faceclf export --int8`, night int8=true)
 DECISION_FILE = "decision.json"
 SHA256_FILE = "sha256.json"   # name -> sha256 of every file of a version, written when it is published
 
@@ -152,10 +153,15 @@ def verify_bytes(store: Store, version: str, name: str, data: bytes, expected_sh
 
 
 def fetch_model(store: Store, version: str, dest: Path, expected_sha256: str | None = None,
-                expected_by: str = "the registry") -> Path:
-    """Download ``version``'s model.onnx to ``dest``, refusing it if its sha256 is not the recorded one."""
-    data = store.get_bytes(version_key(version, MODEL_FILE))
-    verify_bytes(store, version, MODEL_FILE, data, expected_sha256, expected_by)
+                expected_by: str = "the registry", name: str = MODEL_FILE) -> Path:
+    """Download ``version``'s model.onnx (or its file ``name``, e.g. model.int8.onnx) to ``dest``, refusing it
+    if its sha256 is not the recorded one."""
+    key = version_key(version, name)
+    if name != MODEL_FILE and not store.exists(key):
+        raise FileNotFoundError(f"model version {version} has no {name} in {store.uri(key)}: train with int8=true "
+                                "(or `faceclf export --int8`) to make one")
+    data = store.get_bytes(key)
+    verify_bytes(store, version, name, data, expected_sha256, expected_by)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
     return dest

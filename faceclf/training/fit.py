@@ -176,7 +176,7 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
             break  # a resumed run that had already stopped early
         t0 = time.perf_counter()
         train_loss = train_one_epoch(tr, train, generator)
-        val_metrics = evaluate(tr.model, val, classes, tr.preset, device, part)
+        val_metrics = evaluate(tr.model, val, classes, tr.preset, device, part, tr.batch_size)
         row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_metrics["loss"], 6),
                "val_accuracy": round(val_metrics["accuracy"], 6), "lr": tr.scheduler.get_last_lr()[0],
                "seconds": round(time.perf_counter() - t0, 3)}

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from faceclf.child import ChildDied, run_in_child
 from faceclf.config import RAY_ADDRESS_ENV, RunConfig, with_overrides
 from faceclf.dataset.cache import DecodedCache
 from faceclf.dataset.discover import discover
@@ -72,12 +71,10 @@ def train_processes(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunCon
     run_dir = Path(run_dir)
     cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
     n = resolve_workers(cfg.train.workers if resume else workers, resolve_device(cfg.train.device))
-    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
     if n == 1:
-        if not 0 < cfg.train.train_in_child_above <= len(faceset.images):
-            return train_run(faceset, run_dir, cfg, resume=resume, version=version, cache=cache, store=store)
-        return train_in_child(faceset, run_dir, cfg, resume, version, cache, store)
+        return train_run(data, run_dir, cfg, resume=resume, version=version, cache=cache, store=store)
     run_dir.mkdir(parents=True, exist_ok=True)
+    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
     faceset.require_every_class()
     cfg = resolve_image_size(cfg, faceset)
     preset = Preprocess.from_config(cfg.data)
@@ -95,38 +92,6 @@ def train_processes(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunCon
     if own_cache:
         shutil.rmtree(run_dir / RUN_CACHE, ignore_errors=True)
     return result
-
-
-def train_in_child(faceset: FaceSet, run_dir: Path, cfg: RunConfig, resume: bool, version: str | None,
-                   cache: DecodedCache | None, store: Store | None) -> dict[str, Any]:
-    """``train_run`` in one fresh spawned process; its metrics.
-
-    The process that ran ingest and decoding keeps the heap they grew with the face set (glibc does not
-    hand all of it back); a fresh process starts from the same few hundred MiB whatever the set, so the
-    training peak does not grow with it. A warm start's weights are fetched here (the store stays in this
-    process). Errors raised in the child (a diverged run, a missing class) are raised here as they were; a
-    child that dies is a one-line error naming how, and --resume continues from last.pt.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.train.init_from and not resume:
-        cfg = with_overrides(cfg, init_from=str(resolve_init(cfg.train.init_from, store, run_dir)))
-    log.info("training on %d images in a fresh child process", len(faceset.images))
-    try:
-        return run_in_child(child_main, faceset, str(run_dir), cfg.to_dict(), resume, version,
-                            str(cache.folder) if cache else None, name="faceclf-train")
-    except ChildDied as err:
-        raise TrainingProcessFailed(f"the training process {err}; nothing was promoted. "
-                                    f"{resume_hint(run_dir)}") from None
-
-
-def child_main(faceset: FaceSet, run_dir: str, cfg_dict: dict[str, Any], resume: bool, version: str | None,
-               cache_folder: str | None) -> dict[str, Any]:
-    """The child of ``train_in_child``: log like the parent's command line, open the cache, train."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    cfg = RunConfig.from_dict(cfg_dict)
-    cache = DecodedCache(Path(cache_folder), Preprocess.from_config(cfg.data)) if cache_folder else None
-    return train_run(faceset, run_dir, cfg, resume=resume, version=version, cache=cache)
 
 
 def launch(n: int, args: tuple[Any, ...], run_dir: Path) -> dict[str, Any]:
@@ -157,16 +122,11 @@ def describe_failure(err: Any, run_dir: Path) -> str:
         how = f"was killed by {failure.signal_name()}"
     else:
         how = f"exited with code {failure.exitcode}"
-    return (f"training process of rank {rank} {how}; the other ranks were stopped and nothing was promoted. "
-            f"{resume_hint(run_dir)}")
-
-
-def resume_hint(run_dir: Path) -> str:
-    """Where a stopped run can go on from: last.pt's finished epochs and --resume, or a fresh start."""
     history = run_dir / "history.csv"
     epochs = max(0, len(history.read_text().splitlines()) - 1) if history.is_file() else 0
-    return (f"{run_dir / 'last.pt'} holds {epochs} finished epoch(s): rerun with --resume to continue"
-            if (run_dir / "last.pt").is_file() else "no epoch had finished: rerun to start again")
+    resume = (f"{run_dir / 'last.pt'} holds {epochs} finished epoch(s): rerun with --resume to continue"
+              if (run_dir / "last.pt").is_file() else "no epoch had finished: rerun to start again")
+    return f"training process of rank {rank} {how}; the other ranks were stopped and nothing was promoted. {resume}"
 
 
 def rank_main(faceset: FaceSet, run_dir: str, cfg_dict: dict[str, Any], resume: bool, version: str,

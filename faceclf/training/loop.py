@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from faceclf.config import IMBALANCE_RATIO, RunConfig
+from faceclf.config import BATCH_SIZE, IMBALANCE_RATIO, RunConfig
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import TensorSplit, augment, normalize
 from faceclf.progress import progress
@@ -234,9 +234,14 @@ def train_one_epoch(tr: Trainer, split: TensorSplit, generator: torch.Generator)
 
 @torch.no_grad()
 def predict_log_probs(model: nn.Module, images_u8: torch.Tensor, preset: Preprocess, device: torch.device,
-                      batch_size: int = 256, positions: torch.Tensor | None = None) -> torch.Tensor:
+                      batch_size: int = BATCH_SIZE, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Eval-mode log-probabilities (N, C) for uint8 images (N, 3, S, S), computed in batches; with
-    ``positions`` (K,) only for those images, (K, C)."""
+    ``positions`` (K,) only for those images, (K, C).
+
+    Batches as large as training's (the default): the activations then fit in the blocks training's steps
+    freed, which glibc keeps for reuse (``reuse_freed_memory``). Batches of 256 made every evaluation grow
+    a second working set beside training's (measured: training's peak RssAnon 712 -> 508 MiB, 10,000 64 px
+    images, 1 epoch)."""
     model.eval()
     out = []
     weights = next(model.parameters())
@@ -248,13 +253,23 @@ def predict_log_probs(model: nn.Module, images_u8: torch.Tensor, preset: Preproc
     return torch.cat(out) if out else torch.empty((0, model.cfg.num_classes))
 
 
-def evaluate(model: nn.Module, split: TensorSplit, classes: list[str], preset: Preprocess,
-             device: torch.device, part: Rank = Rank()) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix of ``model`` on a decoded split. Across
-    ranks each predicts its part of the split and every rank gets every prediction, so all compute the
-    same figures."""
+def predict_split(model: nn.Module, split: TensorSplit, preset: Preprocess, device: torch.device,
+                  part: Rank = Rank(), batch_size: int = BATCH_SIZE) -> torch.Tensor:
+    """Log-probabilities (N, C) of every image of a decoded split, in its order. Across ranks each predicts
+    its part and every rank gets every row."""
     n = len(split.labels)
     mine = part_of(torch.arange(n), part, pad=False)  # (K,)
-    log_probs = gather_rows(predict_log_probs(model, split.images, preset, device, positions=mine), mine, n, part)
-    loss_sum = float(nn.functional.nll_loss(log_probs, split.labels, reduction="sum")) if len(split.labels) else 0.0
-    return summarize(loss_sum, log_probs.argmax(dim=1), split.labels, classes)
+    return gather_rows(predict_log_probs(model, split.images, preset, device, batch_size, mine), mine, n, part)
+
+
+def metrics_of(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix from log-probabilities (N, C) and labels (N,)."""
+    loss_sum = float(nn.functional.nll_loss(log_probs, labels, reduction="sum")) if len(labels) else 0.0
+    return summarize(loss_sum, log_probs.argmax(dim=1), labels, classes)
+
+
+def evaluate(model: nn.Module, split: TensorSplit, classes: list[str], preset: Preprocess,
+             device: torch.device, part: Rank = Rank(), batch_size: int = BATCH_SIZE) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix of ``model`` on a decoded split; across ranks
+    every rank computes the same figures."""
+    return metrics_of(predict_split(model, split, preset, device, part, batch_size), split.labels, classes)

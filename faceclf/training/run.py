@@ -10,6 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from faceclf.config import RunConfig
 from faceclf.dataset.cache import DecodedCache
 from faceclf.dataset.discover import discover
@@ -31,11 +34,13 @@ from faceclf.training.checkpoint import (
     save_checkpoint,
 )
 from faceclf.training.fit import fit
-from faceclf.training.loop import evaluate, release_memory, resolve_device
+from faceclf.training.loop import evaluate, metrics_of, predict_split, release_memory, resolve_device
 from faceclf.training.plots import plot_confusion, plot_history
 from faceclf.training.warmstart import init_weights, resolve_init
 
 log = logging.getLogger(__name__)
+
+TEST_PREDICTIONS = "test_predictions.csv"
 
 
 def load_splits(faceset: FaceSet, cfg: RunConfig, cache: DecodedCache | None = None) -> dict[str, TensorSplit]:
@@ -143,20 +148,35 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
+def write_test_predictions(path: Path, split: TensorSplit, predicted: torch.Tensor, classes: list[str]) -> None:
+    """RUN/test_predictions.csv: sha256, class, predicted class of every test image, in the split's order. The
+    gate pairs them with the champion's predictions on the same images (McNemar); written row by row."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["sha256", "class", "predicted"])
+            w.writerows((sha, classes[int(y)], classes[int(p)]) for sha, y, p in
+                        zip(np.char.decode(split.records.sha256s).tolist(), split.labels.tolist(), predicted.tolist()))
+    write_atomic(path, write)
+
+
 def finish_run(run_dir: Path, classes: list[str], loaded: dict[str, TensorSplit], best_epoch: int, device: str) -> dict[str, Any]:
     """Re-load the best weights, measure them on val and test, and store the metrics in checkpoint.pt."""
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = RunConfig.from_dict({"data": ckpt["data_config"], "model": ckpt["model_config"], "train": ckpt["train_config"]})
     dev = resolve_device(cfg.train.device)
     model, preset = model_from_checkpoint(ckpt, dev), Preprocess.from_checkpoint(ckpt)
+    test = loaded["test"]
+    test_log_probs = predict_split(model, test, preset, dev, batch_size=cfg.train.batch_size)  # (N, C)
     metrics = {
         "classes": classes,
         "best_epoch": best_epoch,
         "device": device,
         "version": ckpt["version"],
-        "val": evaluate(model, loaded["val"], classes, preset, dev),
-        "test": evaluate(model, loaded["test"], classes, preset, dev),
+        "val": evaluate(model, loaded["val"], classes, preset, dev, batch_size=cfg.train.batch_size),
+        "test": metrics_of(test_log_probs, test.labels, classes),
     }
+    write_test_predictions(run_dir / TEST_PREDICTIONS, test, test_log_probs.argmax(dim=1), classes)
     ckpt["metrics"] = {"val": metrics["val"], "test": metrics["test"]}
     save_checkpoint(run_dir / "checkpoint.pt", ckpt)
     log.info("test: loss %.4f accuracy %.4f per class %s", metrics["test"]["loss"], metrics["test"]["accuracy"],
