@@ -10,7 +10,8 @@ its peak memory is its own):
   night 2   2% new images added to the bucket (half per class): the same stages
   night 3   nothing added: ingest -> nothing-new check, which ends the night (as the `train` flow does)
 Stages, as library calls in the flow's order (flows/train.py):
-  ingest             faceclf.dataset.ingest.ingest(LocalStore(bucket), face/, IngestConfig()) -> FaceSet
+  ingest             faceclf.dataset.ingest.ingest_in_child(bucket, face/) -> FaceSet (the flow's task: ingest in
+                     a child process of its own, whose memory is counted in the night's processes)
   nothing-new check  faceclf.nightly.night.nothing_new(faceset, registry.read_latest(store), 1, False)
   decode             faceclf.nightly.night.refresh_cache(store, face/, faceset, cfg.data): pull the bucket's
                      shards, verify every shard, decode what no shard holds, mirror new shards to the bucket
@@ -174,7 +175,7 @@ def night_child(spec: dict[str, Any]) -> dict[str, Any]:
     import faceclf.dataset.ingest as ingest_mod
     import faceclf.training.launch as launch_mod
     import faceclf.training.run as run_mod
-    from faceclf.config import IngestConfig, RunConfig, with_overrides
+    from faceclf.config import RunConfig, with_overrides
     from faceclf.dataset.cache import DecodedCache
     from faceclf.nightly import night
     from faceclf.store.objects import LocalStore
@@ -184,11 +185,6 @@ def night_child(spec: dict[str, Any]) -> dict[str, Any]:
     sampler.enter("between stages")
     logging.getLogger("faceclf").setLevel(logging.WARNING)
 
-    _time_calls(ingest_mod, "list_incoming", "ingest: list incoming/", sub)
-    _time_calls(ingest_mod, "restore_missing", "ingest: check face/ files", sub)
-    _time_calls(ingest_mod, "download_new", "ingest: copy + check new", sub)
-    _time_calls(ingest_mod, "save", "ingest: write manifest", sub)
-    _time_calls(ingest_mod, "from_manifest", "ingest: FaceSet", sub)
     for method in ("pull", "verify", "add", "push"):
         _time_calls(DecodedCache, method, f"decode: {method}", sub)
     _time_calls(run_mod, "load_splits", "train: open splits", sub)
@@ -198,7 +194,7 @@ def night_child(spec: dict[str, Any]) -> dict[str, Any]:
     store, face = LocalStore(spec["bucket"]), Path(spec["face"])
     cfg = with_overrides(RunConfig(), image_size=IMAGE_SIZE, epochs=spec["epochs"])
 
-    report = stage("ingest", lambda: ingest_mod.ingest(store, face, IngestConfig()))
+    report = stage("ingest", lambda: ingest_mod.ingest_in_child(spec["bucket"], face))
     faceset = report.faceset
     facts.update(listed=report.listed, new=report.new, skipped=report.skipped, images=len(faceset.images),
                  quarantined=report.quarantined, duplicates=report.duplicates, failed=report.failed)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
+import logging.handlers
 import multiprocessing
 import pickle
 import signal
@@ -38,13 +40,18 @@ def describe_exit(exitcode: int | None) -> str:
 def run_in_child(fn: Callable[..., Any], *args: Any, name: str = "faceclf-child") -> Any:
     """``fn(*args)`` in a spawned process; its return value, or the exception it raised, raised here.
 
-    ``fn`` and ``args`` must pickle (a module-level function, plain values, a FaceSet). A child that dies
-    without answering (SIGKILL, the OOM killer, os._exit) is ``ChildDied`` with its exit code. The child is
-    killed with its parent (Linux), so a killed night leaves no training process behind.
+    ``fn`` and ``args`` must pickle (a module-level function, plain values, a FaceSet). The child's log
+    records (faceclf's loggers, INFO and up) are handled here by the same loggers, so they reach this
+    process's handlers (a Prefect task's log, the command line's stderr). A child that dies without
+    answering (SIGKILL, the OOM killer, os._exit) is ``ChildDied`` with its exit code. The child is killed
+    with its parent (Linux), so a killed night leaves no worker process behind.
     """
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_entry, args=(send, fn, args), name=name)
+    records = ctx.Queue()
+    listener = logging.handlers.QueueListener(records, _Relay(), respect_handler_level=False)
+    listener.start()
+    child = ctx.Process(target=_child_entry, args=(send, records, fn, args), name=name)
     child.start()
     send.close()  # only the child writes: recv() then sees EOF when it dies
     try:
@@ -55,14 +62,30 @@ def run_in_child(fn: Callable[..., Any], *args: Any, name: str = "faceclf-child"
     finally:
         receive.close()
         child.join()
+        listener.stop()  # every record the child sent has been handled
+        records.close()
     if ok:
         return value
     raise value
 
 
-def _child_entry(send: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    """In the child: die with the parent, call ``fn``, send (True, result) or (False, exception)."""
+class _Relay(logging.Handler):
+    """Hands a record from the child to the logger of the same name here (its handlers, its propagation)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
+def _child_entry(send: Any, records: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """In the child: die with the parent, send faceclf's log records home, call ``fn``, send (True, result)
+    or (False, exception)."""
     _die_with_parent()
+    root = logging.getLogger("faceclf")
+    root.addHandler(logging.handlers.QueueHandler(records))
+    root.setLevel(logging.INFO)
+    root.propagate = False  # the parent's handlers print them, once
     try:
         out: tuple[bool, Any] = (True, fn(*args))
     except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent, which raises it

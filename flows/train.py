@@ -40,9 +40,9 @@ _RUN, _GATE, _NIGHT = RunConfig(), GateConfig(), NightConfig()  # the flow's def
 @task(cache_policy=NONE, **IO_RETRIES)
 def ingest_images(location: str, face_dir: str) -> IngestReport:
     """New images from LOCATION/incoming/ into face_dir (train/val/test), manifest updated; its FaceSet."""
-    from faceclf.dataset.ingest import ingest
+    from faceclf.dataset.ingest import ingest_in_child
 
-    return ingest(open_store(location), Path(face_dir))
+    return ingest_in_child(location, Path(face_dir))  # its manifest heap stays out of the night's process
 
 
 @task(cache_policy=NONE, **IO_RETRIES)

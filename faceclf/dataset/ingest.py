@@ -301,3 +301,24 @@ def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None 
              report.listed, report.new, report.skipped, report.duplicates, report.quarantined, report.failed,
              report.restored, report.missing, report.manifest_rows, report.classes)
     return report
+
+
+def ingest_in_child(location: str, dest: str | os.PathLike[str], cfg: IngestConfig | None = None) -> IngestReport:
+    """``ingest`` of the bucket (or local bucket folder) at ``location``, run in a fresh child process.
+
+    Reading and rewriting the manifest costs about 3.5 KB of heap per image (JSON rows as dicts); glibc
+    keeps most of it after ingest returns, so a night that ingests in its own process carries it into
+    training (measured at 100,000 images: ingest peaked at 670 MiB, training then at 700-750 MiB against
+    about 640 in a fresh process). In a child it is handed back when the child exits; only the report and
+    its FaceSet (numpy columns) come back. Log records come back too (faceclf.child).
+    """
+    from faceclf.child import run_in_child
+
+    return run_in_child(_ingest_location, location, str(dest), cfg, name="faceclf-ingest")
+
+
+def _ingest_location(location: str, dest: str, cfg: IngestConfig | None) -> IngestReport:
+    """The child of ``ingest_in_child``: open the store here (a boto3 client does not travel), ingest."""
+    from faceclf.store.objects import open_store
+
+    return ingest(open_store(location), dest, cfg)
