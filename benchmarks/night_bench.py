@@ -254,7 +254,7 @@ def run(quick: bool = False) -> list[dict]:
                 with stage("upload"):
                     publish_version(store, version, files)
                     set_champion(store, version, sha256_bytes(files[MODEL_FILE].read_bytes()), "night benchmark",
-                                 champion.version if champion else None, metrics["test"], metrics["classes"])
+                                 champion.pointer if champion else None, metrics["test"], metrics["classes"])
                 size_mb = sum(p.stat().st_size for p in files.values()) / 2**20
                 facts["upload"] = (f"publish_version ({len(files)} files, {size_mb:.1f} MiB) + "
                                    "set_champion (previous version: the champion read at the start)")

@@ -106,16 +106,6 @@ def _pick(files: list[Path], k: int | None) -> list[Path]:
     return [files[round(i * (len(files) - 1) / (k - 1))] for i in range(k)]
 
 
-def decode_pil(data: bytes, size: int) -> np.ndarray:
-    """load_image as before libjpeg-turbo: PIL alone (draft, EXIF, resize), the baseline's decoder."""
-    from unittest import mock
-
-    import faceclf.dataset.preprocess as preprocess
-
-    with mock.patch.object(preprocess, "decode_jpeg_scaled", lambda data, size: None):
-        return preprocess.load_image(io.BytesIO(data), size)
-
-
 def int8_variant(ckpt_path: Path, onnx_path: Path) -> tuple[Path, str]:
     """model.int8.onnx of the benchmark's model (calibrated on the run's val images, never refused here: the
     figure wanted is its speed) and a note on how it agrees with fp32."""
@@ -146,7 +136,7 @@ def measure_set(label: str, files: list[Path], onnx_path: Path, float_session, r
     """Rows for one image set: baseline, faceclf end to end (fp32 and int8 models), decode-only per decoder,
     model-only per input."""
     from faceclf.config import ScoreConfig
-    from faceclf.dataset.preprocess import load_image
+    from faceclf.dataset.preprocess import load_image, pil_decode
     from faceclf.dataset.tensors import decode_images
     from faceclf.serving.score import load_onnx_model
     from faceclf.serving.stream import score
@@ -168,7 +158,7 @@ def measure_set(label: str, files: list[Path], onnx_path: Path, float_session, r
 
     fns = {
         "e2e": lambda: score(onnx_path, files, work / "predictions.csv", cfg).seconds,
-        "pil": lambda: timed(lambda: decode(lambda d: decode_pil(d, size))),
+        "pil": lambda: timed(lambda: decode(lambda d: pil_decode(d, size))),
         "faceclf_decode": lambda: timed(lambda: decode(lambda d: load_image(io.BytesIO(d), size))),
         "ort_u8": lambda: timed(lambda: [om.session.run(None, {om.input_name: b}) for b in pixels]),
         "ort_f32": lambda: timed(lambda: [float_session.run(None, {fname: om.preprocess.to_input(b)}) for b in pixels]),

@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("models", help="the model registry: list versions, promote one (manual rollback)")
     mo_sub = mo.add_subparsers(dest="models_command", required=True)
     ml = mo_sub.add_parser("list", help="every model version, oldest first, with its gate result")
-    mp = mo_sub.add_parser("promote", help="point champion.json at VERSION")
+    mp = mo_sub.add_parser("promote", help="point champion.json at VERSION (recorded in its history: why, by whom)")
     mp.add_argument("version")
+    mp.add_argument("--reason", required=True, help="why, in a sentence: kept in champion.json's history with who ran it")
     for p in (ml, mp):
         p.add_argument("--bucket", default=None, help="bucket name, s3://BUCKET or a local folder (default: $FACECLF_BUCKET)")
 
@@ -236,14 +237,18 @@ def cmd_models(a: argparse.Namespace) -> None:
         for r in rows:
             gate = {True: "passed", False: "rejected", None: "no decision"}[r["gate_passed"]]
             acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "n/a"
-            print(f"{'*' if r['champion'] else ' '} {r['version']}  gate {gate:<8}  test accuracy {acc}"
+            if r["test_low"] is not None:
+                acc += f" [{r['test_low']:.4f}, {r['test_high']:.4f}] n={r['test_n']}"
+            print(f"{'*' if r['champion'] else ' '} {r['version']}  gate {gate:<8}  "
+                  f"{'promoted    ' if r['promoted'] else 'not promoted'}  test accuracy {acc}"
                   f"{'' if r['has_model'] else '  (no model.onnx)'}")
+        print("* champion; test accuracy with its Wilson 95% interval and the number of test images")
         latest = registry.read_latest(store)
         if latest:  # what the next night compares with: fewer new images than min_new_images and it is skipped
             print(f"latest: {latest['version']}, trained on {latest['images']} images; a night with fewer new "
                   "images than min_new_images (default 1) ends after ingest: nothing new")
     else:
-        pointer = registry.promote(store, a.version)
+        pointer = registry.promote(store, a.version, a.reason)
         print(json.dumps(pointer, indent=2))
 
 

@@ -32,6 +32,7 @@ from faceclf.store.objects import open_store
 from faceclf.store.registry import ChampionRef, champion_ref, read_latest
 from faceclf.training.fit import TrainingDiverged, new_version
 from faceclf.training.metrics import RunMetrics
+from flows import notify
 from flows.common import IO_RETRIES
 
 _RUN, _GATE, _NIGHT = RunConfig(), GateConfig(), NightConfig()  # the flow's defaults are the config's
@@ -158,7 +159,7 @@ def skip_night(reason: str, report: IngestReport, champion: ChampionRef | None) 
             "resumed": False}
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", log_prints=True, on_failure=[notify.on_night_failed], on_crashed=[notify.on_night_failed])
 def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "runs",
           min_accuracy: float = _GATE.min_accuracy, min_class_accuracy: float = _GATE.min_class_accuracy,
           tolerance: float = _GATE.tolerance, alpha: float = _GATE.alpha,
@@ -181,6 +182,8 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     The gate: overall and per-class bars, then against the champion on the same test images: rejected when
     worse by more than ``tolerance``, significantly worse (exact McNemar p < ``alpha``) or any class worse by
     more than ``class_tolerance``; ``require_improvement`` promotes only a significantly better candidate.
+    A failed, crashed or rejected night sends a notification (flows/notify.py: $FACECLF_NOTIFY_URL or the
+    faceclf-notify block); a night with nothing new, or a promoted one, sends none.
     ``int8`` also publishes model.int8.onnx with a promoted model, where it agrees with the fp32 model on at
     least 99.5% of the validation images (the `score` flow's ``int8`` uses it).
     """
@@ -213,6 +216,8 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
                          champion, report.faceset)
     publish_artifacts(result, metrics, decision, score)
     get_run_logger().info("%s; model %s in %s", decision.summary(), run.version, location)
+    if not decision.promote:
+        notify.night_rejected(run.version, decision.why, location)
     return {"version": run.version, "promoted": decision.promote, "reasons": decision.reasons,
             "test_accuracy": metrics.test["accuracy"], "ingest": report.to_dict(), "uris": result.uris,
             "champion": result.champion, "resumed": run.resume, "skipped": False,

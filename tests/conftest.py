@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -87,8 +88,11 @@ LENIENT = {"min_accuracy": 0.75, "min_class_accuracy": 0.6}  # small test sets: 
 
 @pytest.fixture(scope="module")
 def prefect_api():
+    """A temporary Prefect server for the module, with telemetry off, as the demo's (no internet here: with it
+    on, the server logs "Failed to send telemetry" errors)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     with prefect_test_harness(server_startup_timeout=120):
         yield
 

@@ -119,19 +119,32 @@ def test_models_list_and_promote(trained_run: Path, tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "bucket")
     model = export_onnx(trained_run / "checkpoint.pt", tmp_path / "model.onnx").path
     for version in ("20261101T020000Z-aaaaaa", "20261102T020000Z-bbbbbb"):
-        (tmp_path / "decision.json").write_text(json.dumps({"promote": True, "candidate_accuracy": 0.9}))
+        interval = {"value": 0.9, "n": 111, "low": 0.8311, "high": 0.9452}
+        (tmp_path / "decision.json").write_text(json.dumps({"promote": True, "candidate_accuracy": 0.9,
+                                                            "candidate": {"accuracy": interval}}))
         registry.publish_version(store, version, {"model.onnx": model, "decision.json": tmp_path / "decision.json"})
         registry.promote(store, version, reason="gate passed")
+    registry.publish_version(store, "20261103T020000Z-cccccc", {"decision.json": tmp_path / "decision.json"})
     bucket = str(tmp_path / "bucket")
     listing = faceclf("models", "list", "--bucket", bucket).stdout.splitlines()
-    assert [line[0] for line in listing] == [" ", "*"] and "20261102T020000Z-bbbbbb" in listing[1]
+    assert [line[0] for line in listing[:3]] == [" ", "*", " "] and "20261102T020000Z-bbbbbb" in listing[1]
+    assert "promoted" in listing[0] and "not promoted" in listing[2] and "(no model.onnx)" in listing[2]
+    assert "test accuracy 0.9000 [0.8311, 0.9452] n=111" in listing[1]
 
-    pointer = json.loads(faceclf("models", "promote", "20261101T020000Z-aaaaaa", "--bucket", bucket).stdout)
+    pointer = json.loads(faceclf("models", "promote", "20261101T020000Z-aaaaaa", "--bucket", bucket,
+                                 "--reason", "rollback: 20261102 misreads masks in low light").stdout)
     assert pointer["version"] == "20261101T020000Z-aaaaaa" and pointer["previous_version"] == "20261102T020000Z-bbbbbb"
+    assert [h["version"] for h in pointer["history"]] == ["20261101T020000Z-aaaaaa", "20261102T020000Z-bbbbbb",
+                                                          "20261101T020000Z-aaaaaa"]
+    last = pointer["history"][-1]
+    assert last["reason"] == "rollback: 20261102 misreads masks in low light" and "@" in last["by"]
+    assert last["by"] == registry.who() == pointer["by"]
     assert registry.read_champion(store)["model_sha256"] == registry.sha256_bytes(model.read_bytes())
     assert faceclf("models", "list", "--bucket", bucket).stdout.splitlines()[0].startswith("*")
 
-    missing = faceclf("models", "promote", "nope", "--bucket", bucket, check=False)
+    no_reason = faceclf("models", "promote", "20261102T020000Z-bbbbbb", "--bucket", bucket, check=False)
+    assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
+    missing = faceclf("models", "promote", "nope", "--bucket", bucket, "--reason", "x", check=False)
     assert missing.returncode == 2 and "has no model.onnx" in missing.stderr
     assert registry.read_champion(store)["version"] == "20261101T020000Z-aaaaaa"
 

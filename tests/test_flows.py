@@ -200,3 +200,12 @@ def test_nights_on_a_local_bucket_train_only_when_enough_is_new(prefect_api, tmp
     fresh = train(**{**params, "face_dir": str(tmp_path / "fresh-worker" / "face")})
     assert fresh["ingest"]["restored"] == 140 and fresh["decoded_cache"]["decoded"] == 10
     assert fresh["decoded_cache"]["downloaded"] == enough["decoded_cache"]["shards"]
+
+
+def test_the_prefect_servers_of_tests_and_demo_run_without_telemetry(prefect_api, tmp_path: Path) -> None:
+    from prefect.settings import get_current_settings
+
+    from faceclf.devtools.services import prefect_env
+
+    assert get_current_settings().server.analytics_enabled is False  # the harness's server, in this process
+    assert prefect_env("http://127.0.0.1:1/api", tmp_path)["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"  # demo's

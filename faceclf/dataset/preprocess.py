@@ -96,13 +96,22 @@ def load_image(path: str | os.PathLike[str] | BinaryIO, size: int) -> np.ndarray
 
     Returns uint8 (size, size, 3). Grayscale, RGBA, palette and CMYK images become RGB. Raises
     ValueError with the reason when the file is not a decodable image or claims more pixels than
-    ``PIL.Image.MAX_IMAGE_PIXELS`` (checked from the header, before any pixel is decoded).
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (checked from the header, before any pixel is decoded). JPEGs decode
+    through libjpeg-turbo (faceclf.dataset.jpeg) to the very pixels ``pil_decode`` gives; the rest through PIL.
     """
     try:
         data = path.read() if hasattr(path, "read") else Path(path).read_bytes()
-        scaled = decode_jpeg_scaled(data, size)  # libjpeg-turbo straight to numpy: PIL's pixels, faster
-        if scaled is not None:
-            return np.array(scaled.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
+    except OSError as e:
+        raise ValueError(f"cannot decode image: {e}") from None
+    scaled = decode_jpeg_scaled(data, size)  # libjpeg-turbo straight to numpy: PIL's pixels, faster
+    if scaled is not None:
+        return np.array(scaled.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
+    return pil_decode(data, size)
+
+
+def pil_decode(data: bytes, size: int) -> np.ndarray:
+    """``load_image`` through PIL alone: every format, and the reference the libjpeg-turbo path matches."""
+    try:
         with Image.open(io.BytesIO(data)) as img:
             limit = Image.MAX_IMAGE_PIXELS
             if limit and img.width * img.height > limit:

@@ -38,6 +38,7 @@ from faceclf.store.registry import (
     set_champion,
     sha256_bytes,
     version_key,
+    who,
     write_latest,
 )
 from faceclf.training.run import TEST_PREDICTIONS
@@ -270,7 +271,8 @@ def publish(store: Store, run_dir: Path, files: dict[str, Path], decision: Decis
     pointer = champion.pointer if champion else None
     if decision.promote and not (champion and champion.version == version):
         pointer = set_champion(store, version, sha256_bytes(files[MODEL_FILE].read_bytes()), decision.summary(),
-                               champion.version if champion else None, metrics["test"], metrics["classes"])
+                               champion.pointer if champion else None, metrics["test"], metrics["classes"],
+                               by=f"train flow (gate) on {who()}")
     return Published(version, decision.promote, uris, pointer, (run_dir / "report.md").read_text())
 
 

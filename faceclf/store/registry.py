@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,24 +114,44 @@ def champion_ref(store: Store) -> ChampionRef | None:
     return ChampionRef(pointer["version"], pointer.get("model_sha256"), tuple(classes), pointer)
 
 
-def set_champion(store: Store, version: str, model_sha256: str, reason: str, previous_version: str | None,
-                 metrics: dict[str, Any] | None = None, classes: Sequence[str] | None = None) -> dict[str, Any]:
+def who() -> str:
+    """user@host of this process: recorded with each promotion in champion.json's history."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def set_champion(store: Store, version: str, model_sha256: str, reason: str, previous: dict[str, Any] | None,
+                 metrics: dict[str, Any] | None = None, classes: Sequence[str] | None = None,
+                 by: str | None = None) -> dict[str, Any]:
     """Point champion.json at ``version`` (the last write of a promotion); return the new pointer.
 
-    ``previous_version`` is the champion it replaces, as the caller read it (None: there was none).
+    ``previous`` is the champion pointer it replaces, as the caller read it (None: there was none); its
+    ``history`` is carried over with one entry added: version, when, why and ``by`` whom (default: who()).
     """
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    by = by or who()
+    history = list((previous or {}).get("history", []))
+    history.append({"version": version, "promoted_at": now, "reason": reason, "by": by})
     pointer = {
         "version": version,
         "model_key": version_key(version, MODEL_FILE),
         "model_sha256": model_sha256,
-        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "promoted_at": now,
         "reason": reason,
-        "previous_version": previous_version,
+        "by": by,
+        "previous_version": previous["version"] if previous else None,
         "test_accuracy": (metrics or {}).get("accuracy"),
         "classes": list(classes) if classes is not None else None,
+        "history": history,
     }
     store.put_bytes(CHAMPION_KEY, (json.dumps(pointer, indent=2) + "\n").encode())
-    log.info("champion is now %s (%s)", version, reason)
+    log.info("champion is now %s (%s; by %s)", version, reason, by)
     return pointer
 
 
@@ -187,23 +208,30 @@ def list_versions(store: Store) -> list[dict[str, Any]]:
             version, name = rest.split("/", 1)
             files.setdefault(version, []).append(name)
     champion = read_champion(store)
+    ever = {h["version"] for h in (champion or {}).get("history", [])} | ({champion["version"]} if champion else set())
     rows = []
     for version in sorted(files):
         decision = {}
         if DECISION_FILE in files[version]:
             decision = json.loads(store.get_bytes(version_key(version, DECISION_FILE)))
+        accuracy = (decision.get("candidate") or {}).get("accuracy") or {}
         rows.append({
             "version": version,
             "champion": bool(champion and champion["version"] == version),
             "gate_passed": decision.get("promote"),
+            "promoted": version in ever,
             "test_accuracy": decision.get("candidate_accuracy"),
+            "test_low": accuracy.get("low"),
+            "test_high": accuracy.get("high"),
+            "test_n": accuracy.get("n"),
+            "why": decision.get("why"),
             "has_model": MODEL_FILE in files[version],
             "files": sorted(files[version]),
         })
     return rows
 
 
-def promote(store: Store, version: str, reason: str = "manual promote") -> dict[str, Any]:
+def promote(store: Store, version: str, reason: str = "manual promote", by: str | None = None) -> dict[str, Any]:
     """Make an existing version the champion (a manual rollback or roll-forward)."""
     key = version_key(version, MODEL_FILE)
     if not store.exists(key):
@@ -217,5 +245,4 @@ def promote(store: Store, version: str, reason: str = "manual promote") -> dict[
     if store.exists(version_key(version, "metrics.json")):
         saved = json.loads(store.get_bytes(version_key(version, "metrics.json")))
         metrics, classes = saved.get("test"), saved.get("classes")
-    return set_champion(store, version, sha256_bytes(data), reason, previous["version"] if previous else None,
-                        metrics, classes)
+    return set_champion(store, version, sha256_bytes(data), reason, previous, metrics, classes, by)
