@@ -91,6 +91,8 @@ MIN_NEW_IMAGES = 1                    # fewer new images than this since the las
 WARM_START = True                     # fine-tune the champion instead of training from scratch: on face-mask
                                       # nights (70% -> 100% of train), 5 warm epochs matched scratch's test
                                       # accuracy (1.000, seeds 0-2) in 0.38 of the wall time (README)
+APPROVAL_TIMEOUT_S = 12 * 3600       # with approval=true, no answer within this many seconds rejects the candidate
+                                      # (before the next night's 02:00 run)
 WARM_EPOCHS = 5                       # epochs of a warm-started night (3: 0.997, one test image lost)
 
 # Promotion gate.
@@ -367,12 +369,16 @@ class NightConfig:
     warm_start: bool = WARM_START
     warm_epochs: int = WARM_EPOCHS
     int8: bool = False                # also publish model.int8.onnx with a promoted model, where it agrees with fp32
+    approval: bool = False            # after the gate passes, wait for a person to approve before promoting
+    approval_timeout: int = APPROVAL_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.min_new_images < 0:
             raise ValueError(f"min_new_images must be >= 0, got {self.min_new_images}")
         if self.warm_epochs < 1:
             raise ValueError(f"warm_epochs must be >= 1, got {self.warm_epochs}")
+        if self.approval_timeout < 1:
+            raise ValueError(f"approval_timeout must be >= 1 second, got {self.approval_timeout}")
 
 
 @dataclass

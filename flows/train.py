@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -25,7 +28,7 @@ from faceclf.dataset.cache import CacheReport
 from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.ingest import IngestReport
 from faceclf.nightly import night, runs
-from faceclf.nightly.gate import Decision, decide
+from faceclf.nightly.gate import Decision, decide, with_approval
 from faceclf.nightly.lock import night_lock
 from faceclf.serving.export import ExportReport
 from faceclf.store.objects import open_store
@@ -36,6 +39,7 @@ from flows import notify
 from flows.common import IO_RETRIES
 
 _RUN, _GATE, _NIGHT = RunConfig(), GateConfig(), NightConfig()  # the flow's defaults are the config's
+APPROVAL_POLL_S = 2  # how often a paused night asks the server whether a person answered
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -120,6 +124,29 @@ def gate_candidate(metrics: RunMetrics, gate: GateConfig, champion: night.Champi
                   night.paired_outcomes(run.run_dir, champion))
 
 
+class Approval(RunInput):
+    """What a person answers to a paused night (Prefect UI, or `python3 -m flows.approve FLOW_RUN_ID`)."""
+
+    approve: bool
+    comment: str = ""
+
+
+def ask_approval(decision: Decision, version: str, timeout: int) -> Decision:
+    """Pause the night until a person approves or rejects the candidate (the gate has passed); no answer
+    within ``timeout`` seconds rejects it. champion.json has not moved yet."""
+    logger = get_run_logger()
+    logger.info("waiting up to %d s for a person to approve %s: %s (Prefect UI, or python3 -m flows.approve "
+                "FLOW_RUN_ID --approve/--reject --comment TEXT)", timeout, version, decision.why)
+    try:
+        answer = pause_flow_run(wait_for_input=Approval.with_initial_data(
+            description=f"Promote candidate {version}? {decision.why}", approve=False), timeout=timeout,
+            poll_interval=APPROVAL_POLL_S)
+    except FlowPauseTimeout:
+        return with_approval(decision, False, f"no approval within {timeout} s", timed_out=True)
+    logger.info("%s by a person: %s", "approved" if answer.approve else "rejected", answer.comment or "(no comment)")
+    return with_approval(decision, answer.approve, answer.comment)
+
+
 @task(cache_policy=NONE)
 def export_model(run: runs.NightRun, int8: bool) -> ExportReport:
     """ONNX export of the best checkpoint, checked and parity-tested in onnxruntime (and its int8 model)."""
@@ -170,7 +197,8 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
           allow_new_classes: bool = _NIGHT.allow_new_classes, min_new_images: int = _NIGHT.min_new_images,
           force: bool = _NIGHT.force, warm_start: bool = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs, class_weighting: str = _RUN.train.class_weighting,
           workers: int = _RUN.train.workers, ray_address: str | None = _RUN.train.ray_address,
-          int8: bool = _NIGHT.int8) -> dict[str, Any]:
+          int8: bool = _NIGHT.int8, approval: bool = _NIGHT.approval,
+          approval_timeout: int = _NIGHT.approval_timeout) -> dict[str, Any]:
     """One night: ingest new images, train a candidate, gate it against the champion, publish.
 
     ``bucket``: an S3 bucket name (default $FACECLF_BUCKET) or a local folder with the same layout.
@@ -182,6 +210,9 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     The gate: overall and per-class bars, then against the champion on the same test images: rejected when
     worse by more than ``tolerance``, significantly worse (exact McNemar p < ``alpha``) or any class worse by
     more than ``class_tolerance``; ``require_improvement`` promotes only a significantly better candidate.
+    ``approval``: once the gate passes, the night pauses until a person approves or rejects the candidate
+    (with a comment) in the Prefect UI or with `python3 -m flows.approve`; no answer within
+    ``approval_timeout`` seconds rejects it. champion.json moves only after an approval.
     A failed, crashed or rejected night sends a notification (flows/notify.py: $FACECLF_NOTIFY_URL or the
     faceclf-notify block); a night with nothing new, or a promoted one, sends none.
     ``int8`` also publishes model.int8.onnx with a promoted model, where it agrees with the fp32 model on at
@@ -189,7 +220,8 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     """
     location = night.resolve_location(bucket)
     gate = GateConfig(min_accuracy, min_class_accuracy, tolerance, alpha, class_tolerance, require_improvement)
-    night_cfg = NightConfig(min_new_images, force, allow_new_classes, warm_start, warm_epochs, int8)
+    night_cfg = NightConfig(min_new_images, force, allow_new_classes, warm_start, warm_epochs, int8, approval,
+                            approval_timeout)
     run_cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
                              conv_channels=conv_channels, learning_rate=learning_rate, class_weighting=class_weighting,
                              workers=workers, ray_address=ray_address)
@@ -211,6 +243,8 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         metrics = train_candidate(location, report.faceset, face_dir, run, cfg)
         score = rescore_champion(location, champion, report.faceset, run)
         decision = gate_candidate(metrics, gate, score, run)
+        if decision.promote and night_cfg.approval:
+            decision = ask_approval(decision, run.version, night_cfg.approval_timeout)
         exported = export_model(run, night_cfg.int8) if decision.promote else None
         result = publish(location, run, decision, metrics, night.report_counts(report.to_dict(), metrics.to_dict()),
                          champion, report.faceset)

@@ -3,6 +3,7 @@ images (exact McNemar test, per-class tolerance), every accuracy with its Wilson
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -70,6 +71,7 @@ class Decision:
     champion: dict[str, Any] | None = None      # accuracies() of the champion on the same test set
     paired: dict[str, Any] | None = None        # McNemar counts and p-value (None: nothing to pair with)
     why: str = ""
+    approval: dict[str, Any] | None = None      # a person's answer when the night asked for one
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (decision.json)."""
@@ -164,3 +166,15 @@ def decide(candidate: dict[str, Any], cfg: GateConfig, champion: dict[str, Any] 
     return Decision(not reasons, reasons, acc if _finite(acc) else None, champion_version,
                     champ_acc if _finite(champ_acc) else None, asdict(cfg), **evidence,
                     why=why(not reasons, reasons, evidence["candidate"], evidence["champion"], champion_version, paired))
+
+
+def with_approval(decision: Decision, approved: bool, comment: str, timed_out: bool = False) -> Decision:
+    """``decision`` (which passed the gate) after a person answered: promoted only if approved. A refusal or
+    no answer in time becomes the reason; the comment is kept either way."""
+    answer = {"approved": approved, "comment": comment, "timed_out": timed_out}
+    if approved:
+        note = f" Approved by a person{': ' + comment if comment else ''}."
+        return dataclasses.replace(decision, approval=answer, why=decision.why + note)
+    reason = comment if timed_out else f"rejected by a person{': ' + comment if comment else ''}"
+    return dataclasses.replace(decision, promote=False, reasons=[*decision.reasons, reason], approval=answer,
+                               why=f"Rejected because {reason} (the gate had passed).")
