@@ -17,9 +17,12 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.artifacts import (
+    create_image_artifact,
     create_link_artifact,
     create_markdown_artifact,
+    create_progress_artifact,
     create_table_artifact,
+    update_progress_artifact,
 )
 from prefect.cache_policies import NONE
 
@@ -32,7 +35,7 @@ from faceclf.nightly.gate import Decision, decide, with_approval
 from faceclf.nightly.lock import night_lock
 from faceclf.serving.export import ExportReport
 from faceclf.store.objects import open_store
-from faceclf.store.registry import ChampionRef, champion_ref, read_latest
+from faceclf.store.registry import ChampionRef, champion_ref, read_latest, version_key
 from faceclf.training.fit import TrainingDiverged, new_version
 from faceclf.training.metrics import RunMetrics
 from flows import notify
@@ -99,11 +102,20 @@ def train_candidate(location: str, faceset: FaceSet, face_dir: str, run: runs.Ni
     if run.trained:
         return RunMetrics.from_dict(runs.read_json(run.run_dir / "metrics.json"))
     config = RunConfig.from_dict(cfg)
+    progress = create_progress_artifact(0.0, key="face-training-progress", description=f"training {run.version}")
+
+    def on_epoch(epoch: int, epochs: int, row: dict[str, Any]) -> None:  # moves while training runs
+        update_progress_artifact(progress, 100.0 * (epoch + 1) / epochs,
+                                 description=f"training {run.version}: epoch {epoch + 1} of at most {epochs}, "
+                                             f"val loss {row['val_loss']}, val accuracy {row['val_accuracy']}")
+
     try:
-        return RunMetrics.from_dict(train(faceset, run.run_dir, config,
-                                          resume=run.resume and (run.run_dir / "last.pt").is_file(),
-                                          version=run.version, cache=night.open_cache(Path(face_dir), config.data),
-                                          store=open_store(location)))
+        metrics = RunMetrics.from_dict(train(faceset, run.run_dir, config,
+                                             resume=run.resume and (run.run_dir / "last.pt").is_file(),
+                                             version=run.version, cache=night.open_cache(Path(face_dir), config.data),
+                                             store=open_store(location), on_epoch=on_epoch))
+        update_progress_artifact(progress, 100.0, description=f"trained {run.version} (best epoch {metrics.best_epoch})")
+        return metrics
     except TrainingDiverged as e:  # a rejected night with its reason, not a bare failed run
         return RunMetrics.from_dict(night.record_divergence(run.run_dir, run.version, faceset, str(e)))
 
@@ -157,15 +169,17 @@ def export_model(run: runs.NightRun, int8: bool) -> ExportReport:
 def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunMetrics, data: dict[str, Any],
             champion: ChampionRef | None, faceset: FaceSet) -> night.Published:
     """Upload the version (report, decision, checkpoint, model if promoted); move champion.json last."""
-    files = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data)
-    result = night.publish(open_store(location), run.run_dir, files, decision, metrics.to_dict(), champion, faceset)
+    store = open_store(location)
+    files = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data, store)
+    result = night.publish(store, run.run_dir, files, decision, metrics.to_dict(), champion, faceset)
     runs.mark_published(run.run_dir, result.version, result.promoted)
     return result
 
 
-def publish_artifacts(result: night.Published, metrics: RunMetrics, decision: Decision,
+def publish_artifacts(location: str, result: night.Published, metrics: RunMetrics, decision: Decision,
                       champion: night.ChampionScore | None) -> None:
-    """Report (markdown), per-class accuracy (table) and a link to the model version in the bucket."""
+    """Report (markdown), per-class accuracy (table), a link to the model version in the bucket, and the
+    night's plots (images)."""
     create_markdown_artifact(result.report_md, key="face-night-report", description=decision.summary())
     champ_pc = champion.metrics.get("per_class_accuracy", {}) if champion else {}
     create_table_artifact([{"class": c, "candidate_accuracy": a, "champion_accuracy": champ_pc.get(c)}
@@ -174,6 +188,23 @@ def publish_artifacts(result: night.Published, metrics: RunMetrics, decision: De
     link = result.uris.get("model.onnx") or result.uris.get("decision.json")
     create_link_artifact(link, link_text=f"model {metrics.version}", key="face-model",
                          description="promoted model" if decision.promote else "rejected candidate's decision")
+    publish_plots(location, result)
+
+
+def publish_plots(location: str, result: night.Published) -> None:
+    """Learning curves, confusion matrix and accuracy across versions as image artifacts, from the bucket
+    (presigned links, valid 7 days); a local bucket folder, which no browser can reach, gets their paths."""
+    store = open_store(location)
+    links = {name: store.link(version_key(result.version, name)) for name in night.PLOTS if name in result.uris}
+    titles = {"history.png": "learning curves", "confusion_matrix.png": "confusion matrix (test)",
+              "versions.png": "test accuracy across the last versions"}
+    for name, url in links.items():
+        if url:
+            create_image_artifact(url, key=f"face-{name.removesuffix('.png').replace('_', '-')}",
+                                  description=f"{titles[name]}, model {result.version}")
+    if not any(links.values()):
+        create_markdown_artifact("\n".join(f"- {titles[n]}: `{result.uris[n]}`" for n in links),
+                                 key="face-plots", description=f"plots of model {result.version} (local bucket)")
 
 
 def skip_night(reason: str, report: IngestReport, champion: ChampionRef | None) -> dict[str, Any]:
@@ -248,7 +279,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         exported = export_model(run, night_cfg.int8) if decision.promote else None
         result = publish(location, run, decision, metrics, night.report_counts(report.to_dict(), metrics.to_dict()),
                          champion, report.faceset)
-    publish_artifacts(result, metrics, decision, score)
+    publish_artifacts(location, result, metrics, decision, score)
     get_run_logger().info("%s; model %s in %s", decision.summary(), run.version, location)
     if not decision.promote:
         notify.night_rejected(run.version, decision.why, location)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,10 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
     assert "**Decision: PROMOTED**" in artifacts["face-night-report"].data
     assert n1["version"] in artifacts["face-model"].data  # a link to the model in the bucket
     assert {row["class"] for row in json.loads(artifacts["face-per-class-accuracy"].data)} == {"with_mask", "without_mask"}
+    assert float(artifacts["face-training-progress"].data) == 100.0  # moved epoch by epoch, ended at 100
+    for key in ("face-history", "face-confusion-matrix", "face-versions"):  # images a browser can open
+        with urllib.request.urlopen(artifacts[key].data, timeout=30) as reply:
+            assert reply.read(8) == b"\x89PNG\r\n\x1a\n", key
     split_before = tree(tmp_path / "face")
 
     # Night 2: nothing new -> nothing downloaded, no image changes split, and the night ends after

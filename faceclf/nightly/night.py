@@ -34,6 +34,7 @@ from faceclf.store.registry import (
     MODEL_FILE,
     ChampionRef,
     fetch_champion,
+    list_versions,
     publish_version,
     set_champion,
     sha256_bytes,
@@ -41,13 +42,16 @@ from faceclf.store.registry import (
     who,
     write_latest,
 )
+from faceclf.training.plots import plot_versions
 from faceclf.training.run import TEST_PREDICTIONS
 
 log = logging.getLogger(__name__)
 
 BUCKET_ENV = "FACECLF_BUCKET"
 PUBLISHED_FILES = ("checkpoint.pt", "metrics.json", "report.md", DECISION_FILE, "history.csv", "config.json",
-                   "history.png", "confusion_matrix.png", TEST_PREDICTIONS)
+                   "history.png", "confusion_matrix.png", TEST_PREDICTIONS, "versions.png")
+PLOTS = ("history.png", "confusion_matrix.png", "versions.png")  # published; the night's image artifacts
+RECENT_VERSIONS = 20  # versions.png: tonight's candidate and the versions before it
 
 
 @dataclass(frozen=True)
@@ -245,9 +249,22 @@ def export_candidate(run_dir: Path, int8: bool = False) -> ExportReport:
     return report
 
 
-def write_night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data: dict[str, Any]) -> dict[str, Path]:
-    """Write decision.json and report.md next to the run's outputs; return every file to publish."""
+def plot_recent_versions(store: Store, run_dir: Path, version: str, decision: Decision) -> Path:
+    """run_dir/versions.png: test accuracy (with interval) of the last versions in the registry and tonight's."""
+    rows = [r for r in list_versions(store, RECENT_VERSIONS) if r["version"] != version][-(RECENT_VERSIONS - 1):]
+    accuracy = (decision.candidate or {}).get("accuracy") or {}
+    rows.append({"version": version, "test_accuracy": decision.candidate_accuracy, "test_low": accuracy.get("low"),
+                 "test_high": accuracy.get("high"), "gate_passed": decision.promote, "champion": decision.promote})
+    if decision.promote:
+        rows = [{**r, "champion": r is rows[-1]} for r in rows]
+    return plot_versions(rows, run_dir / "versions.png")
+
+
+def write_night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data: dict[str, Any],
+                      store: Store) -> dict[str, Path]:
+    """Write decision.json, report.md and versions.png next to the run's outputs; return every file to publish."""
     write_json_atomic(run_dir / DECISION_FILE, decision.to_dict())
+    plot_recent_versions(store, run_dir, metrics["version"], decision)
     report = render_report(metrics["version"], metrics["classes"], metrics, decision.to_dict(), data)
     write_text_atomic(run_dir / "report.md", report)
     files = {name: run_dir / name for name in PUBLISHED_FILES}

@@ -79,6 +79,11 @@ class Store(ABC):
     def uri(self, key: str = "") -> str:
         """Where ``key`` lives, for people and logs: s3://bucket/key or a local path."""
 
+    def link(self, key: str, expires_s: int = 7 * 24 * 3600) -> str | None:
+        """An http(s) URL a browser can fetch ``key`` from (an S3 presigned GET, valid ``expires_s``); None
+        for a store no browser can reach (a local folder)."""
+        return None
+
     def download(self, key: str, path: Path) -> None:
         """Copy an object to a local file atomically."""
         data = self.get_bytes(key)

@@ -199,8 +199,9 @@ def fetch_champion(store: Store, dest: Path, champion: ChampionRef | None = None
     return pointer, fetch_model(store, pointer["version"], dest, pointer.get("model_sha256"), "champion.json")
 
 
-def list_versions(store: Store) -> list[dict[str, Any]]:
-    """Every version, oldest first: version, files, promoted by its gate?, test accuracy, champion?"""
+def list_versions(store: Store, last: int | None = None) -> list[dict[str, Any]]:
+    """Every version (or the ``last`` ones), oldest first: version, files, gate decision, ever champion?, test
+    accuracy with its interval and n, champion now? (one listing, one decision.json read per version)"""
     files: dict[str, list[str]] = {}
     for obj in store.list(MODELS_PREFIX):
         rest = obj.key[len(MODELS_PREFIX):]
@@ -210,7 +211,7 @@ def list_versions(store: Store) -> list[dict[str, Any]]:
     champion = read_champion(store)
     ever = {h["version"] for h in (champion or {}).get("history", [])} | ({champion["version"]} if champion else set())
     rows = []
-    for version in sorted(files):
+    for version in sorted(files)[-last if last else None:]:
         decision = {}
         if DECISION_FILE in files[version]:
             decision = json.loads(store.get_bytes(version_key(version, DECISION_FILE)))

@@ -215,3 +215,9 @@ class S3Store(Store):
 
     def uri(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def link(self, key: str, expires_s: int = 7 * 24 * 3600) -> str | None:
+        """A presigned GET URL of ``key`` (on boto3's endpoint, AWS_ENDPOINT_URL included), valid ``expires_s``."""
+        with self._errors(key):
+            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                      ExpiresIn=expires_s)

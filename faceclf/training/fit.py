@@ -17,7 +17,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -109,6 +109,9 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+EpochCallback = Callable[[int, int, dict[str, Any]], None]  # (epoch, epochs at most, history row)
+
+
 class TrainingDiverged(RuntimeError):
     """Every epoch's validation loss was NaN/inf: no weights are worth keeping (history.csv shows it)."""
 
@@ -137,13 +140,15 @@ def _restore(tr: Trainer, last: dict[str, Any], generator: torch.Generator) -> N
 
 
 def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit, run_dir: Path, resume: bool = False,
-        version: str | None = None, init_state: dict[str, torch.Tensor] | None = None) -> FitResult:
+        version: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
+        on_epoch: EpochCallback | None = None) -> FitResult:
     """Train until cfg.train.epochs or until val loss has not improved for cfg.train.patience epochs.
 
     Keeps the best-val-loss weights in run_dir/checkpoint.pt and the latest state in run_dir/last.pt;
     with ``resume`` it continues from last.pt and reaches the same result as an uninterrupted run.
     ``version`` names the model (default: a new time-sortable one). ``init_state`` (weights of a model of
-    the same classes and architecture) replaces the random initialisation: a warm start.
+    the same classes and architecture) replaces the random initialisation: a warm start. ``on_epoch(epoch,
+    epochs, row)`` is called on rank 0 after each epoch with its history row (a progress display).
 
     Under torch.distributed (torchrun, Ray Train) every rank calls this with the same arguments: each
     trains on its part of every epoch, all agree on the validation figures, rank 0 alone writes files.
@@ -191,6 +196,8 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
             save_checkpoint(run_dir / "last.pt", last_payload(tr, cfg, generator, version, epoch, history,
                                                               best_val_loss, best_epoch))
             write_history(run_dir / "history.csv", history)
+        if on_epoch is not None and part.is_main:
+            on_epoch(epoch, cfg.train.epochs, row)
         bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_metrics['loss']:.4f}", val_acc=f"{val_metrics['accuracy']:.3f}")
         log.info("epoch %d: train_loss %.4f val_loss %.4f val_acc %.4f (%.1fs)", epoch, train_loss,
                  val_metrics["loss"], val_metrics["accuracy"], row["seconds"])

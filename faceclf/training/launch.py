@@ -28,7 +28,7 @@ from faceclf.dataset.discover import discover
 from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.store.objects import Store
-from faceclf.training.fit import TrainingDiverged, new_version
+from faceclf.training.fit import EpochCallback, TrainingDiverged, new_version
 from faceclf.training.loop import resolve_device
 from faceclf.training.run import resolve_run_config, train_run
 from faceclf.training.warmstart import resolve_init
@@ -62,8 +62,10 @@ def resolve_workers(workers: int, device: torch.device) -> int:
 
 def train_processes(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
                     workers: int = 1, resume: bool = False, version: str | None = None,
-                    cache: DecodedCache | None = None, store: Store | None = None) -> dict[str, Any]:
-    """``train_run`` in ``workers`` DDP processes on this machine; returns rank 0's metrics.
+                    cache: DecodedCache | None = None, store: Store | None = None,
+                    on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+    """``train_run`` in ``workers`` DDP processes on this machine; returns rank 0's metrics. ``on_epoch`` (see
+    ``fit``) is called in the single-process case only: ranks run in other processes.
 
     Without ``cache`` the images are decoded once into run_dir/decoded/ first (removed after a finished
     run). A warm start's weights are fetched here, once, not by every rank.
@@ -72,7 +74,8 @@ def train_processes(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunCon
     cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
     n = resolve_workers(cfg.train.workers if resume else workers, resolve_device(cfg.train.device))
     if n == 1:
-        return train_run(data, run_dir, cfg, resume=resume, version=version, cache=cache, store=store)
+        return train_run(data, run_dir, cfg, resume=resume, version=version, cache=cache, store=store,
+                         on_epoch=on_epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
     faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
     faceset.require_every_class()
@@ -149,7 +152,8 @@ def rank_main(faceset: FaceSet, run_dir: str, cfg_dict: dict[str, Any], resume: 
 
 
 def train(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None, resume: bool = False,
-          version: str | None = None, cache: DecodedCache | None = None, store: Store | None = None) -> dict[str, Any]:
+          version: str | None = None, cache: DecodedCache | None = None, store: Store | None = None,
+          on_epoch: EpochCallback | None = None) -> dict[str, Any]:
     """Train the way ``cfg.train`` asks: on a Ray cluster (ray_address, or $FACECLF_RAY_ADDRESS), in
     ``workers`` DDP processes here, or in this process; returns the metrics of metrics.json."""
     cfg = cfg or RunConfig()
@@ -163,4 +167,4 @@ def train(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None
         return train_on_ray(address, data, run_dir, cfg, workers=cfg.train.workers, version=version, store=store,
                             cache=cache)
     return train_processes(data, run_dir, cfg, cfg.train.workers, resume=resume, version=version, cache=cache,
-                           store=store)
+                           store=store, on_epoch=on_epoch)

@@ -54,3 +54,25 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (test)")
     return _save(fig, path)
+
+
+def plot_versions(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Test accuracy of the last model versions (oldest first) with their Wilson 95% intervals; promoted
+    versions filled, rejected ones hollow, the champion starred. ``rows``: faceclf.store.registry.list_versions'
+    rows (version, test_accuracy, test_low, test_high, gate_passed, champion)."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(rows) + 2), 3.6))
+    for i, r in enumerate(rows):
+        acc = r.get("test_accuracy")
+        if acc is None:
+            continue
+        low, high = r.get("test_low"), r.get("test_high")
+        err = [[acc - low], [high - acc]] if low is not None and high is not None else None
+        ax.errorbar(i, acc, yerr=err, fmt="o", color="tab:blue" if r.get("gate_passed") else "tab:red",
+                    mfc="tab:blue" if r.get("gate_passed") else "white", capsize=3)
+        if r.get("champion"):
+            ax.plot(i, acc, marker="*", markersize=14, color="gold", markeredgecolor="black", linestyle="none")
+    ax.set_xticks(range(len(rows)), [r["version"][:15] for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("test accuracy (95% interval)")
+    ax.set_title("test accuracy by version: filled passed the gate, hollow rejected, star: champion")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

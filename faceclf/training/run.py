@@ -33,7 +33,7 @@ from faceclf.training.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from faceclf.training.fit import fit
+from faceclf.training.fit import EpochCallback, fit
 from faceclf.training.loop import evaluate, metrics_of, predict_split, release_memory, resolve_device
 from faceclf.training.plots import plot_confusion, plot_history
 from faceclf.training.warmstart import init_weights, resolve_init
@@ -88,7 +88,7 @@ def resolve_run_config(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig
 
 def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
               resume: bool = False, version: str | None = None, cache: DecodedCache | None = None,
-              store: Store | None = None) -> dict[str, Any]:
+              store: Store | None = None, on_epoch: EpochCallback | None = None) -> dict[str, Any]:
     """Train on ``data`` into ``run_dir`` and return the metrics written to metrics.json.
 
     ``data`` is a FaceSet (the night's, from ingest) or a folder, which is hashed once into one. With
@@ -96,7 +96,7 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
     memory maps instead of being decoded into memory. ``cfg.train.init_from`` (a checkpoint file, or a model
     version of ``store``'s registry) warm-starts the run from those weights.
     With ``resume`` the run continues from run_dir/last.pt with run_dir/config.json (``cfg`` is ignored).
-    ``version`` names the model (default: a new time-sortable version).
+    ``version`` names the model (default: a new time-sortable version). ``on_epoch``: see ``fit``.
 
     Under torch.distributed every rank calls this alike; rank 0 alone writes run_dir and returns the
     metrics, the other ranks return an empty dict once training ends.
@@ -124,7 +124,7 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
     if cfg.train.init_from and not resume:
         init = init_weights(resolve_init(cfg.train.init_from, store, run_dir), classes, cfg.model)
     result = fit(cfg, classes, loaded["train"], loaded["val"], run_dir, resume=resume, version=version,
-                 init_state=init)
+                 init_state=init, on_epoch=on_epoch)
     if not part.is_main:
         return {}
     metrics = finish_run(run_dir, classes, loaded, result.best_epoch, result.device)
