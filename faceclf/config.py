@@ -85,6 +85,13 @@ INT8_MIN_AGREEMENT = 0.995            # share of validation images on which int8
 INT8_CALIBRATION_IMAGES = 512         # at most this many validation images calibrate it (and judge it)
 INT8_REDUCE_RANGE = False             # 7-bit weights: avoids u8s8 overflow on CPUs without VNNI (see README)
 
+# Drift on arrival: tonight's new images against the train split already held (faceclf.nightly.drift).
+DRIFT_CLASS_SHIFT = 0.20              # a class's share among the new images differs by more than this
+DRIFT_SIZE_KS = 0.30                  # short sides: two-sample Kolmogorov-Smirnov statistic above this
+DRIFT_BRIGHTNESS_KS = 0.30            # mean pixel value per image: KS statistic above this
+DRIFT_ACCURACY_DROP = 0.10            # champion's accuracy on the new images below its test accuracy minus this
+DRIFT_SAMPLE = 2000                   # images per side read for brightness (evenly spread)
+
 # The night.
 MIN_NEW_IMAGES = 1                    # fewer new images than this since the last published version: the night
                                       # ends after ingest (no training, no version, champion untouched)
@@ -357,6 +364,25 @@ class CacheConfig:
         for name in ("shard_images", "decode_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DriftConfig:
+    """Thresholds of the drift checks on arrival, and whether a drift stops the night before training."""
+
+    class_shift: float = DRIFT_CLASS_SHIFT
+    size_ks: float = DRIFT_SIZE_KS
+    brightness_ks: float = DRIFT_BRIGHTNESS_KS
+    accuracy_drop: float = DRIFT_ACCURACY_DROP
+    sample: int = DRIFT_SAMPLE
+    fail_on_drift: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("class_shift", "size_ks", "brightness_ks", "accuracy_drop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"drift {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.sample < 1:
+            raise ValueError(f"drift sample must be >= 1, got {self.sample}")
 
 
 @dataclass

@@ -26,11 +26,12 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
-from faceclf.config import GateConfig, NightConfig, RunConfig, with_overrides
+from faceclf.config import DriftConfig, GateConfig, NightConfig, RunConfig, with_overrides
 from faceclf.dataset.cache import CacheReport
 from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.ingest import IngestReport
 from faceclf.nightly import night, runs
+from faceclf.nightly.drift import DriftDetected, DriftReport
 from faceclf.nightly.gate import Decision, decide, with_approval
 from faceclf.nightly.lock import night_lock
 from faceclf.serving.export import ExportReport
@@ -41,7 +42,7 @@ from faceclf.training.metrics import RunMetrics
 from flows import notify
 from flows.common import IO_RETRIES
 
-_RUN, _GATE, _NIGHT = RunConfig(), GateConfig(), NightConfig()  # the flow's defaults are the config's
+_RUN, _GATE, _NIGHT, _DRIFT = RunConfig(), GateConfig(), NightConfig(), DriftConfig()  # defaults: the config's
 APPROVAL_POLL_S = 2  # how often a paused night asks the server whether a person answered
 
 
@@ -91,6 +92,14 @@ def start_run(runs_dir: str, faceset: FaceSet, cfg: dict[str, Any]) -> runs.Nigh
 def refresh_cache(location: str, face_dir: str, faceset: FaceSet, cfg: dict[str, Any]) -> CacheReport:
     """Decode the images no cache shard holds yet (or fetch the bucket's shards); mirror new shards."""
     return night.refresh_cache(open_store(location), Path(face_dir), faceset, RunConfig.from_dict(cfg).data)
+
+
+@task(cache_policy=NONE, **IO_RETRIES)
+def check_drift(location: str, report: IngestReport, face_dir: str, cfg: dict[str, Any], champion: ChampionRef | None,
+                run: runs.NightRun, drift_cfg: DriftConfig) -> DriftReport:
+    """Tonight's new images against the train split already held, and the champion on them; what moved."""
+    return night.check_drift(open_store(location), report.faceset, report.new_sha256, Path(face_dir),
+                             RunConfig.from_dict(cfg).data, champion, run.run_dir, drift_cfg)
 
 
 @task(cache_policy=NONE)
@@ -167,10 +176,10 @@ def export_model(run: runs.NightRun, int8: bool) -> ExportReport:
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunMetrics, data: dict[str, Any],
-            champion: ChampionRef | None, faceset: FaceSet) -> night.Published:
+            champion: ChampionRef | None, faceset: FaceSet, drift: DriftReport | None) -> night.Published:
     """Upload the version (report, decision, checkpoint, model if promoted); move champion.json last."""
     store = open_store(location)
-    files = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data, store)
+    files = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data, store, drift)
     result = night.publish(store, run.run_dir, files, decision, metrics.to_dict(), champion, faceset)
     runs.mark_published(run.run_dir, result.version, result.promoted)
     return result
@@ -229,7 +238,10 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
           force: bool = _NIGHT.force, warm_start: bool = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs, class_weighting: str = _RUN.train.class_weighting,
           workers: int = _RUN.train.workers, ray_address: str | None = _RUN.train.ray_address,
           int8: bool = _NIGHT.int8, approval: bool = _NIGHT.approval,
-          approval_timeout: int = _NIGHT.approval_timeout) -> dict[str, Any]:
+          approval_timeout: int = _NIGHT.approval_timeout, fail_on_drift: bool = _DRIFT.fail_on_drift,
+          drift_class_shift: float = _DRIFT.class_shift, drift_size_ks: float = _DRIFT.size_ks,
+          drift_brightness_ks: float = _DRIFT.brightness_ks,
+          drift_accuracy_drop: float = _DRIFT.accuracy_drop) -> dict[str, Any]:
     """One night: ingest new images, train a candidate, gate it against the champion, publish.
 
     ``bucket``: an S3 bucket name (default $FACECLF_BUCKET) or a local folder with the same layout.
@@ -244,6 +256,9 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     ``approval``: once the gate passes, the night pauses until a person approves or rejects the candidate
     (with a comment) in the Prefect UI or with `python3 -m flows.approve`; no answer within
     ``approval_timeout`` seconds rejects it. champion.json moves only after an approval.
+    Before training, tonight's new images are compared with the train split already held (class balance,
+    image size, brightness) and the champion is scored on them; what moved beyond the ``drift_*`` thresholds
+    is flagged in the report, and ``fail_on_drift`` stops the night before training.
     A failed, crashed or rejected night sends a notification (flows/notify.py: $FACECLF_NOTIFY_URL or the
     faceclf-notify block); a night with nothing new, or a promoted one, sends none.
     ``int8`` also publishes model.int8.onnx with a promoted model, where it agrees with the fp32 model on at
@@ -251,6 +266,8 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     """
     location = night.resolve_location(bucket)
     gate = GateConfig(min_accuracy, min_class_accuracy, tolerance, alpha, class_tolerance, require_improvement)
+    drift_cfg = DriftConfig(drift_class_shift, drift_size_ks, drift_brightness_ks, drift_accuracy_drop,
+                            fail_on_drift=fail_on_drift)
     night_cfg = NightConfig(min_new_images, force, allow_new_classes, warm_start, warm_epochs, int8, approval,
                             approval_timeout)
     run_cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
@@ -271,6 +288,9 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
                 return skip_night(reason, report, champion)
             run = start_run(runs_dir, report.faceset, cfg)
         cache = None if run.trained else refresh_cache(location, face_dir, report.faceset, cfg)
+        drift = None if run.trained else check_drift(location, report, face_dir, cfg, champion, run, drift_cfg)
+        if drift is not None and drift.flags and drift_cfg.fail_on_drift:
+            raise DriftDetected("the new images drifted (fail_on_drift=true, nothing trained): " + "; ".join(drift.flags))
         metrics = train_candidate(location, report.faceset, face_dir, run, cfg)
         score = rescore_champion(location, champion, report.faceset, run)
         decision = gate_candidate(metrics, gate, score, run)
@@ -278,7 +298,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
             decision = ask_approval(decision, run.version, night_cfg.approval_timeout)
         exported = export_model(run, night_cfg.int8) if decision.promote else None
         result = publish(location, run, decision, metrics, night.report_counts(report.to_dict(), metrics.to_dict()),
-                         champion, report.faceset)
+                         champion, report.faceset, drift)
     publish_artifacts(location, result, metrics, decision, score)
     get_run_logger().info("%s; model %s in %s", decision.summary(), run.version, location)
     if not decision.promote:

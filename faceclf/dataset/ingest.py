@@ -87,10 +87,12 @@ class IngestReport:
     manifest_rows: int = 0
     # the ingested face set, from the manifest (minus the missing files): what every later step takes
     faceset: FaceSet | None = field(default=None, repr=False, compare=False)
+    new_sha256: list[str] = field(default_factory=list, repr=False, compare=False)  # this run's new images
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-types view for JSON (the counts and rows; not the FaceSet)."""
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "faceset"}
+        """Plain-types view for JSON (the counts and rows; not the FaceSet nor the new images' digests)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ("faceset", "new_sha256")}
 
 
 @dataclass
@@ -296,6 +298,7 @@ def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None 
     make_tree(dest, report.classes)
     report.manifest_rows = len(ledger.manifest())
     report.faceset = from_manifest(ledger.manifest(), dest, missing)
+    report.new_sha256 = [r["sha256"] for r in ledger.new_rows if r.get("status", "ok") == "ok"]
     log.info("ingest %s -> %s: listed %d, new %d, skipped %d, duplicates %d, quarantined %d, failed %d, "
              "restored %d, missing %d; manifest %d rows, images per class %s", store.uri(INCOMING.rstrip("/")), dest,
              report.listed, report.new, report.skipped, report.duplicates, report.quarantined, report.failed,

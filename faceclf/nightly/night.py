@@ -17,15 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faceclf.config import CacheConfig, DataConfig, RunConfig, with_overrides
+import numpy as np
+
+from faceclf.config import CacheConfig, DataConfig, DriftConfig, RunConfig, with_overrides
 from faceclf.dataset.cache import CacheReport, DecodedCache, cache_folder, update_cache
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess
+from faceclf.nightly.drift import DriftReport, measure, spread
+from faceclf.nightly.drift import markdown as drift_markdown
 from faceclf.nightly.gate import Decision
 from faceclf.nightly.report import render_report
 from faceclf.nightly.stats import McNemar, mcnemar
 from faceclf.serving.export import ExportReport, export_onnx
-from faceclf.serving.score import evaluate_onnx_per_image
+from faceclf.serving.score import accuracy_on, evaluate_onnx_per_image
 from faceclf.store.atomic import write_json_atomic, write_text_atomic
 from faceclf.store.objects import Store
 from faceclf.store.registry import (
@@ -48,8 +52,9 @@ from faceclf.training.run import TEST_PREDICTIONS
 log = logging.getLogger(__name__)
 
 BUCKET_ENV = "FACECLF_BUCKET"
+DRIFT_FILE = "drift.json"  # the drift checks of a night (faceclf.nightly.drift), published with the version
 PUBLISHED_FILES = ("checkpoint.pt", "metrics.json", "report.md", DECISION_FILE, "history.csv", "config.json",
-                   "history.png", "confusion_matrix.png", TEST_PREDICTIONS, "versions.png")
+                   "history.png", "confusion_matrix.png", TEST_PREDICTIONS, "versions.png", DRIFT_FILE)
 PLOTS = ("history.png", "confusion_matrix.png", "versions.png")  # published; the night's image artifacts
 RECENT_VERSIONS = 20  # versions.png: tonight's candidate and the versions before it
 
@@ -197,6 +202,22 @@ def record_divergence(run_dir: Path, version: str, faceset: FaceSet, reason: str
     return metrics
 
 
+def check_drift(store: Store, faceset: FaceSet, new_sha256: list[str], face_dir: Path, data: DataConfig,
+                champion: ChampionRef | None, run_dir: Path, cfg: DriftConfig) -> DriftReport:
+    """Tonight's new images against the train split already held (faceclf.nightly.drift), and the champion's
+    accuracy on them (at most ``cfg.sample``, evenly spread) against its own test accuracy; run_dir/drift.json."""
+    champion_new = None
+    if champion is not None and new_sha256:
+        fresh = spread(faceset.images.take(np.isin(faceset.images.sha256s, np.array(new_sha256, dtype="S64"))),
+                       cfg.sample)
+        _, path = fetch_champion(store, run_dir / "champion.onnx", champion)
+        champion_new = accuracy_on(path, [faceset.file(i) for i in fresh], [i.label for i in fresh])
+    report = measure(faceset, new_sha256, open_cache(face_dir, data), cfg, champion_new,
+                     champion.pointer.get("test_accuracy") if champion else None)
+    write_json_atomic(run_dir / DRIFT_FILE, report.to_dict())
+    return report
+
+
 def rescore_champion(store: Store, champion: ChampionRef | None, faceset: FaceSet, work_dir: Path) -> ChampionScore | None:
     """Download the champion (sha256-checked) and measure it on tonight's test split.
 
@@ -261,11 +282,14 @@ def plot_recent_versions(store: Store, run_dir: Path, version: str, decision: De
 
 
 def write_night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data: dict[str, Any],
-                      store: Store) -> dict[str, Path]:
-    """Write decision.json, report.md and versions.png next to the run's outputs; return every file to publish."""
+                      store: Store, drift: DriftReport | None = None) -> dict[str, Path]:
+    """Write decision.json, report.md (with the drift checks, when they ran) and versions.png next to the run's
+    outputs; return every file to publish."""
     write_json_atomic(run_dir / DECISION_FILE, decision.to_dict())
     plot_recent_versions(store, run_dir, metrics["version"], decision)
     report = render_report(metrics["version"], metrics["classes"], metrics, decision.to_dict(), data)
+    if drift is not None:
+        report += "\n" + drift_markdown(drift)
     write_text_atomic(run_dir / "report.md", report)
     files = {name: run_dir / name for name in PUBLISHED_FILES}
     if decision.promote:

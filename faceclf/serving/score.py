@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -160,6 +161,31 @@ def evaluate_onnx(model_path: str | os.PathLike[str], data: FaceSet | str | os.P
     return evaluate_onnx_per_image(model_path, data, cfg, expected_sha256)[0]
 
 
+def predict_files(model: OnnxModel, paths: Sequence[Path], labels: Sequence[int],
+                  cfg: ScoreConfig) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(log-probabilities (K, C), labels (K,), positions in ``paths``) of the files that decode."""
+    from faceclf.dataset.tensors import decode_images
+
+    images, ok, _ = decode_images(paths, model.preprocess, cfg.decode_workers, desc=f"decode ({model.version})")
+    y = np.asarray([labels[i] for i in ok], dtype=np.int64)
+    nhwc = images.permute(0, 2, 3, 1).numpy()  # (K, S, S, 3)
+    log_probs = np.concatenate([predict_log_proba(model, nhwc[i:i + cfg.batch_size])
+                                for i in range(0, len(nhwc), cfg.batch_size)]) if len(nhwc) else np.empty((0, len(model.classes)))
+    return log_probs, y, ok
+
+
+def accuracy_on(model_path: str | os.PathLike[str], paths: Sequence[Path], labels: Sequence[str],
+                cfg: ScoreConfig | None = None, expected_sha256: str | None = None) -> float | None:
+    """Share of ``paths`` (labelled ``labels``, class names) the model classifies right; None when none decodes
+    or a label is a class the model does not know."""
+    cfg = cfg or ScoreConfig()
+    model = load_onnx_model(model_path, cfg.device, expected_sha256)
+    if set(labels) - set(model.classes):
+        return None
+    log_probs, y, _ = predict_files(model, paths, [model.classes.index(c) for c in labels], cfg)
+    return float(np.mean(log_probs.argmax(1) == y)) if len(y) else None
+
+
 def evaluate_onnx_per_image(model_path: str | os.PathLike[str], data: FaceSet | str | os.PathLike[str],
                             cfg: ScoreConfig | None = None,
                             expected_sha256: str | None = None) -> tuple[dict, dict[str, str]]:
@@ -167,17 +193,12 @@ def evaluate_onnx_per_image(model_path: str | os.PathLike[str], data: FaceSet | 
     (the gate pairs them with the candidate's, image by image)."""
     import torch
 
-    from faceclf.dataset.tensors import decode_images
     from faceclf.training.metrics import summarize
 
     cfg = cfg or ScoreConfig()
     model = load_onnx_model(model_path, cfg.device, expected_sha256)
     paths, labels = labelled_files(data, model.classes, model.version)
-    images, ok, _ = decode_images(paths, model.preprocess, cfg.decode_workers, desc="decode (champion)")
-    y = np.asarray([labels[i] for i in ok], dtype=np.int64)
-    nhwc = images.permute(0, 2, 3, 1).numpy()  # (N, S, S, 3)
-    log_probs = np.concatenate([predict_log_proba(model, nhwc[i:i + cfg.batch_size])
-                                for i in range(0, len(nhwc), cfg.batch_size)]) if len(nhwc) else np.empty((0, len(model.classes)))
+    log_probs, y, ok = predict_files(model, paths, labels, cfg)
     if not len(y):
         log.warning("no decodable images of classes %s in %s: empty metrics (n=0, accuracy NaN)", model.classes, data)
     loss_sum = float(-log_probs[np.arange(len(y)), y].sum()) if len(y) else 0.0
