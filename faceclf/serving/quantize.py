@@ -167,7 +167,7 @@ def folder_files(folder: str | os.PathLike[str]) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"calibration folder {str(folder)!r} does not exist or is not a folder")
-    files = sorted(p for d in [folder, *sorted(x for x in folder.rglob("*") if x.is_dir())] for p in list_images(d))
+    files = list_images(folder)
     if not files:
         raise FileNotFoundError(f"calibration folder {str(folder)!r} holds no images")
     return files
