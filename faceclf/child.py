@@ -1,8 +1,8 @@
 """One function call in a fresh spawned process: its result or its exception back here, or how it died.
 
-A night's process keeps the heap that ingest and decoding grew with the face set (glibc does not hand all
-of it back). Work that must not carry that heap (decoding a large set, training) runs through
-``run_in_child``: a new interpreter, so its memory starts from the same size whatever came before.
+A process keeps most of the heap a step grew (glibc does not hand all of it back). Steps whose heap grows
+with the face set (the night's ingest, decoding a large set) run through ``run_in_child``: their heap
+leaves with the child, and the night's process stays the size it was.
 """
 
 from __future__ import annotations

@@ -45,8 +45,10 @@ def fetch_model(location: str, version: str | None, work: str, int8: bool = Fals
         if pointer is None:
             raise ValueError(f"no champion in {store.uri(registry.CHAMPION_KEY)}: run the train flow first or pass version=")
         version = pointer["version"]
-        path = registry.fetch_model(store, version, dest, *(() if int8 else (pointer.get("model_sha256"),
-                                                                           "champion.json")), name=name)
+        if int8:  # champion.json holds the fp32 model's sha256; the int8 file is checked against sha256.json
+            path = registry.fetch_model(store, version, dest, name=name)
+        else:
+            path = registry.fetch_model(store, version, dest, pointer.get("model_sha256"), "champion.json")
     else:
         path = registry.fetch_model(store, version, dest, name=name)
     return FetchedModel(version, Path(path), registry.sha256_bytes(Path(path).read_bytes()))

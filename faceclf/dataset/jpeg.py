@@ -17,7 +17,7 @@ from PIL import Image
 
 try:
     import simplejpeg
-except ImportError:  # an optional speed-up: PIL decodes everything without it
+except ImportError:  # a dependency; on a platform without its wheel, PIL decodes everything
     simplejpeg = None
 
 _JPEG_MAGIC = b"\xff\xd8\xff"

@@ -7,7 +7,7 @@
 
 Each check is flagged when it moves past its threshold (``DriftConfig``); the report lists every figure and
 the flags, and the night stops before training when ``fail_on_drift`` is set. At most
-``DriftConfig.sample`` images of each side are read for brightness (a seeded, even spread).
+``DriftConfig.sample`` images of each side are read for brightness (evenly spread over the index).
 """
 
 from __future__ import annotations
@@ -86,10 +86,15 @@ def class_shares(faceset: FaceSet, images: ImageIndex) -> np.ndarray:
     return counts / max(counts.sum(), 1.0)
 
 
+def new_mask(faceset: FaceSet, new: Sequence[str]) -> np.ndarray:
+    """bool (N,): which of the FaceSet's images have a sha256 in ``new``."""
+    return np.isin(faceset.images.sha256s, np.array(sorted(new), dtype="S64"))
+
+
 def measure(faceset: FaceSet, new: Sequence[str], cache: DecodedCache | None, cfg: DriftConfig,
             champion_new: float | None = None, champion_test: float | None = None) -> DriftReport:
     """Compare the images of ``faceset`` whose sha256 is in ``new`` with its train split's other images."""
-    is_new = np.isin(faceset.images.sha256s, np.array(sorted(new), dtype="S64"))
+    is_new = new_mask(faceset, new)
     fresh = faceset.images.take(is_new)
     reference = faceset.images.take(~is_new & faceset.images.split_mask("train"))
     report = DriftReport(len(fresh), len(reference), champion_accuracy_new=champion_new,

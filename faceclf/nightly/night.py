@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from faceclf.config import CacheConfig, DataConfig, DriftConfig, RunConfig, with_overrides
 from faceclf.dataset.cache import CacheReport, DecodedCache, cache_folder, update_cache
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess
-from faceclf.nightly.drift import DriftReport, measure, spread
+from faceclf.nightly.drift import DriftReport, measure, new_mask, spread
 from faceclf.nightly.drift import markdown as drift_markdown
 from faceclf.nightly.gate import Decision
 from faceclf.nightly.report import render_report
@@ -208,8 +206,7 @@ def check_drift(store: Store, faceset: FaceSet, new_sha256: list[str], face_dir:
     accuracy on them (at most ``cfg.sample``, evenly spread) against its own test accuracy; run_dir/drift.json."""
     champion_new = None
     if champion is not None and new_sha256:
-        fresh = spread(faceset.images.take(np.isin(faceset.images.sha256s, np.array(new_sha256, dtype="S64"))),
-                       cfg.sample)
+        fresh = spread(faceset.images.take(new_mask(faceset, new_sha256)), cfg.sample)
         _, path = fetch_champion(store, run_dir / "champion.onnx", champion)
         champion_new = accuracy_on(path, [faceset.file(i) for i in fresh], [i.label for i in fresh])
     report = measure(faceset, new_sha256, open_cache(face_dir, data), cfg, champion_new,

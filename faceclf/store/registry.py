@@ -178,10 +178,13 @@ def fetch_model(store: Store, version: str, dest: Path, expected_sha256: str | N
     """Download ``version``'s model.onnx (or its file ``name``, e.g. model.int8.onnx) to ``dest``, refusing it
     if its sha256 is not the recorded one."""
     key = version_key(version, name)
-    if name != MODEL_FILE and not store.exists(key):
+    try:
+        data = store.get_bytes(key)
+    except FileNotFoundError:
+        if name == MODEL_FILE:
+            raise
         raise FileNotFoundError(f"model version {version} has no {name} in {store.uri(key)}: train with int8=true "
-                                "(or `faceclf export --int8`) to make one")
-    data = store.get_bytes(key)
+                                "(or `faceclf export --int8`) to make one") from None
     verify_bytes(store, version, name, data, expected_sha256, expected_by)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
