@@ -109,10 +109,14 @@ class MemorySampler(threading.Thread):
         self._lock, self._halt = threading.Lock(), threading.Event()
 
     def sample(self) -> None:
+        """Read the process tree once and count it in the stage that was running when the reading began (a
+        reading taken late in one stage, while its child process still ran, must not land in the next)."""
+        with self._lock:
+            stage = self.stage
         s = proc_status()
         s["ProcAnon"], s["TreeAnon"] = tree_anon()
         with self._lock:
-            mine = self.peak.setdefault(self.stage, {"RssAnon": 0, "RssFile": 0, "ProcAnon": 0, "TreeAnon": 0})
+            mine = self.peak.setdefault(stage, {"RssAnon": 0, "RssFile": 0, "ProcAnon": 0, "TreeAnon": 0})
             for key in mine:
                 mine[key] = max(mine[key], s.get(key, 0))
 
