@@ -254,7 +254,7 @@ def predict_log_probs(model: nn.Module, images_u8: torch.Tensor, preset: Preproc
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
         x = normalize(images_u8[idx].to(device), preset)
-        out[start:start + len(idx)] = model(x.contiguous(memory_format=layout)).float()
+        out[start:start + len(idx)] = model(x.contiguous(memory_format=layout)).float().cpu()  # no copy on the CPU
     return out
 
 
