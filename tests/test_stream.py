@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,7 @@ def test_ray_data_scoring_gives_the_single_machine_predictions(onnx_model: Path,
     upload(bucket, files)
     s3_client().put_object(Bucket=bucket, Key="to-score/without_mask/zz-broken.png", Body=b"not a png")
     here = score(onnx_model, [f"s3://{bucket}/to-score/"], f"s3://{bucket}/predictions/here/", CPU)
+    model_folders = set(Path(tempfile.gettempdir()).glob("faceclf-ray-model-*"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         cfg = ScoreConfig(device="cpu", part_rows=8, batch_size=4, ray_address="local", ray_chunk=10)
@@ -165,6 +167,7 @@ def test_ray_data_scoring_gives_the_single_machine_predictions(onnx_model: Path,
     finally:
         ray.shutdown()
     assert (on_ray.images, on_ray.errors) == (here.images, here.errors) == (25, 1)
+    assert set(Path(tempfile.gettempdir()).glob("faceclf-ray-model-*")) == model_folders  # actors leave no model copy
     a, b = s3_rows(bucket, "predictions/here/predictions.csv"), s3_rows(bucket, "predictions/ray/predictions.csv")
     assert [r["path"] for r in a] == [r["path"] for r in b]
     assert [(r["predicted_class"], r["error"]) for r in a] == [(r["predicted_class"], r["error"]) for r in b]

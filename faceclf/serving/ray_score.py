@@ -54,10 +54,12 @@ class OnnxScorer:
     def __init__(self, model_bytes: bytes, sha256: str, device: str):
         from faceclf.serving.score import load_onnx_model
 
-        self.folder = tempfile.mkdtemp(prefix="faceclf-ray-model-")
-        path = Path(self.folder) / "model.onnx"
-        path.write_bytes(model_bytes)
-        self.model = load_onnx_model(path, device, expected_sha256=sha256)
+        # The session holds the weights once built, so the file goes with its folder right away (an actor
+        # pool per chunk of keys left a model-sized folder in /tmp per actor before).
+        with tempfile.TemporaryDirectory(prefix="faceclf-ray-model-") as folder:
+            path = Path(folder) / "model.onnx"
+            path.write_bytes(model_bytes)
+            self.model = load_onnx_model(path, device, expected_sha256=sha256)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
