@@ -101,9 +101,9 @@ def normalize_nchw(pixels: torch.Tensor, ckpt: dict) -> torch.Tensor:
 
 def _pick(files: list[Path], k: int | None) -> list[Path]:
     """k files evenly spaced over the sorted list (both classes kept), or all of them."""
-    if not k or k >= len(files):
-        return files
-    return [files[round(i * (len(files) - 1) / (k - 1))] for i in range(k)]
+    from faceclf.dataset.faceset import evenly_spread
+
+    return [files[i] for i in evenly_spread(len(files), k)] if k else files
 
 
 def int8_variant(ckpt_path: Path, onnx_path: Path) -> tuple[Path, str]:

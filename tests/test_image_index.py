@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from faceclf.dataset.faceset import FaceImage, ImageIndex
+from faceclf.dataset.faceset import FaceImage, ImageIndex, evenly_spread
 
 
 def _images(n: int) -> list[FaceImage]:
@@ -37,3 +37,9 @@ def test_take_of_a_take_and_a_slice() -> None:
     assert list(index.take(np.arange(3, 17)).take(np.array([1, 2, 10]))) == [items[4], items[5], items[13]]
     assert list(index[5:9]) == items[5:9]
     assert list(ImageIndex([]).take(np.array([], dtype=np.int64))) == []
+
+
+@pytest.mark.parametrize("n, k, expected", [(10, 3, [0, 4, 9]), (5, 5, [0, 1, 2, 3, 4]), (3, 8, [0, 1, 2]),
+                                            (7, 1, [0]), (0, 4, [])])
+def test_evenly_spread_spans_first_to_last(n: int, k: int, expected: list[int]) -> None:
+    assert evenly_spread(n, k).tolist() == expected

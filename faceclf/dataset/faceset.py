@@ -157,6 +157,14 @@ class ImageIndex(Sequence[FaceImage]):
         return f"<{len(self)} images>"
 
 
+def evenly_spread(n: int, k: int) -> np.ndarray:
+    """int64 positions of at most ``k`` of ``n`` items, evenly spread from the first to the last
+    (deterministic: the same sample every time, spanning a sorted list's whole range)."""
+    if n <= k:
+        return np.arange(n, dtype=np.int64)
+    return np.linspace(0, n - 1, k).round().astype(np.int64)
+
+
 def _codes(values: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
     """(sorted distinct values, uint16 code of each value): a column of a few distinct strings."""
     vocab = tuple(sorted(set(values)))

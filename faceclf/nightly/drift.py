@@ -20,7 +20,7 @@ import numpy as np
 
 from faceclf.config import DriftConfig
 from faceclf.dataset.cache import DecodedCache
-from faceclf.dataset.faceset import FaceSet, ImageIndex
+from faceclf.dataset.faceset import FaceSet, ImageIndex, evenly_spread
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,7 @@ def ks_statistic(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def spread(index: ImageIndex, k: int) -> ImageIndex:
     """At most ``k`` of ``index``'s images, evenly spread (deterministic)."""
-    if len(index) <= k:
-        return index
-    return index.take(np.linspace(0, len(index) - 1, k).round().astype(np.int64))
+    return index if len(index) <= k else index.take(evenly_spread(len(index), k))
 
 
 def brightness(cache: DecodedCache, images: ImageIndex) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from faceclf.config import Int8Config
+from faceclf.dataset.faceset import evenly_spread
 from faceclf.dataset.layout import list_images
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import decode_images
@@ -82,9 +83,8 @@ def validation_files(checkpoint: str | os.PathLike[str]) -> list[Path]:
 
 def calibration_images(files: Sequence[Path], preset: Preprocess, limit: int, workers: int) -> np.ndarray:
     """uint8 (N, S, S, 3) of at most ``limit`` of ``files`` (evenly spread over the sorted list)."""
-    chosen = sorted(files)
-    if len(chosen) > limit:
-        chosen = [chosen[round(i * (len(chosen) - 1) / (limit - 1))] for i in range(limit)]
+    ordered = sorted(files)
+    chosen = [ordered[k] for k in evenly_spread(len(ordered), limit)]
     images, _, _ = decode_images(chosen, preset, workers, desc="decode (calibration)")
     if not len(images):
         raise QuantizationRefused("none of the calibration images decoded: nothing to calibrate or judge by")
