@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from faceclf.store.objects import LocalStore, Store, open_store, safe_key
+from faceclf.store.registry import MODEL_FILE, fetch_model, sha256_bytes, version_key
 from faceclf.store.s3 import S3Store, s3_client
 
 
@@ -54,3 +55,17 @@ def test_unsafe_keys_are_refused(key: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         LocalStore(tmp_path).put_bytes(key, b"x")
     assert not any(tmp_path.parent.glob("passwd"))
+
+
+def test_fetch_model_keeps_a_verified_copy_and_replaces_a_wrong_one(store: Store, tmp_path: Path) -> None:
+    data = b"an onnx model's bytes"
+    store.put_bytes(version_key("v1", MODEL_FILE), data)
+    dest = tmp_path / "run" / "champion.onnx"
+    assert fetch_model(store, "v1", dest, sha256_bytes(data)).read_bytes() == data
+    store.delete(version_key("v1", MODEL_FILE))  # a second fetch of the same model must not need the store
+    assert fetch_model(store, "v1", dest, sha256_bytes(data)).read_bytes() == data
+    dest.write_bytes(data[:5])  # a torn or stale copy is not kept: it is fetched again (here: gone, so an error)
+    with pytest.raises(FileNotFoundError):
+        fetch_model(store, "v1", dest, sha256_bytes(data))
+    store.put_bytes(version_key("v1", MODEL_FILE), data)
+    assert fetch_model(store, "v1", dest, sha256_bytes(data)).read_bytes() == data

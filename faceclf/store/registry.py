@@ -176,7 +176,10 @@ def verify_bytes(store: Store, version: str, name: str, data: bytes, expected_sh
 def fetch_model(store: Store, version: str, dest: Path, expected_sha256: str | None = None,
                 expected_by: str = "the registry", name: str = MODEL_FILE) -> Path:
     """Download ``version``'s model.onnx (or its file ``name``, e.g. model.int8.onnx) to ``dest``, refusing it
-    if its sha256 is not the recorded one."""
+    if its sha256 is not the recorded one. A file already at ``dest`` with the recorded sha256 is kept instead of
+    downloaded again (a night's drift check and its champion re-score share one copy)."""
+    if expected_sha256 and dest.is_file() and sha256_bytes(dest.read_bytes()) == expected_sha256:
+        return dest
     key = version_key(version, name)
     try:
         data = store.get_bytes(key)
