@@ -138,6 +138,13 @@ def auto_image_size(median_short_side: float, conv_blocks: int) -> int:
     return max(16, step, int(min(AUTO_MAX_SIZE, median_short_side)) // step * step)
 
 
+def require_at_least(cfg: Any, minimum: float, *names: str) -> None:
+    """ValueError naming the first of the fields ``names`` of ``cfg`` whose value is below ``minimum``."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(cfg, name)}")
+
+
 def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """(train, val, test) shares as floats; ValueError unless three non-negative numbers summing to 1."""
     values = tuple(float(f) for f in fractions)
@@ -229,9 +236,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers (--nproc-per-node) must be >= 1, got {self.workers}")
-        for name in ("epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "epochs", "batch_size", "patience")
         if self.device not in DEVICES:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.class_weighting not in CLASS_WEIGHTINGS:
@@ -254,10 +259,8 @@ class ScoreConfig:
     device: str = option("auto", "auto: the CUDA provider only where a GPU is present", choices=DEVICES)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "decode_workers", "prefetch_batches", "fetch_workers", "part_rows", "ray_actors",
-                     "ray_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "batch_size", "decode_workers", "prefetch_batches", "fetch_workers", "part_rows",
+                         "ray_actors", "ray_chunk")
 
 
 @dataclass
@@ -321,9 +324,7 @@ class IngestConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= S3_POOL:
             raise ValueError(f"workers must be in [1, {S3_POOL}] (the S3 connection pool), got {self.workers}")
-        for name in ("max_bytes", "min_side", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "max_bytes", "min_side", "max_pixels")
         if self.max_side < self.min_side:
             raise ValueError(f"max_side must be >= min_side ({self.min_side}), got {self.max_side}")
         self.allowed_formats = tuple(f.upper() for f in self.allowed_formats)
@@ -345,9 +346,7 @@ class Int8Config:
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_agreement <= 1.0:
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
-        for name in ("calibration_images", "batch_size"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+        require_at_least(self, 2, "calibration_images", "batch_size")
 
 
 @dataclass
@@ -359,11 +358,8 @@ class CacheConfig:
     decode_in_child_above: int = DECODE_IN_CHILD_ABOVE
 
     def __post_init__(self) -> None:
-        if self.decode_in_child_above < 0:
-            raise ValueError(f"decode_in_child_above must be >= 0, got {self.decode_in_child_above}")
-        for name in ("shard_images", "decode_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 0, "decode_in_child_above")
+        require_at_least(self, 1, "shard_images", "decode_workers")
 
 
 @dataclass
@@ -423,8 +419,6 @@ class GateConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
-        for name in ("tolerance", "class_tolerance"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, 0, "tolerance", "class_tolerance")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
