@@ -21,7 +21,11 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Exact at the edges, and never excluding p: in floating point centre + half at n/n lands about 1e-16
+    # below 1.0 for 119 of n = 1..399 (a negative error bar), and centre - half at 0/n a hair above 0.
+    low = 0.0 if successes <= 0 else min(p, max(0.0, centre - half))
+    high = 1.0 if successes >= n else max(p, min(1.0, centre + half))
+    return low, high
 
 
 def binom_cdf(k: int, n: int) -> float:
