@@ -48,12 +48,20 @@ def sha256_file(path: Path) -> str:
 def split_of(sha256: str, fractions: Sequence[float]) -> str:
     """Assign a split from the content hash alone, so it never changes between runs or nights.
 
-    The first 64 bits of the hash, read as a number in [0, 1), are cut at the cumulative fractions.
+    The first 64 bits of the hash, h, read as h / 2**64 in [0, 1), are cut at the cumulative fractions; the
+    comparison is exact (an int against a float times 2**64), and a split whose fraction is 0 gets no image:
+    what lies above the last cut (fractions may sum to 1 within 1e-6) goes to the last split with a share.
+    Before issue 22, h / 2**64 was rounded to a float first, so a prefix within 2**-54 of 1 read as 1.0 and
+    landed in test even with test's fraction 0 ((1, 0, 0) put ffff... in test), as did anything above a sum a
+    hair below 1; any other image keeps its split (only a prefix within ~2**-53 of a cut can move).
     """
-    u = int(sha256[:16], 16) / 2**64
-    train, val, _ = fractions
-    if u < train:
+    train, val, test = fractions
+    h = int(sha256[:16], 16)
+    if h < train * 2**64:
         return "train"
-    if u < train + val:
+    if h < (train + val) * 2**64:
         return "val"
-    return "test"
+    for split, share in (("test", test), ("val", val), ("train", train)):
+        if share > 0:  # the rest goes to the last split that has a share
+            return split
+    raise ValueError(f"split fractions {tuple(fractions)} give no split a share (expected three summing to 1)")

@@ -1,0 +1,321 @@
+"""Property-based tests (hypothesis) of the small maths the gate and the split stand on (issue 22): the Wilson
+interval, the exact McNemar test, the content-hash split, evenly_spread, and the promotion gate's decision."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from faceclf.config import GateConfig
+from faceclf.dataset.faceset import evenly_spread
+from faceclf.dataset.layout import SPLITS, split_of
+from faceclf.nightly.gate import decide, gate_failures
+from faceclf.nightly.stats import binom_cdf, mcnemar, wilson
+from test_gate import scored
+
+FEW = settings(deadline=None, max_examples=60)
+MANY = settings(deadline=None, max_examples=150)
+
+
+# --- Wilson interval ---
+
+@st.composite
+def counts(draw: st.DrawFn, max_n: int = 3000) -> tuple[int, int]:
+    """(k, n) with 0 <= k <= n, 1 <= n <= max_n."""
+    n = draw(st.integers(1, max_n))
+    return draw(st.integers(0, n)), n
+
+
+def width(k: int, n: int) -> float:
+    low, high = wilson(k, n)
+    return high - low
+
+
+@MANY
+@given(counts())
+def test_wilson_contains_p_inside_0_1_and_is_exact_at_the_edges(kn: tuple[int, int]) -> None:
+    """0 <= low <= k/n <= high <= 1, low is exactly 0 at k = 0 and high exactly 1 at k = n."""
+    k, n = kn
+    low, high = wilson(k, n)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+    assert (low == 0.0) if k == 0 else (low > 0.0)
+    assert (high == 1.0) if k == n else (high < 1.0)
+
+
+def test_wilson_of_n_over_n_is_exactly_1_and_of_nothing_is_none() -> None:
+    """Regression: wilson(n, n)'s high was 1 - 1e-16 for 119 of n = 1..399 (a negative error bar); n = 0 -> None."""
+    assert [n for n in range(1, 400) if wilson(n, n)[1] != 1.0] == []
+    assert [n for n in range(1, 400) if wilson(0, n)[0] != 0.0] == []
+    assert wilson(0, 0) is None
+
+
+@MANY
+@given(counts())
+def test_wilson_is_symmetric_in_successes_and_failures(kn: tuple[int, int]) -> None:
+    """wilson(n - k, n) == (1 - high, 1 - low) of wilson(k, n)."""
+    k, n = kn
+    low, high = wilson(k, n)
+    assert wilson(n - k, n) == (pytest.approx(1 - high, abs=1e-12), pytest.approx(1 - low, abs=1e-12))
+
+
+@MANY
+@given(counts(max_n=1000))
+def test_wilson_narrows_as_n_grows_at_fixed_p(kn: tuple[int, int]) -> None:
+    """Four times the images at the same proportion never gives a wider interval."""
+    k, n = kn
+    assert width(k, n) >= width(4 * k, 4 * n)
+
+
+@MANY
+@given(counts())
+def test_wilson_bounds_rise_with_successes(kn: tuple[int, int]) -> None:
+    """At fixed n, one more success never lowers either bound."""
+    k, n = kn
+    assume(k < n)
+    (low, high), (low1, high1) = wilson(k, n), wilson(k + 1, n)
+    assert low <= low1 and high <= high1
+
+
+# --- McNemar and the binomial ---
+
+pairs = st.lists(st.tuples(st.booleans(), st.booleans()), max_size=300)
+
+
+def p_of(b: int, c: int) -> float:
+    """McNemar p-value of b candidate-only and c champion-only images (no concordant ones)."""
+    return mcnemar([True] * b + [False] * c, [False] * b + [True] * c).p_value
+
+
+@MANY
+@given(pairs)
+def test_mcnemar_is_symmetric_and_its_counts_add_up(outcomes: list[tuple[bool, bool]]) -> None:
+    """Swapping the models swaps the discordant counts and keeps the p-value; the four counts sum to n."""
+    cand, champ = [a for a, _ in outcomes], [b for _, b in outcomes]
+    m, swapped = mcnemar(cand, champ), mcnemar(champ, cand)
+    assert (swapped.candidate_only, swapped.champion_only) == (m.champion_only, m.candidate_only)
+    assert (swapped.both, swapped.neither, swapped.p_value) == (m.both, m.neither, m.p_value)
+    assert m.n == len(outcomes) and min(m.candidate_only, m.champion_only, m.both, m.neither) >= 0
+    assert 0.0 <= m.p_value <= 1.0
+    assert m.both == sum(a and b for a, b in outcomes) and m.candidate_only == sum(a and not b for a, b in outcomes)
+
+
+@MANY
+@given(st.lists(st.booleans(), max_size=300))
+def test_identical_outcomes_are_never_significant(right: list[bool]) -> None:
+    """A model compared with itself has no discordant images and p = 1."""
+    m = mcnemar(right, list(right))
+    assert m.discordant == 0 and m.p_value == 1.0
+
+
+@MANY
+@given(st.integers(0, 150), st.integers(0, 150), st.integers(0, 100), st.integers(0, 100), st.randoms())
+def test_mcnemar_p_depends_only_on_the_discordant_counts(b: int, c: int, both: int, neither: int,
+                                                         rnd: random.Random) -> None:
+    """Concordant images and the order of the images do not move the p-value."""
+    rows = [(True, False)] * b + [(False, True)] * c + [(True, True)] * both + [(False, False)] * neither
+    rnd.shuffle(rows)
+    m = mcnemar([a for a, _ in rows], [x for _, x in rows])
+    assert (m.candidate_only, m.champion_only, m.both, m.neither) == (b, c, both, neither)
+    assert m.p_value == p_of(b, c)
+
+
+@MANY
+@given(st.integers(1, 200), st.data())
+def test_mcnemar_p_falls_as_the_split_of_discordant_images_gets_more_lopsided(m: int, data: st.DataObject) -> None:
+    """With b + c fixed, moving one discordant image from the smaller side to the larger never raises p."""
+    b = data.draw(st.integers(m // 2, m - 1))  # b >= c, or (m odd) one short of it: then the two are mirrors
+    assert p_of(b + 1, m - b - 1) <= p_of(b, m - b)
+
+
+def test_mcnemar_rejects_outcomes_of_different_lengths() -> None:
+    """Unpaired outcome lists raise a ValueError naming both lengths."""
+    with pytest.raises(ValueError, match="3 vs 2"):
+        mcnemar([True, False, True], [True, False])
+
+
+@MANY
+@given(st.integers(0, 80), st.data())
+def test_binom_cdf_equals_the_direct_sum_of_the_pmf(n: int, data: st.DataObject) -> None:
+    """binom_cdf(k, n) is the correctly rounded sum of C(n, i) / 2**n over i <= k (0 below 0, 1 from n on)."""
+    k = data.draw(st.integers(-3, n + 3))
+    exact = sum((Fraction(math.comb(n, i), 2 ** n) for i in range(0, min(k, n) + 1)), Fraction(0))
+    assert binom_cdf(k, n) == float(exact)
+
+
+# --- content-hash split ---
+
+@st.composite
+def fractions(draw: st.DrawFn) -> tuple[float, float, float]:
+    """(train, val, test), each >= 0, summing to 1 up to float rounding: weights or drawn floats."""
+    if draw(st.booleans()):
+        w = draw(st.tuples(*[st.integers(0, 20)] * 3).filter(lambda t: sum(t) > 0))
+        return w[0] / sum(w), w[1] / sum(w), w[2] / sum(w)
+    train = draw(st.floats(0.0, 1.0))
+    val = draw(st.floats(0.0, 1.0 - train))
+    return train, val, 1.0 - train - val
+
+
+def prefix_hash(prefix: int) -> str:
+    """A sha256 hex digest whose first 64 bits are ``prefix``."""
+    return f"{prefix:016x}" + "0" * 48
+
+
+hex_digests = st.text("0123456789abcdef", min_size=64, max_size=64)
+
+
+@MANY
+@given(hex_digests, fractions(), st.text("0123456789abcdef", min_size=48, max_size=48))
+def test_split_of_is_deterministic_and_reads_only_the_first_64_bits(sha: str, f: tuple[float, float, float],
+                                                                    tail: str) -> None:
+    """The same hash always gets the same split, one of train/val/test, whatever its last 192 bits."""
+    split = split_of(sha, f)
+    assert split in SPLITS and split == split_of(sha, f) == split_of(sha[:16] + tail, f)
+
+
+@FEW
+@given(fractions(), st.integers(1, 3000))
+def test_split_of_follows_the_fractions_on_evenly_spread_hashes(f: tuple[float, float, float], n: int) -> None:
+    """Over n evenly spaced 64-bit prefixes each split holds fraction * n images, within 1.
+
+    Split s gets the prefixes in [cut_before, cut_after) * 2**64; with prefixes i * 2**64 // n that is
+    ceil(cut_after * n) - ceil(cut_before * n) of them, less than 1 away from share * n; 1e-9 covers the
+    float rounding of the cumulative cuts (about n * 2**-52)."""
+    got = [split_of(prefix_hash(i * 2 ** 64 // n), f) for i in range(n)]
+    for split, share in zip(SPLITS, f):
+        assert abs(got.count(split) - share * n) <= 1 + 1e-9, (split, share, got.count(split))
+
+
+@MANY
+@given(st.integers(0, 2), st.integers(1, 20), st.integers(1, 20), st.floats(0.0, 1e-6),
+       st.lists(st.integers(0, 2 ** 64 - 1), min_size=1, max_size=50))
+def test_a_split_with_fraction_0_gets_no_image(zero: int, a: int, b: int, short: float, prefixes: list[int]) -> None:
+    """Not even a prefix next to 2**64, nor one above a sum a hair (<= 1e-6, which config allows) below 1."""
+    shares = [a / (a + b) * (1 - short), b / (a + b) * (1 - short)]
+    shares.insert(zero, 0.0)
+    f = (shares[0], shares[1], shares[2])
+    for prefix in [*prefixes, 0, 2 ** 64 - 1, 2 ** 64 - 2 ** 10]:
+        assert split_of(prefix_hash(prefix), f) != SPLITS[zero], (prefix, f)
+
+
+# --- evenly_spread ---
+
+@MANY
+@given(st.integers(0, 100_000), st.integers(0, 3000))
+def test_evenly_spread_picks_min_n_k_sorted_distinct_positions_first_to_last(n: int, k: int) -> None:
+    """min(n, k) strictly increasing int64 positions in [0, n), from 0 to n - 1 when k >= 2, each nearest its ideal."""
+    pos = evenly_spread(n, k)
+    assert pos.dtype == np.int64 and len(pos) == min(n, k)
+    assert (np.diff(pos) > 0).all() and (len(pos) == 0 or (pos[0] >= 0 and pos[-1] < n))
+    assert np.array_equal(pos, evenly_spread(n, k))
+    if n >= 1 and k >= 2:
+        assert pos[0] == 0 and pos[-1] == n - 1
+    if n >= 1 and k == 1:
+        assert pos.tolist() == [0]
+    if n > k >= 2:  # evenly: each position is the nearest integer to its share of the way from 0 to n - 1
+        ideal = np.arange(k) * (n - 1) / (k - 1)
+        assert np.abs(pos - ideal).max() <= 0.5 + 1e-9 and np.ptp(np.diff(pos)) <= 1
+
+
+# --- the promotion gate ---
+
+gate_configs = st.builds(GateConfig, min_accuracy=st.floats(0.0, 1.0), min_class_accuracy=st.floats(0.0, 1.0),
+                         tolerance=st.floats(0.0, 1.0), alpha=st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
+                         class_tolerance=st.floats(0.0, 1.0), require_improvement=st.booleans())
+# (candidate right, champion right, true class) per test image
+images = st.lists(st.tuples(st.booleans(), st.booleans(), st.integers(0, 1)), min_size=1, max_size=200)
+
+
+def worse(reasons: list[str]) -> list[str]:
+    """The reasons that say the candidate is worse than the champion."""
+    return [r for r in reasons if "worse" in r]
+
+
+@MANY
+@given(images, gate_configs)
+def test_a_candidate_identical_to_the_champion_is_never_worse(rows: list[tuple[bool, bool, int]],
+                                                              cfg: GateConfig) -> None:
+    """Same per-image outcomes as the champion: no 'worse' reason, whatever the tolerances (>= 0)."""
+    right, labels = [r for r, _, _ in rows], [y for _, _, y in rows]
+    cand, champ = scored(right, right, labels)
+    d = decide(cand, cfg, champ, "v1", mcnemar(right, right))
+    assert worse(d.reasons) == [], d.reasons
+
+
+@MANY
+@given(images, gate_configs)
+def test_require_improvement_never_promotes_a_copy_of_the_champion(rows: list[tuple[bool, bool, int]],
+                                                                   cfg: GateConfig) -> None:
+    """With require_improvement, a candidate identical to the champion is rejected as not better."""
+    right, labels = [r for r, _, _ in rows], [y for _, _, y in rows]
+    cand, champ = scored(right, right, labels)
+    d = decide(cand, replace(cfg, require_improvement=True), champ, "v1", mcnemar(right, right))
+    assert not d.promote and any("not significantly better" in r for r in d.reasons), d.reasons
+
+
+@MANY
+@given(images, gate_configs, st.data())
+def test_a_candidate_right_wherever_the_champion_is_right_is_never_worse(rows: list[tuple[bool, bool, int]],
+                                                                         cfg: GateConfig, data: st.DataObject) -> None:
+    """Dominating the champion image by image: no 'worse' reason; promoted when it clears the absolute bars."""
+    champ_right, labels = [c for _, c, _ in rows], [y for _, _, y in rows]
+    cand_right = [a or c for a, c, _ in rows]
+    cand, champ = scored(cand_right, champ_right, labels)
+    assume(len(set(labels)) == 2)  # a one-class test set is rejected for that, not for being worse
+    per_class = min(cand["per_class_accuracy"].values())
+    bars = replace(cfg, min_accuracy=data.draw(st.floats(0.0, cand["accuracy"])),
+                   min_class_accuracy=data.draw(st.floats(0.0, per_class)), require_improvement=False)
+    assert gate_failures(cand, bars.min_accuracy, bars.min_class_accuracy) == []
+    assert worse(decide(cand, cfg, champ, "v1", mcnemar(cand_right, champ_right)).reasons) == []
+    d = decide(cand, bars, champ, "v1", mcnemar(cand_right, champ_right))
+    assert d.promote and d.reasons == [], d.reasons
+
+
+odd_numbers = st.sampled_from([math.nan, math.inf, None])
+
+
+@st.composite
+def candidate_and_champion(draw: st.DrawFn) -> tuple[dict, dict | None, object]:
+    """Scored metrics from drawn outcomes, with numbers sometimes NaN/None, the champion and pairing optional."""
+    rows = draw(images)
+    cand_right, champ_right, labels = ([r[i] for r in rows] for i in range(3))
+    cand, champ = scored(cand_right, champ_right, labels)
+    for key in ("accuracy", "loss"):
+        if draw(st.booleans()):
+            cand[key] = draw(odd_numbers)
+        if draw(st.booleans()):
+            champ[key] = draw(odd_numbers)
+    if draw(st.booleans()):
+        cand["per_class_accuracy"]["with_mask"] = draw(odd_numbers)
+    if draw(st.integers(0, 9)) == 0:
+        cand["diverged"] = "no finite val loss"
+    paired = mcnemar(cand_right, champ_right) if draw(st.booleans()) else None
+    return cand, (champ if draw(st.booleans()) else None), paired
+
+
+@MANY
+@given(candidate_and_champion(), gate_configs)
+def test_promote_exactly_when_there_is_no_reason(case: tuple[dict, dict | None, object], cfg: GateConfig) -> None:
+    """decide's promote is True iff its reasons are empty, and its summary and why say the same."""
+    cand, champ, paired = case
+    d = decide(cand, cfg, champ, "v1" if champ else None, paired)  # type: ignore[arg-type]
+    assert d.promote == (d.reasons == [])
+    assert d.summary().startswith("promoted" if d.promote else "rejected")
+    assert d.why.startswith("Promoted" if d.promote else "Rejected")
+
+
+@MANY
+@given(candidate_and_champion(), gate_configs)
+def test_nan_accuracy_never_promotes(case: tuple[dict, dict | None, object], cfg: GateConfig) -> None:
+    """A candidate whose accuracy is NaN is rejected, even with every bar at 0 and the tolerances at their widest."""
+    cand, champ, paired = case
+    cand["accuracy"] = math.nan
+    for gate in (cfg, GateConfig(min_accuracy=0.0, min_class_accuracy=0.0, tolerance=1.0, class_tolerance=1.0)):
+        d = decide(cand, gate, champ, "v1" if champ else None, paired)  # type: ignore[arg-type]
+        assert not d.promote and d.candidate_accuracy is None
