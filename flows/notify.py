@@ -8,7 +8,8 @@ Where the message goes, first found wins:
       python3 -m flows.notify https://hooks.example.com/faceclf       (deployments/prefect.yaml names it)
       saves: a Custom Webhook block posting {"title": ..., "message": ...} as JSON.
 Neither set: the night says so in its log and goes on. A night with nothing new, or a promoted one, sends
-nothing. A notification that cannot be delivered is logged; it never fails the night.
+nothing. A notification that cannot be delivered never fails the night: a rejected night's becomes a warning at
+the top of its report.md, a failed night's is logged.
 """
 
 from __future__ import annotations
@@ -41,16 +42,22 @@ def notifier() -> Any | None:
         return None
 
 
+def deliver(subject: str, body: str) -> bool:
+    """Send one notification; True if it was handed to a notifier, False when none is configured (logged). A
+    notifier that fails raises: the night's informing steps turn that into a warning in its report."""
+    block = notifier()
+    if block is None:
+        log.info("no notifier (set %s, or save the block %r with `python3 -m flows.notify URL`): %s",
+                 URL_ENV, os.environ.get(BLOCK_ENV, DEFAULT_BLOCK), subject)
+        return False
+    block.notify(body, subject=subject)
+    return True
+
+
 def send(subject: str, body: str) -> bool:
-    """Send one notification; True if it was handed to a notifier. Failures are logged, never raised."""
+    """``deliver``, for a flow state hook (nothing to report to): failures are logged, never raised."""
     try:
-        block = notifier()
-        if block is None:
-            log.info("no notifier (set %s, or save the block %r with `python3 -m flows.notify URL`): %s",
-                     URL_ENV, os.environ.get(BLOCK_ENV, DEFAULT_BLOCK), subject)
-            return False
-        block.notify(body, subject=subject)
-        return True
+        return deliver(subject, body)
     except Exception as e:  # noqa: BLE001 - a notification must never turn a night's outcome into another
         log.warning("could not send the notification %r: %s", subject, e)
         return False
@@ -65,8 +72,8 @@ def on_night_failed(flow: Any, flow_run: Any, state: Any) -> None:
 
 
 def night_rejected(version: str, why: str, bucket: str) -> bool:
-    """A night that trained a candidate and did not promote it."""
-    return send(f"faceclf night rejected: {version}", f"{why}\nbucket: {bucket}. The champion is unchanged.")
+    """A night that trained a candidate and did not promote it (a failed delivery raises: see ``deliver``)."""
+    return deliver(f"faceclf night rejected: {version}", f"{why}\nbucket: {bucket}. The champion is unchanged.")
 
 
 def save_block(url: str, name: str = BLOCK_NAME, allow_private_urls: bool = False) -> str:

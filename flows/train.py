@@ -30,6 +30,7 @@ from faceclf.config import DriftConfig, GateConfig, NightConfig, RunConfig, with
 from faceclf.dataset.cache import CacheReport
 from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.ingest import IngestReport
+from faceclf.inform import Warnings, with_warnings
 from faceclf.nightly import night, runs
 from faceclf.nightly.drift import DriftDetected, DriftReport
 from faceclf.nightly.gate import Decision, decide, with_approval
@@ -52,6 +53,13 @@ def ingest_images(location: str, face_dir: str) -> IngestReport:
     from faceclf.dataset.ingest import ingest_in_child
 
     return ingest_in_child(location, Path(face_dir))  # its manifest heap stays out of the night's process
+
+
+@task(cache_policy=NONE, **IO_RETRIES)
+def finish_publish(location: str, runs_dir: str) -> str | None:
+    """Finish the publish a killed night left half done (champion.json, then latest.json), on whichever worker
+    it ran; the version it finished, or None."""
+    return night.finish_unfinished_publish(open_store(location), Path(runs_dir))
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -111,22 +119,28 @@ def train_candidate(location: str, faceset: FaceSet, face_dir: str, run: runs.Ni
     if run.trained:
         return RunMetrics.from_dict(runs.read_json(run.run_dir / "metrics.json"))
     config = RunConfig.from_dict(cfg)
-    progress = create_progress_artifact(0.0, key="face-training-progress", description=f"training {run.version}")
+    progress = Warnings()  # the progress artifact only informs: it never stops training
+    artifact = progress.attempt("training progress artifact", create_progress_artifact, 0.0,
+                                key="face-training-progress", description=f"training {run.version}")
 
     def on_epoch(epoch: int, epochs: int, row: dict[str, Any]) -> None:  # moves while training runs
-        update_progress_artifact(progress, 100.0 * (epoch + 1) / epochs,
-                                 description=f"training {run.version}: epoch {epoch + 1} of at most {epochs}, "
-                                             f"val loss {row['val_loss']}, val accuracy {row['val_accuracy']}")
+        if artifact is not None:
+            progress.attempt("training progress artifact", update_progress_artifact, artifact,
+                             100.0 * (epoch + 1) / epochs,
+                             description=f"training {run.version}: epoch {epoch + 1} of at most {epochs}, "
+                                         f"val loss {row['val_loss']}, val accuracy {row['val_accuracy']}")
 
     try:
         metrics = RunMetrics.from_dict(train(faceset, run.run_dir, config,
                                              resume=run.resume and (run.run_dir / "last.pt").is_file(),
                                              version=run.version, cache=night.open_cache(Path(face_dir), config.data),
                                              store=open_store(location), on_epoch=on_epoch))
-        update_progress_artifact(progress, 100.0, description=f"trained {run.version} (best epoch {metrics.best_epoch})")
-        return metrics
     except TrainingDiverged as e:  # a rejected night with its reason, not a bare failed run
         return RunMetrics.from_dict(night.record_divergence(run.run_dir, run.version, faceset, str(e)))
+    if artifact is not None:
+        progress.attempt("training progress artifact", update_progress_artifact, artifact, 100.0,
+                         description=f"trained {run.version} (best epoch {metrics.best_epoch})")
+    return dataclasses.replace(metrics, warnings=[*metrics.warnings, *progress.items])
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -176,54 +190,77 @@ def export_model(run: runs.NightRun, int8: bool) -> ExportReport:
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunMetrics, data: dict[str, Any],
-            champion: ChampionRef | None, faceset: FaceSet, drift: DriftReport | None) -> night.Published:
-    """Upload the version (report, decision, checkpoint, model if promoted); move champion.json last."""
+            champion: ChampionRef | None, faceset: FaceSet, drift: DriftReport | None,
+            warnings: list[str]) -> night.Published:
+    """Upload the version (report, decision, checkpoint, model if promoted); move champion.json, then latest.json.
+    ``warnings``: the informing steps that failed so far, for the top of report.md."""
     store = open_store(location)
-    files = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data, store, drift)
+    informed = Warnings(warnings)
+    files, body = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data, store, drift, informed)
     result = night.publish(store, run.run_dir, files, decision, metrics.to_dict(), champion, faceset)
     runs.mark_published(run.run_dir, result.version, result.promoted)
-    return result
+    return dataclasses.replace(result, report_body=body, warnings=informed.items)
+
+
+@task(cache_policy=NONE, **IO_RETRIES)
+def amend_report(location: str, run: runs.NightRun, result: night.Published, warnings: list[str]) -> str:
+    """Publish report.md again with the warnings that came after it (artifacts, notification)."""
+    return night.amend_report(open_store(location), run.run_dir, result, Warnings(warnings))
 
 
 def publish_artifacts(location: str, result: night.Published, metrics: RunMetrics, decision: Decision,
-                      champion: night.ChampionScore | None) -> None:
-    """Report (markdown), per-class accuracy (table), a link to the model version in the bucket, and the
-    night's plots (images)."""
-    create_markdown_artifact(result.report_md, key="face-night-report", description=decision.summary())
+                      champion: night.ChampionScore | None, warnings: Warnings) -> None:
+    """Per-class accuracy (table), a link to the model version in the bucket, the night's plots (images), the
+    rejection notification, and last the report (markdown, with every warning so far). Each only informs: a
+    failure joins ``warnings``."""
     champ_pc = champion.metrics.get("per_class_accuracy", {}) if champion else {}
-    create_table_artifact([{"class": c, "candidate_accuracy": a, "champion_accuracy": champ_pc.get(c)}
-                           for c, a in metrics.test["per_class_accuracy"].items()],
-                          key="face-per-class-accuracy", description="test accuracy per class")
+    warnings.attempt("per-class accuracy table artifact", create_table_artifact,
+                     [{"class": c, "candidate_accuracy": a, "champion_accuracy": champ_pc.get(c)}
+                      for c, a in metrics.test["per_class_accuracy"].items()],
+                     key="face-per-class-accuracy", description="test accuracy per class")
     link = result.uris.get("model.onnx") or result.uris.get("decision.json")
-    create_link_artifact(link, link_text=f"model {metrics.version}", key="face-model",
-                         description="promoted model" if decision.promote else "rejected candidate's decision")
-    publish_plots(location, result)
+    warnings.attempt("model link artifact", create_link_artifact, link, link_text=f"model {metrics.version}",
+                     key="face-model",
+                     description="promoted model" if decision.promote else "rejected candidate's decision")
+    publish_plots(location, result, warnings)
+    if not decision.promote:
+        warnings.attempt("rejection notification", notify.night_rejected, metrics.version, decision.why, location)
+    warnings.attempt("night report artifact", create_markdown_artifact,
+                     with_warnings(result.report_body, warnings.items) if result.report_body else result.report_md,
+                     key="face-night-report", description=decision.summary())
 
 
-def publish_plots(location: str, result: night.Published) -> None:
+def publish_plots(location: str, result: night.Published, warnings: Warnings) -> None:
     """Learning curves, confusion matrix and accuracy across versions as image artifacts, from the bucket
     (presigned links, valid 7 days); a local bucket folder, which no browser can reach, gets their paths."""
     store = open_store(location)
-    links = {name: store.link(version_key(result.version, name)) for name in night.PLOTS if name in result.uris}
     titles = {"history.png": "learning curves", "confusion_matrix.png": "confusion matrix (test)",
               "versions.png": "test accuracy across the last versions"}
+    links = {name: warnings.attempt(f"presigned link to {name}", store.link, version_key(result.version, name))
+             for name in night.PLOTS if name in result.uris}
     for name, url in links.items():
         if url:
-            create_image_artifact(url, key=f"face-{name.removesuffix('.png').replace('_', '-')}",
-                                  description=f"{titles[name]}, model {result.version}")
-    if not any(links.values()):
-        create_markdown_artifact("\n".join(f"- {titles[n]}: `{result.uris[n]}`" for n in links),
-                                 key="face-plots", description=f"plots of model {result.version} (local bucket)")
+            warnings.attempt(f"{titles[name]} image artifact", create_image_artifact, url,
+                             key=f"face-{name.removesuffix('.png').replace('_', '-')}",
+                             description=f"{titles[name]}, model {result.version}")
+    if links and not any(links.values()):
+        warnings.attempt("plot paths artifact", create_markdown_artifact,
+                         "\n".join(f"- {titles[n]}: `{result.uris[n]}`" for n in links),
+                         key="face-plots", description=f"plots of model {result.version} (local bucket)")
 
 
-def skip_night(reason: str, report: IngestReport, champion: ChampionRef | None) -> dict[str, Any]:
-    """End a night after ingest: say so in the log and the report artifact; nothing is trained or published."""
-    create_markdown_artifact(night.skipped_report(reason, report.to_dict(), champion), key="face-night-report",
-                             description=reason)
+def skip_night(reason: str, report: IngestReport, champion: ChampionRef | None,
+               finished: str | None) -> dict[str, Any]:
+    """End a night after ingest: say so in the log and the report artifact; nothing is trained or published.
+    ``finished``: the version of a half-done publish this night finished first (None: there was none)."""
+    informed = Warnings()
+    informed.attempt("night report artifact", create_markdown_artifact,
+                     night.skipped_report(reason, report.to_dict(), champion), key="face-night-report",
+                     description=reason)
     get_run_logger().info("%s; champion %s unchanged", reason, champion.version if champion else "none")
     return {"version": None, "promoted": False, "skipped": True, "reasons": [reason], "test_accuracy": None,
             "ingest": report.to_dict(), "uris": {}, "champion": champion.pointer if champion else None,
-            "resumed": False}
+            "resumed": False, "finished_publish": finished, "warnings": informed.items}
 
 
 @flow(name="train", log_prints=True, on_failure=[notify.on_night_failed], on_crashed=[notify.on_night_failed])
@@ -273,7 +310,9 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     run_cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
                              conv_channels=conv_channels, learning_rate=learning_rate, class_weighting=class_weighting,
                              workers=workers, ray_address=ray_address)
+    informed = Warnings()  # the informing steps that failed: warnings atop report.md, never a failed night
     with night_lock(Path(face_dir)):  # one night at a time on this face/ folder
+        finished = finish_publish(location, runs_dir)
         report = ingest_images(location, face_dir)
         champion = read_champion(location)
         check_data(report.faceset, champion, night_cfg.allow_new_classes)
@@ -285,12 +324,16 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         if run is None:
             reason = nothing_new(location, report.faceset, night_cfg)
             if reason:
-                return skip_night(reason, report, champion)
+                return skip_night(reason, report, champion, finished)
             run = start_run(runs_dir, report.faceset, cfg)
         cache = None if run.trained else refresh_cache(location, face_dir, report.faceset, cfg)
-        drift = None if run.trained else check_drift(location, report, face_dir, cfg, champion, run, drift_cfg)
-        if drift is not None and drift.flags and drift_cfg.fail_on_drift:
-            raise DriftDetected("the new images drifted (fail_on_drift=true, nothing trained): " + "; ".join(drift.flags))
+        drift = None
+        if not run.trained and drift_cfg.fail_on_drift:  # then the drift check decides: its failure fails the night
+            drift = check_drift(location, report, face_dir, cfg, champion, run, drift_cfg)
+            if drift.flags:
+                raise DriftDetected("the new images drifted (fail_on_drift=true, nothing trained): " + "; ".join(drift.flags))
+        elif not run.trained:
+            drift = informed.attempt("drift check", check_drift, location, report, face_dir, cfg, champion, run, drift_cfg)
         metrics = train_candidate(location, report.faceset, face_dir, run, cfg)
         score = rescore_champion(location, champion, report.faceset, run)
         decision = gate_candidate(metrics, gate, score, run)
@@ -298,16 +341,22 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
             decision = ask_approval(decision, run.version, night_cfg.approval_timeout)
         exported = export_model(run, night_cfg.int8) if decision.promote else None
         result = publish(location, run, decision, metrics, night.report_counts(report.to_dict(), metrics.to_dict()),
-                         champion, report.faceset, drift)
-    publish_artifacts(location, result, metrics, decision, score)
-    get_run_logger().info("%s; model %s in %s", decision.summary(), run.version, location)
-    if not decision.promote:
-        notify.night_rejected(run.version, decision.why, location)
+                         champion, report.faceset, drift, [*informed.items, *metrics.warnings])
+    informed = Warnings(result.warnings)
+    publish_artifacts(location, result, metrics, decision, score, informed)
+    if informed.items != result.warnings:  # report.md went up before these: publish it again with them
+        informed.attempt("amending report.md with the later warnings", amend_report, location, run, result,
+                         informed.items)
+    logger = get_run_logger()
+    logger.info("%s; model %s in %s", decision.summary(), run.version, location)
+    if informed.items:
+        logger.warning("the night went on past %d failed informing step(s): %s", len(informed.items),
+                       "; ".join(informed.items))
     return {"version": run.version, "promoted": decision.promote, "reasons": decision.reasons,
             "test_accuracy": metrics.test["accuracy"], "ingest": report.to_dict(), "uris": result.uris,
             "champion": result.champion, "resumed": run.resume, "skipped": False,
             "decoded_cache": dataclasses.asdict(cache) if cache else None,
-            "int8": exported.int8 if exported else None}
+            "int8": exported.int8 if exported else None, "finished_publish": finished, "warnings": informed.items}
 
 
 if __name__ == "__main__":

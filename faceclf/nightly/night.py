@@ -21,9 +21,11 @@ from faceclf.config import CacheConfig, DataConfig, DriftConfig, RunConfig, with
 from faceclf.dataset.cache import CacheReport, DecodedCache, cache_folder, update_cache
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess
+from faceclf.inform import Warnings, with_warnings
 from faceclf.nightly.drift import DriftReport, measure, new_mask, spread
 from faceclf.nightly.drift import markdown as drift_markdown
 from faceclf.nightly.gate import Decision
+from faceclf.nightly import runs
 from faceclf.nightly.report import render_report
 from faceclf.nightly.stats import McNemar, mcnemar
 from faceclf.serving.export import ExportReport, export_onnx
@@ -35,14 +37,16 @@ from faceclf.store.registry import (
     INT8_MODEL_FILE,
     MODEL_FILE,
     ChampionRef,
+    PublishRecord,
+    begin_publish,
     fetch_champion,
+    finish_publish,
     list_versions,
     publish_version,
-    set_champion,
     sha256_bytes,
+    unfinished_publish,
     version_key,
     who,
-    write_latest,
 )
 from faceclf.training.plots import plot_versions
 from faceclf.training.run import TEST_PREDICTIONS
@@ -68,13 +72,17 @@ class ChampionScore:
 
 @dataclass(frozen=True)
 class Published:
-    """What publishing a night did: the version's URIs, whether it was promoted, the pointer after it."""
+    """What publishing a night did: the version's URIs, whether it was promoted, the pointer after it, its
+    report (``report_md`` as published; ``report_body`` without the warnings block) and the informing steps
+    that failed so far (``warnings``)."""
 
     version: str
     promoted: bool
     uris: dict[str, str]
     champion: dict[str, Any] | None
     report_md: str
+    report_body: str = ""
+    warnings: list[str] = field(default_factory=list)
 
 
 def resolve_location(bucket: str | None) -> str:
@@ -279,39 +287,64 @@ def plot_recent_versions(store: Store, run_dir: Path, version: str, decision: De
 
 
 def write_night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data: dict[str, Any],
-                      store: Store, drift: DriftReport | None = None) -> dict[str, Path]:
-    """Write decision.json, report.md (with the drift checks, when they ran) and versions.png next to the run's
-    outputs; return every file to publish."""
+                      store: Store, drift: DriftReport | None = None,
+                      warnings: Warnings | None = None) -> tuple[dict[str, Path], str]:
+    """Write decision.json, versions.png and report.md (with the drift checks, when they ran, and a block of
+    ``warnings`` under its title) next to the run's outputs; return every file to publish and the report
+    without its warnings block. The versions plot and the drift section only inform: their failures join
+    ``warnings``."""
+    warnings = warnings if warnings is not None else Warnings()
     write_json_atomic(run_dir / DECISION_FILE, decision.to_dict())
-    plot_recent_versions(store, run_dir, metrics["version"], decision)
-    report = render_report(metrics["version"], metrics["classes"], metrics, decision.to_dict(), data)
+    warnings.attempt("versions plot (versions.png)", plot_recent_versions, store, run_dir, metrics["version"], decision)
+    body = render_report(metrics["version"], metrics["classes"], metrics, decision.to_dict(), data)
     if drift is not None:
-        report += "\n" + drift_markdown(drift)
-    write_text_atomic(run_dir / "report.md", report)
+        body += "\n" + (warnings.attempt("drift section of the report", drift_markdown, drift) or "")
+    write_text_atomic(run_dir / "report.md", with_warnings(body, warnings.items))
     files = {name: run_dir / name for name in PUBLISHED_FILES}
     if decision.promote:
         files[MODEL_FILE] = run_dir / MODEL_FILE
         files[INT8_MODEL_FILE] = run_dir / INT8_MODEL_FILE  # kept below only where export wrote one
-    return {k: v for k, v in files.items() if v.is_file()}
+    return {k: v for k, v in files.items() if v.is_file()}, body
 
 
 def publish(store: Store, run_dir: Path, files: dict[str, Path], decision: Decision, metrics: dict[str, Any],
             champion: ChampionRef | None, faceset: FaceSet) -> Published:
-    """Upload the version's files and record it as the latest (with the FaceSet it was trained on), then
-    (only if promoted) move champion.json to it, last.
-
-    ``champion`` is the pointer read at the start of the night: a rerun of a night that was killed
-    after promoting finds itself already champion and does not promote twice.
-    """
+    """Publish the night as one idempotent step: upload the version's files, record the publish
+    (publishing.json), then move champion.json (only if promoted) and write latest.json, in that order
+    (faceclf.store.registry.finish_publish). Killed anywhere after the record, the next night finishes it."""
     version = metrics["version"]
     uris = publish_version(store, version, files)
-    write_latest(store, version, decision.promote, len(faceset.images), faceset.fingerprint())
-    pointer = champion.pointer if champion else None
-    if decision.promote and not (champion and champion.version == version):
-        pointer = set_champion(store, version, sha256_bytes(files[MODEL_FILE].read_bytes()), decision.summary(),
-                               champion.pointer if champion else None, metrics["test"], metrics["classes"],
-                               by=f"train flow (gate) on {who()}")
+    record = PublishRecord(version, decision.promote,
+                           sha256_bytes(files[MODEL_FILE].read_bytes()) if decision.promote else None,
+                           decision.summary(), champion.version if champion else None, metrics["test"],
+                           list(metrics["classes"]), f"train flow (gate) on {who()}", len(faceset.images),
+                           faceset.fingerprint())
+    begin_publish(store, record)
+    pointer = finish_publish(store, record)
     return Published(version, decision.promote, uris, pointer, (run_dir / "report.md").read_text())
+
+
+def finish_unfinished_publish(store: Store, runs_dir: Path) -> str | None:
+    """Finish the publish a killed night left half done (champion.json, latest.json), whichever worker it ran
+    on, and mark its run folder published if this worker has it; the version finished, or None."""
+    record = unfinished_publish(store)
+    if record is None:
+        return None
+    log.warning("finishing the publish of version %s, which a night left unfinished (%s)", record.version,
+                "promoted" if record.promote else "rejected")
+    finish_publish(store, record)
+    if (runs_dir / record.version / runs.NIGHT_FILE).is_file():
+        runs.mark_published(runs_dir / record.version, record.version, record.promote)
+    return record.version
+
+
+def amend_report(store: Store, run_dir: Path, published: Published, warnings: Warnings) -> str:
+    """Rewrite the version's report.md with every warning of the night (some came after it was first
+    published: the Prefect artifacts, the notification); the report as amended."""
+    report = with_warnings(published.report_body, warnings.items)
+    write_text_atomic(run_dir / "report.md", report)
+    publish_version(store, published.version, {"report.md": run_dir / "report.md"})
+    return report
 
 
 def report_counts(ingest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

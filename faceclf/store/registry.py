@@ -1,7 +1,10 @@
 """The model registry in a Store: models/face/<version>/ files and the champion.json pointer.
 
-A version's files are uploaded first; champion.json is rewritten last (one atomic PUT), so a night
-that dies half-way leaves the old champion serving. Versions sort by time (20261123T021500Z-3fa2c1).
+Publishing a night is one idempotent step, in this order: the version's files (and their sha256.json), then
+publishing.json (what the rest of the publish needs), then champion.json (if promoted), then latest.json. A night
+killed anywhere in it leaves the old champion serving; once publishing.json is written, the next night
+(``unfinished_publish`` / ``finish_publish``), on any worker, finishes it before anything else. Versions sort by
+time (20261123T021500Z-3fa2c1).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 MODELS_PREFIX = "models/face/"
 CHAMPION_KEY = MODELS_PREFIX + "champion.json"
 LATEST_KEY = MODELS_PREFIX + "latest.json"   # the last published version (promoted or not) and its data
+PUBLISHING_KEY = MODELS_PREFIX + "publishing.json"  # the publish under way (or the last one): a PublishRecord
 MODEL_FILE = "model.onnx"
 INT8_MODEL_FILE = "model.int8.onnx"   # the optional int8 model (`faceclf export --int8`, night int8=true)
 DECISION_FILE = "decision.json"
@@ -92,6 +96,60 @@ def read_latest(store: Store) -> dict[str, Any] | None:
         return json.loads(store.get_bytes(LATEST_KEY))
     except FileNotFoundError:
         return None
+
+
+@dataclass(frozen=True)
+class PublishRecord:
+    """Everything a publish does after the version's files are up, written (publishing.json) before it does any
+    of it: so a rerun on a fresh worker, without the night's run folder, can finish it."""
+
+    version: str
+    promote: bool
+    model_sha256: str | None      # the promoted model's; None for a rejected candidate
+    reason: str                   # the gate's one-line summary (champion.json's history keeps it)
+    previous_version: str | None  # the champion the night read at its start: it replaces only that one
+    test: dict[str, Any]          # the candidate's test metrics (champion.json's test_accuracy)
+    classes: list[str]
+    by: str                       # who promoted it: "train flow (gate) on user@host"
+    images: int                   # latest.json: the data the version was trained on
+    data_fingerprint: str
+
+
+def begin_publish(store: Store, record: PublishRecord) -> None:
+    """Record the publish about to move the pointers (the version's files are all uploaded by now)."""
+    store.put_bytes(PUBLISHING_KEY, (json.dumps(asdict(record), indent=2) + "\n").encode())
+
+
+def unfinished_publish(store: Store) -> PublishRecord | None:
+    """The publish a killed night left half done: publishing.json names a version latest.json does not yet
+    record; None when every publish finished."""
+    try:
+        record = PublishRecord(**json.loads(store.get_bytes(PUBLISHING_KEY)))
+    except FileNotFoundError:
+        return None
+    latest = read_latest(store)
+    return None if latest and latest["version"] >= record.version else record
+
+
+def finish_publish(store: Store, record: PublishRecord) -> dict[str, Any] | None:
+    """Move champion.json to the record's version (if promoted and not there yet), then write latest.json;
+    return the champion pointer after. Running it again changes nothing (idempotent).
+
+    A champion moved since the night read it (by a person's `faceclf models promote`) is left as it is: the
+    night replaces only the champion it was gated against.
+    """
+    current = read_champion(store)
+    current_version = current["version"] if current else None
+    pointer = current
+    if record.promote and current_version != record.version:
+        if current_version == record.previous_version:
+            pointer = set_champion(store, record.version, record.model_sha256 or "", record.reason, current,
+                                   record.test, record.classes, record.by)
+        else:
+            log.warning("not promoting %s: champion.json moved to %s after the night read %s; it stays",
+                        record.version, current_version, record.previous_version)
+    write_latest(store, record.version, record.promote, record.images, record.data_fingerprint)
+    return pointer
 
 
 def read_champion(store: Store) -> dict[str, Any] | None:

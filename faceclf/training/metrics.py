@@ -51,16 +51,18 @@ class RunMetrics:
     test: dict[str, Any]
     data: dict[str, Any] = field(default_factory=dict)
     diverged: str | None = None
+    warnings: list[str] = field(default_factory=list)   # informing steps of the run that failed (faceclf.inform)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunMetrics":
         """From metrics.json's content."""
         return cls(d["version"], list(d["classes"]), d.get("best_epoch"), d.get("device"), d["val"], d["test"],
-                   d.get("data", {}), d.get("diverged"))
+                   d.get("data", {}), d.get("diverged"), list(d.get("warnings", [])))
 
     def to_dict(self) -> dict[str, Any]:
-        """metrics.json's content (no ``diverged`` key when training did not diverge)."""
+        """metrics.json's content (no ``diverged`` key when training did not diverge, no ``warnings`` when none)."""
         d = asdict(self)
-        if d["diverged"] is None:
-            del d["diverged"]
+        for key in ("diverged", "warnings"):
+            if not d[key]:
+                del d[key]
         return d

@@ -20,6 +20,7 @@ from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.layout import SPLITS
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import TensorSplit, load_cached_splits, load_split
+from faceclf.inform import Warnings
 from faceclf.store.atomic import (
     remove_stale_temps,
     write_atomic,
@@ -131,9 +132,14 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
     metrics["ranks"] = {"world_size": part.world_size, "weights_sha256": result.rank_digests}
     metrics["data"] = {"counts": {s: len(loaded[s].labels) for s in SPLITS}, "duplicates_dropped": faceset.duplicates,
                        "conflicts_dropped": len(faceset.conflicts), "rejected": n_rejected, "presplit": faceset.presplit}
+    plots = Warnings()  # the plots only inform: a failed one is a warning in metrics.json, not a failed run
+    plots.attempt("learning curves plot (history.png)", plot_history, result.history, run_dir / "history.png",
+                  result.best_epoch)
+    plots.attempt("confusion matrix plot (confusion_matrix.png)", plot_confusion, metrics["test"]["confusion_matrix"],
+                  classes, run_dir / "confusion_matrix.png")
+    if plots.items:
+        metrics["warnings"] = plots.items
     write_json_atomic(run_dir / "metrics.json", finite_or_none(metrics))
-    plot_history(result.history, run_dir / "history.png", result.best_epoch)
-    plot_confusion(metrics["test"]["confusion_matrix"], classes, run_dir / "confusion_matrix.png")
     return metrics
 
 
