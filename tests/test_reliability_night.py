@@ -108,6 +108,16 @@ def test_a_night_killed_mid_epoch_resumes_to_the_same_result(prefect_api, bucket
     assert resumed["test"] == clean["test"] and resumed["best_epoch"] == clean["best_epoch"]
 
 
+# A gate every trained candidate passes, so night 2 always reaches promotion (the point of these tests is the
+# crash there, not whether this small candidate beats the champion).
+PROMOTE = {**NIGHT, "min_accuracy": 0.0, "min_class_accuracy": 0.0, "tolerance": 1.0}
+
+
+def killed_at(step: str) -> str:
+    """A prelude that makes the night's process die (no cleanup, like SIGKILL) where registry.STEP would run."""
+    return f"import os, faceclf.store.registry as r\nr.{step} = lambda *a, **k: os._exit(137)"
+
+
 def test_killed_between_upload_and_promotion_keeps_the_champion_and_promotes_once(
         prefect_api, bucket: str, tmp_path: Path) -> None:
     from flows.train import train
@@ -119,27 +129,52 @@ def test_killed_between_upload_and_promotion_keeps_the_champion_and_promotes_onc
     assert first["promoted"]
 
     upload_faces(bucket, tmp_path / "n2", per_class=20, seed=12)
-    # A gate every trained candidate passes, so night 2 always reaches promotion (the point of the
-    # test is the crash there, not whether this small candidate beats the champion).
-    promote = {**NIGHT, "min_accuracy": 0.0, "min_class_accuracy": 0.0, "tolerance": 1.0}
-    # The process dies (no cleanup, like SIGKILL) exactly where champion.json would be rewritten.
-    proc = night_in_subprocess(bucket, face, runs, params=promote, prelude="import os, faceclf.nightly.night as n\n"
-                               "n.set_champion = lambda *a, **k: os._exit(137)")
+    proc = night_in_subprocess(bucket, face, runs, params=PROMOTE, prelude=killed_at("set_champion"))
     assert proc.wait(timeout=600) == 137, "night 2 ended without reaching promotion"
     pending = sorted(runs.iterdir())[-1]
     assert store.exists(registry.version_key(pending.name, "model.onnx"))      # uploaded ...
     assert registry.read_champion(store)["version"] == first["version"]       # ... but not promoted
     assert not (pending / PUBLISHED_FILE).exists()
 
-    rerun = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **promote)
-    assert rerun["resumed"] and rerun["version"] == pending.name and rerun["promoted"]
+    # The rerun on the same worker finishes the publish first (champion, then latest); its data is then
+    # nothing new: it trains nothing, and the run folder is marked published.
+    rerun = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **PROMOTE)
+    assert rerun["finished_publish"] == pending.name and rerun["skipped"] and not rerun["resumed"]
     champion = registry.read_champion(store)
     assert champion["version"] == pending.name and champion["previous_version"] == first["version"]
+    assert (pending / PUBLISHED_FILE).exists()
     history = (pending / "history.csv").read_text()
     assert history.count("\n") == FAST["epochs"] + 1  # trained once, not again by the rerun
 
-    again = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT)  # a normal night after
-    assert not again["resumed"] and again["version"] != pending.name
+    again = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT, force=True)  # a normal night after
+    assert not again["resumed"] and again["version"] != pending.name and again["finished_publish"] is None
+
+
+@pytest.mark.parametrize("step", ["set_champion", "write_latest"])
+def test_a_killed_publish_is_finished_by_a_rerun_on_a_fresh_worker(step: str, prefect_api, bucket: str,
+                                                                    tmp_path: Path) -> None:
+    """Killed before champion.json moves, or between it and latest.json: a worker without the night's run
+    folder (nor its face/) finishes the publish, promotes the candidate once and trains nothing."""
+    from flows.train import train
+
+    store = open_store(f"s3://{bucket}")
+    upload_faces(bucket, tmp_path / "n1", per_class=40, seed=11)
+    proc = night_in_subprocess(bucket, tmp_path / "face", tmp_path / "runs", params=PROMOTE, prelude=killed_at(step))
+    assert proc.wait(timeout=600) == 137, f"the night ended without reaching {step}"
+    killed = sorted((tmp_path / "runs").iterdir())[-1].name
+    assert registry.read_latest(store) is None  # latest.json moves last
+
+    fresh = tmp_path / "fresh-worker"
+    rerun = train(bucket=bucket, face_dir=str(fresh / "face"), runs_dir=str(fresh / "runs"), **PROMOTE)
+    assert rerun["finished_publish"] == killed and rerun["skipped"], rerun
+    champion = registry.read_champion(store)
+    assert champion["version"] == killed and len(champion["history"]) == 1
+    assert registry.read_latest(store)["version"] == killed
+    assert [v["version"] for v in registry.list_versions(store)] == [killed]
+    assert not (fresh / "runs").exists() or not any((fresh / "runs").iterdir())  # nothing trained
+
+    again = train(bucket=bucket, face_dir=str(fresh / "face"), runs_dir=str(fresh / "runs"), **PROMOTE)
+    assert again["finished_publish"] is None and again["skipped"]  # finishing is done once
 
 
 def test_a_second_night_on_the_same_folder_is_refused(prefect_api, bucket: str, tmp_path: Path) -> None:
