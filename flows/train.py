@@ -225,8 +225,7 @@ def publish_artifacts(location: str, result: night.Published, metrics: RunMetric
     publish_plots(location, result, warnings)
     if not decision.promote:
         warnings.attempt("rejection notification", notify.night_rejected, metrics.version, decision.why, location)
-    warnings.attempt("night report artifact", create_markdown_artifact,
-                     with_warnings(result.report_body, warnings.items) if result.report_body else result.report_md,
+    warnings.attempt("night report artifact", create_markdown_artifact, with_warnings(result.report_body, warnings.items),
                      key="face-night-report", description=decision.summary())
 
 
@@ -342,7 +341,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         exported = export_model(run, night_cfg.int8) if decision.promote else None
         result = publish(location, run, decision, metrics, night.report_counts(report.to_dict(), metrics.to_dict()),
                          champion, report.faceset, drift, [*informed.items, *metrics.warnings])
-    informed = Warnings(result.warnings)
+    informed = Warnings(result.warnings)  # every warning so far, the publish task's own included
     publish_artifacts(location, result, metrics, decision, score, informed)
     if informed.items != result.warnings:  # report.md went up before these: publish it again with them
         informed.attempt("amending report.md with the later warnings", amend_report, location, run, result,

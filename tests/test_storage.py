@@ -7,7 +7,19 @@ from pathlib import Path
 import pytest
 
 from faceclf.store.objects import LocalStore, Store, open_store, safe_key
-from faceclf.store.registry import MODEL_FILE, fetch_model, sha256_bytes, version_key
+from faceclf.store.registry import (
+    MODEL_FILE,
+    PublishRecord,
+    begin_publish,
+    fetch_model,
+    finish_publish,
+    read_champion,
+    read_latest,
+    set_champion,
+    sha256_bytes,
+    unfinished_publish,
+    version_key,
+)
 from faceclf.store.s3 import S3Store, s3_client
 
 
@@ -69,3 +81,37 @@ def test_fetch_model_keeps_a_verified_copy_and_replaces_a_wrong_one(store: Store
         fetch_model(store, "v1", dest, sha256_bytes(data))
     store.put_bytes(version_key("v1", MODEL_FILE), data)
     assert fetch_model(store, "v1", dest, sha256_bytes(data)).read_bytes() == data
+
+
+def record(version: str, promote: bool = True, previous: str | None = None) -> PublishRecord:
+    """A publish record as the night writes it (test metrics and data reduced to what the pointers keep)."""
+    return PublishRecord(version, promote, "ab" * 32 if promote else None, "promoted: test", previous,
+                         {"accuracy": 0.95}, ["a", "b"], "test", 10, "fp-" + version)
+
+
+def test_finishing_a_publish_is_idempotent_and_never_overrides_a_person(store: Store) -> None:
+    """champion.json then latest.json, once; a champion a person moved since the night read it stays."""
+    begin_publish(store, record("20261201T000000Z-aaaaaa"))
+    assert unfinished_publish(store) == record("20261201T000000Z-aaaaaa")
+    finish_publish(store, record("20261201T000000Z-aaaaaa"))
+    finish_publish(store, record("20261201T000000Z-aaaaaa"))  # a rerun of a finished publish changes nothing
+    champion = read_champion(store)
+    assert champion["version"] == "20261201T000000Z-aaaaaa" and len(champion["history"]) == 1
+    assert read_latest(store)["version"] == "20261201T000000Z-aaaaaa" and unfinished_publish(store) is None
+
+    # Night 2 was gated against ...aaaaaa, but a person promoted ...bbbbbb before its publish finished.
+    set_champion(store, "20261202T000000Z-bbbbbb", "cd" * 32, "manual promote", champion)
+    night2 = record("20261203T000000Z-cccccc", previous="20261201T000000Z-aaaaaa")
+    begin_publish(store, night2)
+    assert finish_publish(store, night2)["version"] == "20261202T000000Z-bbbbbb"
+    assert read_champion(store)["version"] == "20261202T000000Z-bbbbbb"
+    assert read_latest(store)["version"] == "20261203T000000Z-cccccc" and unfinished_publish(store) is None
+
+    # A rejected candidate's publish moves latest.json only.
+    night3 = record("20261204T000000Z-dddddd", promote=False, previous="20261202T000000Z-bbbbbb")
+    begin_publish(store, night3)
+    finish_publish(store, night3)
+    assert read_champion(store)["version"] == "20261202T000000Z-bbbbbb"
+    assert read_latest(store) | {"published_at": None} == {
+        "version": "20261204T000000Z-dddddd", "promoted": False, "images": 10,
+        "data_fingerprint": "fp-20261204T000000Z-dddddd", "published_at": None}
