@@ -21,6 +21,7 @@ from faceclf.config import (
     TrainConfig,
     with_overrides,
 )
+from faceclf.devtools.demo import DemoConfig
 
 log = logging.getLogger("faceclf")
 
@@ -131,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("demo", help="train, export and score end to end on FOLDER (default: the generated sample set)")
     de.add_argument("folder", nargs="?", default=None, help="class folders to train on; omitted: a generated sample set")
-    de.add_argument("--out", default="faceclf-demo", help="where the run, model and predictions go")
-    de.add_argument("--epochs", type=int, default=None)
+    add_config_options(de, DemoConfig)
     return parser
 
 
@@ -255,7 +255,11 @@ def cmd_models(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     from faceclf.devtools.demo import run_demo
 
-    run_demo(a.folder, a.out, epochs=a.epochs)
+    try:
+        run_demo(a.folder, config_from_args(DemoConfig, a))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM during the night: the services are stopped by then
+        print("faceclf demo: interrupted; the local services are stopped", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "score": cmd_score,

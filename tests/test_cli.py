@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 TINY = ["--image-size", "32", "--channels", "8", "16", "--fc-hidden", "32", "--batch-size", "16", "--lr", "5e-3"]
+# The demo's gate wide open: its night promotes whatever trains, so the rest of the night (export, score)
+# runs whatever accuracy this CPU kind reaches (bf16 and fp32 machines train differently).
+OPEN_GATE = ["--min-accuracy", "0", "--min-class-accuracy", "0"]
+FLOW_RUN_URL = re.compile(r"(http://127\.0\.0\.1:\d+)/(v2/)?runs/flow-run/[0-9a-f-]{36}")  # V2 UI or V1
 
 
 def faceclf(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -53,16 +58,101 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 
 def test_demo_runs_a_night_on_a_named_folder(faces: Path, tmp_path: Path) -> None:
     """`faceclf demo FOLDER`: local S3 + Prefect, train/face through the deployment, then score/face."""
-    out = faceclf("demo", str(faces), "--out", str(tmp_path / "demo"), "--epochs", "3")
+    out = faceclf("demo", str(faces), "--out", str(tmp_path / "demo"), "--epochs", "2", *OPEN_GATE)
     result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result == json.loads((tmp_path / "demo" / "results" / "demo.json").read_text())
     assert result["uploaded"] == 123 and result["data"] == str(faces)
     assert Path(result["report"]).read_text().startswith(f"# faceclf night: model {result['night']}")
-    decision = json.loads(Path(result["decision"]).read_text())
-    assert decision["promote"] is result["promoted"]
-    if result["promoted"]:
-        with open(result["predictions"], newline="") as f:
-            rows = list(csv.DictReader(f))
-        assert len(rows) == 123 and {r["model_version"] for r in rows} == {result["champion"]}
+    assert json.loads(Path(result["decision"]).read_text())["promote"] is True
+    assert result["promoted"] and result["champion"] == result["night"]
+    assert Path(result["model"]).stat().st_size > 0
+    with open(result["predictions"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 123 and {r["model_version"] for r in rows} == {result["night"]}
+    assert not any(r["error"] for r in rows)
+    # Both flow runs' pages in the Prefect UI, printed too, with a plain word on when they open.
+    urls = result["flow_runs"]
+    assert list(urls) == ["train/face", "score/face"] and all(FLOW_RUN_URL.fullmatch(u) for u in urls.values())
+    printed = out.stdout[:out.stdout.index("{")]
+    assert all(u in printed for u in urls.values()) and "`faceclf demo --ui` keeps the UI up" in printed
+    assert result["prefect_ui"] is None
+
+
+def test_demo_ui_stays_up_until_ctrl_c(faces: Path, tmp_path: Path) -> None:
+    """`faceclf demo FOLDER --ui`: after the night the Prefect UI, the S3 endpoint behind the plots' presigned
+    links and the worker stay up; Ctrl-C (SIGINT) stops them all and the demo exits 0."""
+    import queue
+    import signal
+    import threading
+    import urllib.request
+
+    import psutil
+
+    from faceclf.devtools.demo import READY
+    from faceclf.devtools.services import api_request
+
+    def get(url: str) -> tuple[int, bytes]:
+        request = urllib.request.Request(url, headers={"Accept": "text/html,*/*"})  # as a browser asks
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, resp.read()
+
+    argv = [sys.executable, "-m", "faceclf", "demo", str(faces), "--out", str(tmp_path / "demo"), "--epochs", "1",
+            *OPEN_GATE, "--ui"]
+    with open(tmp_path / "stderr.log", "w") as stderr:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()  # stdout's lines, then None at its end
+
+    def read_stdout() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    children: list[psutil.Process] = []
+    try:
+        printed = ""
+        while READY not in printed:
+            line = lines.get(timeout=600)
+            assert line is not None, f"the demo ended without {READY!r}:\n{printed}\n" + \
+                (tmp_path / "stderr.log").read_text()[-3000:]
+            printed += line
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # S3 endpoint, Prefect server, worker (and what they started)
+        result = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+        assert result["promoted"]
+        night_url = result["flow_runs"]["train/face"]
+        assert FLOW_RUN_URL.fullmatch(night_url) and night_url in printed.split("}")[-1]
+        assert proc.poll() is None  # still up after printing
+
+        # The UI serves its home and the night's page (the page's app then reads /api).
+        home = result["prefect_ui"]
+        assert night_url.startswith(home) and f"Prefect UI    {home}" in printed
+        for url in (home, night_url, result["flow_runs"]["score/face"]):
+            status, body = get(url)
+            assert status == 200 and b"<html" in body.lower()
+        # The plots are image artifacts of the night: presigned links to the S3 endpoint, which still answers.
+        night_id = night_url.rsplit("/", 1)[1]
+        api_url = FLOW_RUN_URL.fullmatch(night_url).group(1) + "/api"
+        images = api_request(api_url, "POST", "artifacts/filter",
+                             {"artifacts": {"flow_run_id": {"any_": [night_id]}, "type": {"any_": ["image"]}}})
+        assert {a["key"] for a in images} >= {"face-history", "face-confusion-matrix"}
+        for artifact in images:
+            status, body = get(artifact["data"])
+            assert status == 200 and body.startswith(b"\x89PNG")
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"left running: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in children:  # a failed run must not leave its services behind either
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def test_killed_training_resumes_to_the_uninterrupted_result(faces: Path, tmp_path: Path) -> None:

@@ -287,6 +287,34 @@ def run_deployment(api_url: str, name: str = "train/face", parameters: dict | No
     return run["id"]
 
 
+def pause_deployment(api_url: str, name: str) -> None:
+    """Pause the schedules of deployment ``FLOW/DEPLOYMENT``; the server deletes its runs already scheduled.
+    Runs started by hand (`prefect deployment run`, the UI's Run button) still run."""
+    deployment = read_deployment(api_url, name)
+    api_request(api_url, "POST", f"deployments/{deployment['id']}/pause_deployment")
+
+
+def prefect_ui_url(api_url: str) -> str:
+    """The home page of the Prefect UI that the server at ``api_url`` opens by default, from its /ui-settings:
+    Prefect 3.9 serves its V2 UI under /v2/ (the default) and the V1 UI at / (where Prefect's own links, as
+    in the worker's log, point). Where the UI is off, or the answer is not understood: the root, /."""
+    root = api_url.rstrip("/").removesuffix("/api")
+    try:
+        with urllib.request.urlopen(f"{root}/ui-settings", timeout=10) as resp:
+            settings = json.loads(resp.read())
+        base = settings[f"{settings['default_ui']}_base_url"] or "/"
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        base = "/"
+    base = base.strip("/")
+    return f"{root}/{base}/" if base else f"{root}/"
+
+
+def flow_run_ui_url(ui_url: str, flow_run_id: str) -> str:
+    """The page of one flow run (graph, logs, artifacts) in the UI whose home is ``ui_url``: both of Prefect
+    3.9's UIs route it as runs/flow-run/<id> (V1 also redirects its older flow-runs/flow-run/<id>)."""
+    return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
 def wait_for_flow_run(api_url: str, flow_run_id: str, timeout: float = 300.0, poll: float = 0.5) -> dict:
     """Poll the flow run until its state is terminal (COMPLETED, FAILED, CRASHED, CANCELLED); return its JSON."""
     deadline = time.monotonic() + timeout
