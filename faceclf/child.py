@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 if TYPE_CHECKING:
     import subprocess
 
-# Run by the child's interpreter: argv is [-c, name, faceclf's parent folder, parent pid, call fd, message fd].
-# faceclf's own folder goes first on sys.path so the child imports the very faceclf the parent runs
-# (installed or not); _child_main then puts the parent's sys.path in place.
-_BOOT = "import sys; sys.path.insert(0, sys.argv[2]); from faceclf.child import _child_main; _child_main()"
+# Run by a fresh interpreter (see python_command): argv is [-c, name, faceclf's parent folder, *the entry's
+# arguments]; here [..., parent pid, call fd, message fd]. faceclf's own folder goes first on sys.path so the
+# child imports the very faceclf the parent runs (installed or not); the entry (_child_main) then puts the
+# parent's sys.path in place.
+_BOOT = "import sys; sys.path.insert(0, sys.argv[2]); from {module} import {function}; {function}()"
 _HEADER = struct.Struct(">Q")  # the length of one frame's pickle
 _FACECLF_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,8 +105,7 @@ def _start_child(name: str) -> tuple[subprocess.Popen[bytes], int, int]:
     call_r, call_w = os.pipe()
     msg_r, msg_w = os.pipe()
     try:
-        argv = [_python(), *subprocess._args_from_interpreter_flags(), "-c", _BOOT,  # type: ignore[attr-defined]
-                name, _FACECLF_PARENT, str(os.getpid()), str(call_r), str(msg_w)]
+        argv = python_command("faceclf.child:_child_main", name, str(os.getpid()), str(call_r), str(msg_w))
         _flush_std_streams()  # what the caller printed comes before what the child prints
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(call_r, msg_w))
     except BaseException:
@@ -116,6 +116,18 @@ def _start_child(name: str) -> tuple[subprocess.Popen[bytes], int, int]:
         os.close(call_r)
         os.close(msg_w)  # only the child writes: a read here then sees end of file when it dies
     return child, call_w, msg_r
+
+
+def python_command(entry: str, name: str, *args: str) -> list[str]:
+    """The command line of a fresh interpreter that calls ``entry`` ("package.module:function", no arguments)
+    and never imports the caller's ``__main__``: this Python with its flags (-S, -I, -X ..., as
+    multiprocessing passes them), ``-c`` and the boot code, then ``name``, faceclf's parent folder and
+    ``args``, which the entry reads from sys.argv[3:]."""
+    import subprocess
+
+    module, function = entry.split(":")
+    return [_python(), *subprocess._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+            "-c", _BOOT.format(module=module, function=function), name, _FACECLF_PARENT, *args]
 
 
 def _python() -> str:
@@ -225,7 +237,7 @@ def _child_main() -> None:
     """The child's whole life: die with the parent, take its sys.path, read the call, send faceclf's log
     records home while it runs, then send its answer."""
     name, _, parent_pid, call_fd, msg_fd = sys.argv[1:6]
-    _die_with_parent(int(parent_pid))
+    die_with_parent(int(parent_pid))
     answers = _Answers(int(msg_fd))
     os.set_inheritable(int(call_fd), False)
     with open(int(call_fd), "rb") as calls:
@@ -273,7 +285,7 @@ def _send_answer(answers: _Answers, kind: str, value: Any) -> None:
     answers.send_pickled(data)
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG; no-op elsewhere), and
     exit now if the parent died before that was asked (this process was then handed to another parent)."""
     try:

@@ -1,9 +1,11 @@
-"""DDP training: real gloo process groups through torchrun's launcher (`--nproc-per-node 2`), a real local
-Ray instance with Ray Train (2 workers), a rank killed with SIGKILL, and the partition rules."""
+"""DDP training: real gloo process groups through torchrun's launcher (`--nproc-per-node 2`), from a caller
+script without the __main__ guard (a file, standard input), a real local Ray instance with Ray Train (2 workers),
+a rank killed with SIGKILL, and the partition rules."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -63,6 +65,39 @@ def test_two_gloo_processes_through_torchrun_train_like_one(faces: Path, tmp_pat
     assert not (run / "decoded").exists()  # the run's own decoded shards are removed once it finished
     assert len((run / "history.csv").read_text().splitlines()) == 13  # rank 0 alone wrote one row per epoch
     assert json.loads((run / "config.json").read_text())["train"]["workers"] == 2
+
+
+# A caller without the __main__ guard: each run of its top level adds a line to the counter file. Under
+# multiprocessing's "spawn" every rank re-ran it (three lines, and ranks that started ranks of their own); from
+# standard input no rank could start at all (ProcessExitedException: '<stdin>' is no file).
+GUARDLESS_DDP = """\
+import json, os
+with open(os.environ["COUNTER"], "a") as counter:
+    counter.write("ran\\n")
+from faceclf.config import RunConfig
+from faceclf.training.launch import train_processes
+cfg = RunConfig.from_dict(json.loads(os.environ["CFG"]))
+metrics = train_processes(os.environ["FACES"], os.environ["RUN"], cfg, workers=2)
+print("test accuracy:", metrics["test"]["accuracy"])
+"""
+
+
+@pytest.mark.parametrize("how", ["stdin", "script"])
+def test_a_caller_without_the_main_guard_starts_two_ranks_and_runs_once(how: str, faces: Path,
+                                                                         tmp_path: Path) -> None:
+    run, counter = tmp_path / "run", tmp_path / "counter.txt"
+    env = {**os.environ, "COUNTER": str(counter), "FACES": str(faces), "RUN": str(run),
+           "CFG": json.dumps(with_overrides(tiny_config(epochs=3), patience=3).to_dict())}
+    if how == "stdin":  # python3 - < night.py
+        argv, stdin = [sys.executable, "-"], GUARDLESS_DDP
+    else:
+        (tmp_path / "night.py").write_text(GUARDLESS_DDP)
+        argv, stdin = [sys.executable, str(tmp_path / "night.py")], None
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    metrics = ranks_agree(run)  # trained by two ranks
+    assert f"test accuracy: {metrics['test']['accuracy']}" in done.stdout, done.stdout
+    assert counter.read_text().splitlines() == ["ran"], done.stderr  # the script ran once, in no rank
 
 
 def rank_processes(launcher: psutil.Process) -> list[psutil.Process]:
