@@ -109,8 +109,10 @@ TOLERANCE = 0.01                      # candidate accuracy may trail the champio
                                       # this much: one image of face-mask's 111 (0.009) no longer decides alone
 ALPHA = 0.05                          # McNemar's exact test on the discordant images: significantly worse (p < alpha)
                                       # is rejected; with require_improvement only significantly better promotes
-CLASS_TOLERANCE = 0.02                # no class may trail the champion's accuracy on it by more than this, whatever
-                                      # overall accuracy does (a regression on the minority class blocks promotion)
+CLASS_TOLERANCE = 0.02                # no class's F1 may trail the champion's on it by more than this, significantly
+                                      # (paired permutation test, p < alpha), whatever overall accuracy does
+GATE_PERMUTATIONS = 2000              # random swaps of the two models' predictions behind each class's p-value
+                                      # (seeded: the same decision every time; p resolves to 1/2001)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -413,6 +415,7 @@ class GateConfig:
     alpha: float = ALPHA
     class_tolerance: float = CLASS_TOLERANCE
     require_improvement: bool = False  # promote only a candidate significantly better than the champion
+    permutations: int = GATE_PERMUTATIONS
 
     def __post_init__(self) -> None:
         for name in ("min_accuracy", "min_class_accuracy"):
@@ -420,5 +423,6 @@ class GateConfig:
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         require_at_least(self, 0, "tolerance", "class_tolerance")
+        require_at_least(self, 1, "permutations")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")

@@ -154,9 +154,10 @@ def rescore_champion(location: str, champion: ChampionRef | None, faceset: FaceS
 def gate_candidate(metrics: RunMetrics, gate: GateConfig, champion: night.ChampionScore | None,
                    run: runs.NightRun) -> Decision:
     """Promote or reject, with every failed rule spelled out: the absolute bars, then the champion compared
-    image by image on the same test set (McNemar, per-class tolerance)."""
+    image by image on the same test set (McNemar overall, per-class F1 by a paired permutation test), unless
+    the champion fails the bars itself (stale)."""
     return decide(metrics.test, gate, champion.metrics if champion else None, champion.version if champion else None,
-                  night.paired_outcomes(run.run_dir, champion))
+                  *night.paired_outcomes(run.run_dir, champion, metrics.classes, gate.permutations))
 
 
 class Approval(RunInput):

@@ -78,7 +78,9 @@ def test_bucket_names_and_folders_are_told_apart(tmp_path, monkeypatch) -> None:
 
 # --- paired comparison (issue 12): McNemar on the same test images, per-class tolerance, Wilson intervals ---
 
-from faceclf.nightly.stats import binom_cdf, mcnemar, wilson  # noqa: E402
+from faceclf.nightly.stats import ClassComparison, McNemar, binom_cdf, compare_classes, mcnemar, wilson  # noqa: E402
+
+CLASSES = ("with_mask", "without_mask")
 
 
 def outcomes(right: int, n: int) -> list[bool]:
@@ -96,6 +98,18 @@ def scored(cand_right: list[bool], champ_right: list[bool], labels: list[int]) -
         return {"accuracy": sum(right) / len(right), "per_class_accuracy": per, "n": len(right), "loss": 0.1,
                 "confusion_matrix": cm}
     return summary(cand_right), summary(champ_right)
+
+
+def predicted(right: list[bool], labels: list[int]) -> list[int]:
+    """Binary predictions from per-image outcomes: a wrong image is called the other class."""
+    return [y if r else 1 - y for r, y in zip(right, labels)]
+
+
+def compared(cand_right: list[bool], champ_right: list[bool], labels: list[int],
+             permutations: int = 2000) -> tuple[McNemar, list[ClassComparison]]:
+    """What the night hands the gate: McNemar overall and each class compared (F1, permutation test)."""
+    return mcnemar(cand_right, champ_right), compare_classes(CLASSES, labels, predicted(cand_right, labels),
+                                                             predicted(champ_right, labels), permutations)
 
 
 def test_wilson_and_the_exact_binomial_match_known_values() -> None:
@@ -136,15 +150,81 @@ def test_significantly_worse_is_rejected_even_within_the_tolerance() -> None:
     assert loose.promote  # p ~ 0.002 is not below alpha 0.001
 
 
-def test_better_overall_but_a_class_regresses_is_rejected() -> None:
-    labels = [0] * 100 + [1] * 20            # without_mask is the minority class
-    champ = [True] * 90 + [False] * 10 + [True] * 20           # 0.90 / 1.00
-    cand = [True] * 100 + [True] * 18 + [False] * 2             # 1.00 / 0.90: overall 0.983 > 0.917
+def test_a_degenerate_champion_never_vetoes_a_candidate_better_on_both_classes() -> None:
+    """Issue 23's night: the champion calls every image without_mask (perfect recall there, 0.61 overall); the
+    candidate trails it on without_mask's recall but beats it on both classes' F1: promoted, whatever the
+    champion's recall on its favourite class."""
+    labels = [0] * 170 + [1] * 265
+    champ = [y == 1 for y in labels]                                      # everything called without_mask
+    cand = [i % 20 != 0 for i in range(435)]                              # 0.95 on both classes
     c, ch = scored(cand, champ, labels)
-    d = decide(c, GateConfig(min_class_accuracy=0.5), ch, "v1", mcnemar(cand, champ))
-    assert c["accuracy"] > ch["accuracy"] and not d.promote
-    assert any("class 'without_mask'" in r and "0.9000" in r and "1.0000" in r for r in d.reasons), d.reasons
-    assert decide(c, GateConfig(min_class_accuracy=0.5, class_tolerance=0.15), ch, "v1", mcnemar(cand, champ)).promote
+    paired, classes = compared(cand, champ, labels)
+    assert ch["per_class_accuracy"]["without_mask"] == 1.0 > c["per_class_accuracy"]["without_mask"]
+    low_bars = GateConfig(min_accuracy=0.5, min_class_accuracy=0.0)  # the champion clears them: not stale
+    for gate in (GateConfig(), low_bars):
+        d = decide(c, gate, ch, "v1", paired, classes)
+        assert d.promote, d.reasons
+    assert d.champion_stale == [] and decide(c, GateConfig(), ch, "v1", paired, classes).champion_stale
+    by_class = {k["cls"]: k for k in d.to_dict()["classes"]}
+    assert by_class["with_mask"]["champion_precision"] is None and by_class["with_mask"]["champion_f1"] == 0.0
+    assert by_class["without_mask"]["candidate_f1"] > by_class["without_mask"]["champion_f1"]
+    old_rule = decide(c, low_bars, ch, "v1", paired)  # recall alone (no per-image classes): the veto of issue 23
+    assert not old_rule.promote and "class 'without_mask' accuracy" in old_rule.reasons[0]
+
+
+def test_a_real_regression_of_one_class_still_blocks() -> None:
+    """Fewer correct images of the minority class, significantly: rejected naming the class and its F1, even
+    though overall the candidate is within the tolerance."""
+    labels = [0] * 500 + [1] * 100
+    champ = [True] * 495 + [False] * 5 + [True] * 100
+    cand = [True] * 500 + [True] * 85 + [False] * 15            # 15 minority images lost, 5 majority won
+    c, ch = scored(cand, champ, labels)
+    paired, classes = compared(cand, champ, labels)
+    d = decide(c, GateConfig(tolerance=0.05, min_class_accuracy=0.5), ch, "v1", paired, classes)
+    assert abs(c["accuracy"] - ch["accuracy"]) < 0.05 and not d.promote
+    assert any(r.startswith("class 'without_mask' F1 0.9189 is worse than champion v1's 0.9756 by 0.0567") and
+               "recall 0.8500 vs 1.0000; paired permutation p = 0.006" in r for r in d.reasons), d.reasons
+    loose = GateConfig(tolerance=0.05, alpha=0.01, min_class_accuracy=0.5, class_tolerance=0.06)
+    assert decide(c, loose, ch, "v1", paired, classes).promote  # within a class tolerance of 0.06 (McNemar p 0.04)
+
+
+def test_a_small_class_drop_that_is_not_significant_passes() -> None:
+    """One minority image lost on a small test set: F1 drops by more than the tolerance, but by chance alone."""
+    labels = [0] * 40 + [1] * 10
+    champ, cand = outcomes(50, 50), [True] * 49 + [False]
+    c, ch = scored(cand, champ, labels)
+    paired, classes = compared(cand, champ, labels)
+    assert classes[1].champion_f1 - classes[1].candidate_f1 > 0.02 and classes[1].p_worse > 0.05
+    assert decide(c, GateConfig(min_class_accuracy=0.5, tolerance=0.05), ch, "v1", paired, classes).promote
+
+
+def test_a_champion_below_the_bars_is_stale_and_cannot_veto() -> None:
+    """Re-scored on tonight's test set the champion fails the bars: the candidate only has to clear them and be
+    significantly better overall; the decision and its sentence say the champion is stale."""
+    labels = [0] * 100 + [1] * 100
+    champ = [True] * 100 + [True] * 60 + [False] * 40              # 0.80: below min_accuracy 0.90
+    cand = [True] * 97 + [False] * 3 + [True] * 98 + [False] * 2
+    c, ch = scored(cand, champ, labels)
+    paired, classes = compared(cand, champ, labels)
+    d = decide(c, GateConfig(), ch, "v1", paired, classes)
+    assert d.promote and d.champion_stale and "accuracy 0.8 is below the minimum 0.9" in d.champion_stale[0]
+    assert "which is stale" in d.why
+    # Better but not significantly (a small test set): a stale champion is not replaced by a coin toss.
+    few = [0] * 6 + [1] * 6
+    c2, ch2 = scored([True] * 12, [True] * 10 + [False] * 2, few)
+    d2 = decide(c2, GateConfig(), ch2, "v1", *compared([True] * 12, [True] * 10 + [False] * 2, few))
+    assert not d2.promote and d2.champion_stale and "the champion is stale" in d2.reasons[0]
+
+
+def test_per_class_f1_matches_hand_counts_and_identical_models_are_never_worse() -> None:
+    labels = [0, 0, 0, 1, 1]
+    (a, b) = compare_classes(CLASSES, labels, [0, 0, 1, 1, 1], [0, 0, 0, 0, 0])
+    assert (a.candidate_precision, a.candidate_recall) == (1.0, 2 / 3) and a.candidate_f1 == pytest.approx(0.8)
+    assert (b.candidate_precision, b.candidate_recall, b.candidate_f1) == (pytest.approx(2 / 3), 1.0, 0.8)
+    assert b.champion_precision is None and b.champion_recall == 0.0 and b.champion_f1 == 0.0
+    assert all(k.p_worse == 1.0 for k in compare_classes(CLASSES, labels, [0, 1, 0, 1, 0], [0, 1, 0, 1, 0]))
+    with pytest.raises(ValueError, match="differ in length"):
+        compare_classes(CLASSES, labels, [0], [0])
 
 
 def test_decision_json_carries_intervals_counts_and_the_p_value() -> None:

@@ -17,8 +17,8 @@ from faceclf.config import GateConfig
 from faceclf.dataset.faceset import evenly_spread
 from faceclf.dataset.layout import SPLITS, split_of
 from faceclf.nightly.gate import decide, gate_failures
-from faceclf.nightly.stats import binom_cdf, mcnemar, wilson
-from test_gate import scored
+from faceclf.nightly.stats import binom_cdf, compare_classes, mcnemar, wilson
+from test_gate import CLASSES, compared, scored
 
 FEW = settings(deadline=None, max_examples=60)
 MANY = settings(deadline=None, max_examples=150)
@@ -228,6 +228,7 @@ def test_evenly_spread_picks_min_n_k_sorted_distinct_positions_first_to_last(n: 
 gate_configs = st.builds(GateConfig, min_accuracy=st.floats(0.0, 1.0), min_class_accuracy=st.floats(0.0, 1.0),
                          tolerance=st.floats(0.0, 1.0), alpha=st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
                          class_tolerance=st.floats(0.0, 1.0), require_improvement=st.booleans())
+PERMUTATIONS = 300  # per-class p-values in the gate properties: enough to resolve 1/301, and quick
 # (candidate right, champion right, true class) per test image
 images = st.lists(st.tuples(st.booleans(), st.booleans(), st.integers(0, 1)), min_size=1, max_size=200)
 
@@ -244,7 +245,7 @@ def test_a_candidate_identical_to_the_champion_is_never_worse(rows: list[tuple[b
     """Same per-image outcomes as the champion: no 'worse' reason, whatever the tolerances (>= 0)."""
     right, labels = [r for r, _, _ in rows], [y for _, _, y in rows]
     cand, champ = scored(right, right, labels)
-    d = decide(cand, cfg, champ, "v1", mcnemar(right, right))
+    d = decide(cand, cfg, champ, "v1", *compared(right, right, labels, PERMUTATIONS))
     assert worse(d.reasons) == [], d.reasons
 
 
@@ -255,7 +256,7 @@ def test_require_improvement_never_promotes_a_copy_of_the_champion(rows: list[tu
     """With require_improvement, a candidate identical to the champion is rejected as not better."""
     right, labels = [r for r, _, _ in rows], [y for _, _, y in rows]
     cand, champ = scored(right, right, labels)
-    d = decide(cand, replace(cfg, require_improvement=True), champ, "v1", mcnemar(right, right))
+    d = decide(cand, replace(cfg, require_improvement=True), champ, "v1", *compared(right, right, labels, PERMUTATIONS))
     assert not d.promote and any("not significantly better" in r for r in d.reasons), d.reasons
 
 
@@ -263,7 +264,8 @@ def test_require_improvement_never_promotes_a_copy_of_the_champion(rows: list[tu
 @given(images, gate_configs, st.data())
 def test_a_candidate_right_wherever_the_champion_is_right_is_never_worse(rows: list[tuple[bool, bool, int]],
                                                                          cfg: GateConfig, data: st.DataObject) -> None:
-    """Dominating the champion image by image: no 'worse' reason; promoted when it clears the absolute bars."""
+    """Dominating the champion image by image: no 'worse' reason; promoted when it clears the absolute bars
+    (and, where the champion itself fails them, is significantly better: a stale champion)."""
     champ_right, labels = [c for _, c, _ in rows], [y for _, _, y in rows]
     cand_right = [a or c for a, c, _ in rows]
     cand, champ = scored(cand_right, champ_right, labels)
@@ -272,9 +274,12 @@ def test_a_candidate_right_wherever_the_champion_is_right_is_never_worse(rows: l
     bars = replace(cfg, min_accuracy=data.draw(st.floats(0.0, cand["accuracy"])),
                    min_class_accuracy=data.draw(st.floats(0.0, per_class)), require_improvement=False)
     assert gate_failures(cand, bars.min_accuracy, bars.min_class_accuracy) == []
-    assert worse(decide(cand, cfg, champ, "v1", mcnemar(cand_right, champ_right)).reasons) == []
-    d = decide(cand, bars, champ, "v1", mcnemar(cand_right, champ_right))
-    assert d.promote and d.reasons == [], d.reasons
+    paired, classes = compared(cand_right, champ_right, labels, PERMUTATIONS)
+    assert worse(decide(cand, cfg, champ, "v1", paired, classes).reasons) == []
+    d = decide(cand, bars, champ, "v1", paired, classes)
+    stale = gate_failures(champ, bars.min_accuracy, bars.min_class_accuracy) != []
+    better = paired.candidate_only > paired.champion_only and paired.p_value < bars.alpha
+    assert d.promote == (not stale or better) and bool(d.champion_stale) == stale, d.reasons
 
 
 odd_numbers = st.sampled_from([math.nan, math.inf, None])
@@ -295,7 +300,7 @@ def candidate_and_champion(draw: st.DrawFn) -> tuple[dict, dict | None, object]:
         cand["per_class_accuracy"]["with_mask"] = draw(odd_numbers)
     if draw(st.integers(0, 9)) == 0:
         cand["diverged"] = "no finite val loss"
-    paired = mcnemar(cand_right, champ_right) if draw(st.booleans()) else None
+    paired = compared(cand_right, champ_right, labels, PERMUTATIONS) if draw(st.booleans()) else (None, None)
     return cand, (champ if draw(st.booleans()) else None), paired
 
 
@@ -304,7 +309,7 @@ def candidate_and_champion(draw: st.DrawFn) -> tuple[dict, dict | None, object]:
 def test_promote_exactly_when_there_is_no_reason(case: tuple[dict, dict | None, object], cfg: GateConfig) -> None:
     """decide's promote is True iff its reasons are empty, and its summary and why say the same."""
     cand, champ, paired = case
-    d = decide(cand, cfg, champ, "v1" if champ else None, paired)  # type: ignore[arg-type]
+    d = decide(cand, cfg, champ, "v1" if champ else None, *paired)  # type: ignore[arg-type]
     assert d.promote == (d.reasons == [])
     assert d.summary().startswith("promoted" if d.promote else "rejected")
     assert d.why.startswith("Promoted" if d.promote else "Rejected")
@@ -317,5 +322,54 @@ def test_nan_accuracy_never_promotes(case: tuple[dict, dict | None, object], cfg
     cand, champ, paired = case
     cand["accuracy"] = math.nan
     for gate in (cfg, GateConfig(min_accuracy=0.0, min_class_accuracy=0.0, tolerance=1.0, class_tolerance=1.0)):
-        d = decide(cand, gate, champ, "v1" if champ else None, paired)  # type: ignore[arg-type]
+        d = decide(cand, gate, champ, "v1" if champ else None, *paired)  # type: ignore[arg-type]
         assert not d.promote and d.candidate_accuracy is None
+
+
+# --- per-class F1, compared by a paired permutation test (issue 23) ---
+
+predictions = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(0, 1)), min_size=1, max_size=150)
+
+
+@FEW
+@given(predictions)
+def test_class_comparison_of_a_model_with_itself_is_never_worse(rows: list[tuple[int, int, int]]) -> None:
+    """Identical predictions: equal F1 on every class and p_worse == 1."""
+    y, a = [r[0] for r in rows], [r[1] for r in rows]
+    for c in compare_classes(CLASSES, y, a, a, PERMUTATIONS):
+        assert c.candidate_f1 == c.champion_f1 and c.p_worse == 1.0
+
+
+@FEW
+@given(predictions)
+def test_class_comparison_swaps_with_the_models_and_bounds_its_numbers(rows: list[tuple[int, int, int]]) -> None:
+    """Swapping candidate and champion swaps every precision, recall and F1; all lie in [0, 1] (or are undefined);
+    p_worse lies in (0, 1]; F1 is the harmonic mean of precision and recall where both exist."""
+    y, a, b = ([r[i] for r in rows] for i in range(3))
+    forward, backward = compare_classes(CLASSES, y, a, b, PERMUTATIONS), compare_classes(CLASSES, y, b, a, PERMUTATIONS)
+    for f, r in zip(forward, backward):
+        assert (f.candidate_precision, f.candidate_recall, f.candidate_f1) == (r.champion_precision, r.champion_recall,
+                                                                              r.champion_f1)
+        assert 0 < f.p_worse <= 1
+        for prec, rec, f1 in ((f.candidate_precision, f.candidate_recall, f.candidate_f1),
+                              (f.champion_precision, f.champion_recall, f.champion_f1)):
+            assert all(v is None or 0 <= v <= 1 for v in (prec, rec, f1))
+            if prec and rec:
+                assert f1 == pytest.approx(2 * prec * rec / (prec + rec))
+
+
+@FEW
+@given(st.integers(20, 200), st.integers(10, 200), st.integers(0, 1), st.data())
+def test_a_model_calling_everything_one_class_never_vetoes_a_better_one(n0: int, n1: int, favourite: int,
+                                                                         data: st.DataObject) -> None:
+    """A champion that predicts one class for all images (perfect recall there) never blocks a candidate that
+    beats its overall accuracy by a margin on both classes (>= 0.9 recall on each): no per-class reason."""
+    labels = [0] * n0 + [1] * n1
+    champ_right = [y == favourite for y in labels]
+    misses = data.draw(st.sets(st.integers(0, n0 + n1 - 1), max_size=min(n0, n1) // 10))
+    cand_right = [i not in misses for i in range(n0 + n1)]
+    cand, champ = scored(cand_right, champ_right, labels)
+    assume(min(cand["per_class_accuracy"].values()) >= 0.9)
+    d = decide(cand, GateConfig(min_accuracy=0.0, min_class_accuracy=0.0), champ, "v1",
+               *compared(cand_right, champ_right, labels, PERMUTATIONS))
+    assert not [r for r in d.reasons if r.startswith("class ")], d.reasons

@@ -1,5 +1,7 @@
 """The promotion gate: absolute accuracy bars, then a paired comparison with the champion on the same test
-images (exact McNemar test, per-class tolerance), every accuracy with its Wilson 95% interval and n."""
+images (exact McNemar test overall; per class, F1 compared by a paired permutation test), every accuracy with
+its Wilson 95% interval and n. A champion that itself fails the bars on tonight's test images is stale: it
+cannot veto, and a candidate replaces it by clearing the bars and being significantly better overall."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from faceclf.config import GateConfig
-from faceclf.nightly.stats import McNemar, wilson
+from faceclf.nightly.stats import ClassComparison, McNemar, wilson
 
 
 def gate_failures(metrics: dict[str, Any], min_accuracy: float, min_class_accuracy: float) -> list[str]:
@@ -70,6 +72,8 @@ class Decision:
     candidate: dict[str, Any] | None = None     # accuracies() of the candidate
     champion: dict[str, Any] | None = None      # accuracies() of the champion on the same test set
     paired: dict[str, Any] | None = None        # McNemar counts and p-value (None: nothing to pair with)
+    classes: list[dict[str, Any]] | None = None  # per class: both models' precision, recall, F1 and p_worse
+    champion_stale: list[str] = field(default_factory=list)  # why the champion fails the bars on tonight's test set
     why: str = ""
     approval: dict[str, Any] | None = None      # a person's answer when the night asked for one
 
@@ -90,11 +94,53 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def class_regressions(classes: Sequence[ClassComparison], version: str | None, cfg: GateConfig) -> list[str]:
+    """A reason for each class whose F1 trails the champion's by more than ``class_tolerance`` and significantly
+    (paired permutation test, p < alpha): a real regression, not the shadow of a champion that calls every
+    image that class (perfect recall, poor precision, poor F1)."""
+    reasons = []
+    for c in classes:
+        if c.candidate_f1 is None or c.champion_f1 is None:
+            continue
+        drop = c.champion_f1 - c.candidate_f1
+        if drop > cfg.class_tolerance and c.p_worse < cfg.alpha:
+            reasons.append(f"class {c.cls!r} F1 {c.candidate_f1:.4f} is worse than champion {version}'s "
+                           f"{c.champion_f1:.4f} by {drop:.4f} (class_tolerance {cfg.class_tolerance}; precision "
+                           f"{_num(c.candidate_precision)} vs {_num(c.champion_precision)}, recall "
+                           f"{_num(c.candidate_recall)} vs {_num(c.champion_recall)}; paired permutation "
+                           f"p = {c.p_worse:.3g} < {cfg.alpha})")
+    return reasons
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def recall_regressions(candidate: dict[str, Any], champion: dict[str, Any], version: str | None,
+                       cfg: GateConfig) -> list[str]:
+    """Per-class recall against the champion's, without significance: only for runs written before per-image
+    predictions existed (nothing to pair)."""
+    reasons, theirs = [], champion.get("per_class_accuracy") or {}
+    for cls, value in (candidate.get("per_class_accuracy") or {}).items():
+        other = theirs.get(cls)
+        if _finite(value) and _finite(other) and value < other - cfg.class_tolerance:
+            reasons.append(f"class {cls!r} accuracy {value:.4f} is worse than champion {version}'s {other:.4f} by "
+                           f"{other - value:.4f} (class_tolerance {cfg.class_tolerance})")
+    return reasons
+
+
+def significantly_better(paired: McNemar | None) -> bool:
+    """The candidate gets significantly more images right than the champion (exact McNemar)."""
+    return paired is not None and paired.candidate_only > paired.champion_only
+
+
 def compare_with_champion(candidate: dict[str, Any], champion: dict[str, Any], version: str | None,
-                          cfg: GateConfig, paired: McNemar | None) -> list[str]:
+                          cfg: GateConfig, paired: McNemar | None,
+                          classes: Sequence[ClassComparison] | None = None) -> list[str]:
     """Reasons the candidate may not replace the champion, re-scored on the same test images: worse overall
     by more than ``tolerance``, significantly worse (McNemar p < alpha), not significantly better (with
-    ``require_improvement``), or any class worse by more than ``class_tolerance``."""
+    ``require_improvement``), or any class's F1 significantly worse by more than ``class_tolerance``
+    (``classes``; per-class recall where a run has no per-image predictions)."""
     reasons = []
     acc, champ_acc = candidate.get("accuracy"), champion.get("accuracy")
     if not _finite(champ_acc):
@@ -107,46 +153,69 @@ def compare_with_champion(candidate: dict[str, Any], champion: dict[str, Any], v
             reasons.append(f"significantly worse than champion {version} on the same images: it gets "
                            f"{paired.champion_only} images wrong that the champion gets right, and {paired.candidate_only} "
                            f"right that the champion gets wrong (McNemar p = {paired.p_value:.3g} < {cfg.alpha})")
-    if cfg.require_improvement and not (paired is not None and paired.candidate_only > paired.champion_only
-                                        and paired.p_value < cfg.alpha):
-        p = f"p = {paired.p_value:.3g}" if paired is not None else "no paired comparison"
-        reasons.append(f"not significantly better than champion {version} "
-                       f"({paired.candidate_only if paired else 0} vs {paired.champion_only if paired else 0} "
-                       f"discordant images, {p}; require_improvement with alpha {cfg.alpha})")
-    theirs = champion.get("per_class_accuracy") or {}
-    for cls, value in (candidate.get("per_class_accuracy") or {}).items():
-        other = theirs.get(cls)
-        if _finite(value) and _finite(other) and value < other - cfg.class_tolerance:
-            reasons.append(f"class {cls!r} accuracy {value:.4f} is worse than champion {version}'s {other:.4f} by "
-                           f"{other - value:.4f} (class_tolerance {cfg.class_tolerance})")
+    if cfg.require_improvement and not (significantly_better(paired) and paired.p_value < cfg.alpha):
+        reasons.append(not_better(version, paired, cfg, "require_improvement"))
+    if classes is not None:
+        reasons += class_regressions(classes, version, cfg)
+    else:
+        reasons += recall_regressions(candidate, champion, version, cfg)
     return reasons
 
 
+def not_better(version: str | None, paired: McNemar | None, cfg: GateConfig, rule: str) -> str:
+    """'not significantly better than champion V (b vs c discordant images, p = ...; RULE with alpha A)'."""
+    p = f"p = {paired.p_value:.3g}" if paired is not None else "no paired comparison"
+    return (f"not significantly better than champion {version} ({paired.candidate_only if paired else 0} vs "
+            f"{paired.champion_only if paired else 0} discordant images, {p}; {rule} with alpha {cfg.alpha})")
+
+
+def stale_champion(champion: dict[str, Any] | None, version: str | None, cfg: GateConfig) -> list[str]:
+    """Why the champion, re-scored on tonight's test images, fails the absolute bars itself (empty: it does not)."""
+    if champion is None or not _finite(champion.get("accuracy")):
+        return []
+    return [f"champion {version}'s {r}" for r in gate_failures(champion, cfg.min_accuracy, cfg.min_class_accuracy)]
+
+
+def against_stale_champion(version: str | None, cfg: GateConfig, paired: McNemar | None) -> list[str]:
+    """A stale champion cannot veto: the candidate must only be significantly better overall (exact McNemar)."""
+    if significantly_better(paired) and paired.p_value < cfg.alpha:
+        return []
+    return [not_better(version, paired, cfg, "the champion is stale (below the bars on tonight's test set), so")]
+
+
 def why(promote: bool, reasons: Sequence[str], candidate: dict[str, Any] | None, champion: dict[str, Any] | None,
-        version: str | None, paired: McNemar | None) -> str:
+        version: str | None, paired: McNemar | None, stale: Sequence[str] = ()) -> str:
     """The decision in one sentence."""
     if not promote:
         return f"Rejected because {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "") + "."
+    if stale:
+        return (f"Promoted: test accuracy {fmt(candidate['accuracy'])} clears the bars and is significantly better "
+                f"than champion {version}, which is stale ({stale[0]}): on the same images {paired.candidate_only} vs "
+                f"{paired.champion_only} discordant (McNemar p = {paired.p_value:.3g}).")
     cand = fmt(candidate["accuracy"]) if candidate else "n/a"
     if champion is None:
         return f"Promoted: test accuracy {cand} clears the absolute bars; there is no champion to compare with."
     test = (f"; on the same images {paired.candidate_only} vs {paired.champion_only} discordant "
             f"(McNemar p = {paired.p_value:.3g})" if paired is not None else "")
     return (f"Promoted: test accuracy {cand} against champion {version}'s {fmt(champion['accuracy'])}{test}, "
-            "no class worse by more than the class tolerance.")
+            "no class's F1 significantly worse by more than the class tolerance.")
 
 
 def decide(candidate: dict[str, Any], cfg: GateConfig, champion: dict[str, Any] | None = None,
-           champion_version: str | None = None, paired: McNemar | None = None) -> Decision:
-    """Gate a candidate's test metrics; ``champion`` is the champion re-scored on the same test set and
-    ``paired`` the two models' per-image outcomes compared on it.
+           champion_version: str | None = None, paired: McNemar | None = None,
+           classes: Sequence[ClassComparison] | None = None) -> Decision:
+    """Gate a candidate's test metrics; ``champion`` is the champion re-scored on the same test set, ``paired``
+    the two models' per-image outcomes compared on it, and ``classes`` each class compared on it.
 
     Fails on: accuracy or any class below its bar, NaN/missing numbers, an empty or single-class test set,
-    and against a champion: see ``compare_with_champion``.
+    and against a champion: see ``compare_with_champion``, or, when the champion fails the bars itself
+    (stale), ``against_stale_champion``.
     """
     champ_acc = champion.get("accuracy") if champion else None
+    stale = stale_champion(champion, champion_version, cfg)
     evidence = dict(candidate=accuracies(candidate), champion=accuracies(champion),
-                    paired={"n": paired.n, **asdict(paired)} if paired else None)
+                    paired={"n": paired.n, **asdict(paired)} if paired else None,
+                    classes=[asdict(c) for c in classes] if classes is not None else None, champion_stale=stale)
     if candidate.get("diverged"):  # nothing was measured: the one reason says why
         reasons = [f"training diverged: {candidate['diverged']}"]
         return Decision(False, reasons, None, champion_version, champ_acc if _finite(champ_acc) else None, asdict(cfg),
@@ -160,12 +229,15 @@ def decide(candidate: dict[str, Any], cfg: GateConfig, champion: dict[str, Any] 
         reasons.append(f"the test set measures {len(measured)} class(es); at least 2 are needed")
     if not _finite(candidate.get("loss")):
         reasons.append(f"test loss {candidate.get('loss')} is not a finite number")
-    if champion is not None:
-        reasons += compare_with_champion(candidate, champion, champion_version, cfg, paired)
+    if stale:
+        reasons += against_stale_champion(champion_version, cfg, paired)
+    elif champion is not None:
+        reasons += compare_with_champion(candidate, champion, champion_version, cfg, paired, classes)
     acc = candidate.get("accuracy")
     return Decision(not reasons, reasons, acc if _finite(acc) else None, champion_version,
                     champ_acc if _finite(champ_acc) else None, asdict(cfg), **evidence,
-                    why=why(not reasons, reasons, evidence["candidate"], evidence["champion"], champion_version, paired))
+                    why=why(not reasons, reasons, evidence["candidate"], evidence["champion"], champion_version, paired,
+                            stale))
 
 
 def with_approval(decision: Decision, approved: bool, comment: str, timed_out: bool = False) -> Decision:

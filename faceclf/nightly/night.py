@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from faceclf.config import CacheConfig, DataConfig, DriftConfig, RunConfig, with_overrides
 from faceclf.dataset.cache import CacheReport, DecodedCache, cache_folder, update_cache
@@ -27,7 +27,7 @@ from faceclf.nightly.drift import markdown as drift_markdown
 from faceclf.nightly.gate import Decision
 from faceclf.nightly import runs
 from faceclf.nightly.report import render_report
-from faceclf.nightly.stats import McNemar, mcnemar
+from faceclf.nightly.stats import ClassComparison, McNemar, compare_classes, mcnemar
 from faceclf.serving.export import ExportReport, export_onnx
 from faceclf.serving.score import accuracy_on, evaluate_onnx_per_image
 from faceclf.store.atomic import write_json_atomic, write_text_atomic
@@ -244,17 +244,22 @@ def rescore_champion(store: Store, champion: ChampionRef | None, faceset: FaceSe
     return ChampionScore(champion.version, metrics, predicted)
 
 
-def paired_outcomes(run_dir: Path, champion: ChampionScore | None) -> McNemar | None:
+def paired_outcomes(run_dir: Path, champion: ChampionScore | None, classes: Sequence[str],
+                    permutations: int) -> tuple[McNemar, list[ClassComparison]] | tuple[None, None]:
     """The candidate (RUN/test_predictions.csv) and the champion compared image by image on the test images
-    both scored; None without a champion, or for a run written before per-image predictions existed."""
+    both scored: McNemar overall, and each class's precision, recall and F1 (paired permutation test);
+    (None, None) without a champion, or for a run written before per-image predictions existed."""
     path = run_dir / TEST_PREDICTIONS
     if champion is None or not champion.predicted or not path.is_file():
-        return None
+        return None, None
     with open(path, newline="", encoding="utf-8") as f:
         candidate = {r["sha256"]: (r["class"], r["predicted"]) for r in csv.DictReader(f)}
     common = sorted(set(candidate) & set(champion.predicted))
-    return mcnemar([candidate[s][1] == candidate[s][0] for s in common],
-                   [champion.predicted[s] == candidate[s][0] for s in common])
+    index = {c: i for i, c in enumerate(classes)}
+    truth = [index[candidate[s][0]] for s in common]
+    ours, theirs = [index[candidate[s][1]] for s in common], [index[champion.predicted[s]] for s in common]
+    return (mcnemar([a == y for a, y in zip(ours, truth)], [b == y for b, y in zip(theirs, truth)]),
+            compare_classes(classes, truth, ours, theirs, permutations))
 
 
 def export_candidate(run_dir: Path, int8: bool = False) -> ExportReport:

@@ -36,6 +36,32 @@ def paired_lines(paired: dict[str, Any] | None, champion_version: str | None) ->
             f"(exact McNemar p = {paired['p_value']:.3g}).", ""]
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def class_lines(classes: list[dict[str, Any]] | None, champion_version: str | None) -> list[str]:
+    """Each class, both models on the same test images: precision, recall, F1, and the permutation test's
+    p-value that the candidate's F1 is lower by chance (nothing without a champion to pair with)."""
+    if not classes:
+        return []
+    rows = [f"| {c['cls']} | {c['n']} | {_num(c['candidate_precision'])} / {_num(c['candidate_recall'])} / "
+            f"{_num(c['candidate_f1'])} | {_num(c['champion_precision'])} / {_num(c['champion_recall'])} / "
+            f"{_num(c['champion_f1'])} | {c['p_worse']:.3g} |" for c in classes]
+    return [f"Per class against champion {champion_version} (precision / recall / F1; p: a paired permutation test "
+            "that the candidate's F1 is this much lower by chance):", "",
+            "| class | test images | candidate | champion | p |", "| --- | --- | --- | --- | --- |", *rows, ""]
+
+
+def stale_lines(decision: dict[str, Any]) -> list[str]:
+    """The champion fails the bars on tonight's test set: it could not veto (said near the top)."""
+    stale = decision.get("champion_stale") or []
+    if not stale:
+        return []
+    return [f"**The champion is stale:** re-scored on tonight's test images, {'; '.join(stale)}. It could not veto: "
+            "the candidate had to clear the bars and be significantly better overall.", ""]
+
+
 def confusion_markdown(classes: Sequence[str], matrix: Sequence[Sequence[int]]) -> str:
     """Markdown table of a confusion matrix (rows: true class, columns: predicted)."""
     head = "| true \\ predicted | " + " | ".join(classes) + " |"
@@ -56,13 +82,15 @@ def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any],
     ]
     if decision.get("why"):
         lines += [decision["why"], ""]
+    lines += stale_lines(decision)
     if decision["reasons"]:
         lines += ["Why not:", *[f"- {r}" for r in decision["reasons"]], ""]
     gate = decision["gate"]
     lines += [
         f"Gate: overall >= {gate.get('min_accuracy')}, every class >= {gate.get('min_class_accuracy')}; against the "
         f"champion on the same test images: not worse by more than {gate.get('tolerance')}, not significantly worse "
-        f"(exact McNemar test, alpha {gate.get('alpha')}), no class worse by more than {gate.get('class_tolerance')}"
+        f"(exact McNemar test, alpha {gate.get('alpha')}), no class's F1 significantly worse by more than "
+        f"{gate.get('class_tolerance')} (paired permutation test); a champion below the bars cannot veto"
         + (", and significantly better (require_improvement)." if gate.get("require_improvement") else "."),
         f"Champion before tonight: {decision.get('champion_version') or 'none'}"
         + (f" (re-scored on tonight's test set: {_pct(decision.get('champion_accuracy'))})" if decision.get("champion_version") else ""),
@@ -86,6 +114,7 @@ def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any],
         *interval_rows(classes, decision.get("candidate"), decision.get("champion")),
         "",
         *paired_lines(decision.get("paired"), decision.get("champion_version")),
+        *class_lines(decision.get("classes"), decision.get("champion_version")),
         "## Confusion matrix (test)",
         "",
         confusion_markdown(classes, test["confusion_matrix"]) if test.get("confusion_matrix") is not None
