@@ -3,6 +3,8 @@
 Each image is a face (random skin tone, position, size, tilt, background clutter, blur, noise)
 drawn with a class-specific feature: a surgical-style mask over nose and mouth (`with_mask`), a
 bare nose and mouth (`without_mask`), or dark glasses (`with_sunglasses`, for >2-class tests).
+A ``look`` other than "plain" photographs the same faces differently (a shifted set for drift and warm-start
+tests): "night" is a dim, blue-tinted, washed-out camera.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter
 KNOWN_CLASSES = ("with_mask", "without_mask", "with_sunglasses")
 SKIN = [(255, 224, 189), (241, 194, 125), (224, 172, 105), (198, 134, 66), (141, 85, 36), (92, 56, 30)]
 MASK = [(180, 215, 240), (245, 245, 245), (40, 40, 45), (120, 160, 200), (230, 170, 190), (90, 120, 90)]
+LOOKS = ("plain", "night")
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 18) -> tuple[int, int, int]:
@@ -86,12 +89,29 @@ def draw_face(cls: str, size: int, rng: random.Random) -> Image.Image:
     return Image.blend(img, noise, 0.08)
 
 
+def with_look(img: Image.Image, look: str) -> Image.Image:
+    """``img`` as the camera ``look`` sees it; "plain" is ``img`` itself (no random draw either way, so a seed
+    gives the same faces in every look)."""
+    if look not in LOOKS:
+        raise ValueError(f"sample look {look!r} is not one of {LOOKS}")
+    if look == "plain":
+        return img
+    rgb = np.asarray(img, dtype=np.float32)                                # (S, S, 3)
+    grey = rgb.mean(axis=2, keepdims=True)
+    night = 0.35 * (0.5 * rgb + 0.5 * grey) * np.array([0.7, 0.85, 1.25], dtype=np.float32) + 12.0
+    return Image.fromarray(night.clip(0, 255).astype(np.uint8))
+
+
 def generate_sample_faces(root: str | Path, per_class: int = 150, size: int = 128, seed: int = 0,
-                          classes: Sequence[str] = ("with_mask", "without_mask"), png_every: int = 7) -> dict[str, int]:
-    """Write ``per_class`` faces for each class to root/<class>/ (JPEG, every ``png_every``-th PNG).
+                          classes: Sequence[str] = ("with_mask", "without_mask"), png_every: int = 7,
+                          look: str = "plain") -> dict[str, int]:
+    """Write ``per_class`` faces for each class to root/<class>/ (JPEG, every ``png_every``-th PNG), as the
+    camera ``look`` sees them (one of LOOKS).
 
     The same seed gives the same files. Returns the number of files written per class.
     """
+    if look not in LOOKS:
+        raise ValueError(f"sample look {look!r} is not one of {LOOKS}")
     root = Path(root)
     rng = random.Random(seed)
     written = {}
@@ -99,7 +119,7 @@ def generate_sample_faces(root: str | Path, per_class: int = 150, size: int = 12
         folder = root / cls
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            img = draw_face(cls, size, rng)
+            img = with_look(draw_face(cls, size, rng), look)
             if png_every and i % png_every == png_every - 1:
                 img.save(folder / f"{cls}_{i:05d}.png")
             else:
