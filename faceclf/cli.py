@@ -16,6 +16,7 @@ from faceclf.config import (
     DataConfig,
     Int8Config,
     ModelConfig,
+    NightConfig,
     RunConfig,
     ScoreConfig,
     TrainConfig,
@@ -226,6 +227,7 @@ def cmd_ingest(a: argparse.Namespace) -> None:
 
 def cmd_models(a: argparse.Namespace) -> None:
     from faceclf.nightly.night import resolve_location
+    from faceclf.nightly.stuck import stuck_reasons
     from faceclf.store import registry
     from faceclf.store.objects import open_store
 
@@ -243,6 +245,9 @@ def cmd_models(a: argparse.Namespace) -> None:
                   f"{'promoted    ' if r['promoted'] else 'not promoted'}  test accuracy {acc}"
                   f"{'' if r['has_model'] else '  (no model.onnx)'}")
         print("* champion; test accuracy with its Wilson 95% interval and the number of test images")
+        champion = registry.read_champion(store)
+        for reason in stuck_reasons(rows, champion["version"] if champion else None, NightConfig().stuck_after):
+            print(f"STUCK: {reason}")
         latest = registry.read_latest(store)
         if latest:  # what the next night compares with: fewer new images than min_new_images and it is skipped
             print(f"latest: {latest['version']}, trained on {latest['images']} images; a night with fewer new "

@@ -101,6 +101,8 @@ WARM_START = True                     # fine-tune the champion instead of traini
 APPROVAL_TIMEOUT_S = 12 * 3600       # with approval=true, no answer within this many seconds rejects the candidate
                                       # (before the next night's 02:00 run)
 WARM_EPOCHS = 5                       # epochs of a warm-started night (3: 0.997, one test image lost)
+STUCK_AFTER = 2                       # this many rejected nights in a row is a stuck pipeline: said atop the report,
+                                      # in the rejection notification's subject and in `faceclf models list`
 
 # Promotion gate.
 MIN_ACCURACY = 0.90                   # overall test accuracy a candidate must reach
@@ -395,8 +397,10 @@ class NightConfig:
     int8: bool = False                # also publish model.int8.onnx with a promoted model, where it agrees with fp32
     approval: bool = False            # after the gate passes, wait for a person to approve before promoting
     approval_timeout: int = APPROVAL_TIMEOUT_S
+    stuck_after: int = STUCK_AFTER
 
     def __post_init__(self) -> None:
+        require_at_least(self, 1, "stuck_after")
         if self.min_new_images < 0:
             raise ValueError(f"min_new_images must be >= 0, got {self.min_new_images}")
         if self.warm_epochs < 1:

@@ -71,9 +71,12 @@ def on_night_failed(flow: Any, flow_run: Any, state: Any) -> None:
          f"bucket: {params.get('bucket') or os.environ.get('FACECLF_BUCKET')}. The champion is unchanged.")
 
 
-def night_rejected(version: str, why: str, bucket: str) -> bool:
-    """A night that trained a candidate and did not promote it (a failed delivery raises: see ``deliver``)."""
-    return deliver(f"faceclf night rejected: {version}", f"{why}\nbucket: {bucket}. The champion is unchanged.")
+def night_rejected(version: str, why: str, bucket: str, stuck: list[str] | None = None) -> bool:
+    """A night that trained a candidate and did not promote it (a failed delivery raises: see ``deliver``); with
+    ``stuck`` (why the pipeline is stuck: faceclf.nightly.stuck) the subject says so first."""
+    subject = f"faceclf pipeline stuck: night {version} rejected" if stuck else f"faceclf night rejected: {version}"
+    lines = [f"The pipeline is stuck: {s}" for s in stuck or []]
+    return deliver(subject, "\n".join([*lines, why, f"bucket: {bucket}. The champion is unchanged."]))
 
 
 def save_block(url: str, name: str = BLOCK_NAME, allow_private_urls: bool = False) -> str:

@@ -191,16 +191,17 @@ def export_model(run: runs.NightRun, int8: bool) -> ExportReport:
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunMetrics, data: dict[str, Any],
-            champion: ChampionRef | None, faceset: FaceSet, drift: DriftReport | None,
+            champion: ChampionRef | None, faceset: FaceSet, drift: DriftReport | None, night_cfg: NightConfig,
             warnings: list[str]) -> night.Published:
     """Upload the version (report, decision, checkpoint, model if promoted); move champion.json, then latest.json.
     ``warnings``: the informing steps that failed so far, for the top of report.md."""
     store = open_store(location)
     informed = Warnings(warnings)
-    files, body = night.write_night_files(run.run_dir, decision, metrics.to_dict(), data, store, drift, informed)
+    files, body, stuck = night.night_files(run.run_dir, decision, metrics.to_dict(), data, store, champion, night_cfg,
+                                           drift, informed)
     result = night.publish(store, run.run_dir, files, decision, metrics.to_dict(), champion, faceset)
     runs.mark_published(run.run_dir, result.version, result.promoted)
-    return dataclasses.replace(result, report_body=body, warnings=informed.items)
+    return dataclasses.replace(result, report_body=body, warnings=informed.items, stuck=stuck)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -225,7 +226,8 @@ def publish_artifacts(location: str, result: night.Published, metrics: RunMetric
                      description="promoted model" if decision.promote else "rejected candidate's decision")
     publish_plots(location, result, warnings)
     if not decision.promote:
-        warnings.attempt("rejection notification", notify.night_rejected, metrics.version, decision.why, location)
+        warnings.attempt("rejection notification", notify.night_rejected, metrics.version, decision.why, location,
+                         result.stuck)
     warnings.attempt("night report artifact", create_markdown_artifact, with_warnings(result.report_body, warnings.items),
                      key="face-night-report", description=decision.summary())
 
@@ -341,7 +343,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
             decision = ask_approval(decision, run.version, night_cfg.approval_timeout)
         exported = export_model(run, night_cfg.int8) if decision.promote else None
         result = publish(location, run, decision, metrics, night.report_counts(report.to_dict(), metrics.to_dict()),
-                         champion, report.faceset, drift, [*informed.items, *metrics.warnings])
+                         champion, report.faceset, drift, night_cfg, [*informed.items, *metrics.warnings])
     informed = Warnings(result.warnings)  # every warning so far, the publish task's own included
     publish_artifacts(location, result, metrics, decision, score, informed)
     if informed.items != result.warnings:  # report.md went up before these: publish it again with them

@@ -237,6 +237,17 @@ def test_models_list_and_promote(trained_run: Path, tmp_path: Path) -> None:
     missing = faceclf("models", "promote", "nope", "--bucket", bucket, "--reason", "x", check=False)
     assert missing.returncode == 2 and "has no model.onnx" in missing.stderr
     assert registry.read_champion(store)["version"] == "20261101T020000Z-aaaaaa"
+    assert not [line for line in faceclf("models", "list", "--bucket", bucket).stdout.splitlines() if "STUCK" in line]
+
+    # Two nights rejected in a row, the last against a champion below the bars on its test split: stuck, said so.
+    (tmp_path / "decision.json").write_text(json.dumps({"promote": False, "why": "Rejected because x.",
+                                                        "champion_stale": ["champion's accuracy 0.61 is below 0.9"]}))
+    registry.publish_version(store, "20261104T020000Z-dddddd", {"decision.json": tmp_path / "decision.json"})
+    stuck = [line for line in faceclf("models", "list", "--bucket", bucket).stdout.splitlines() if "STUCK" in line]
+    assert stuck == ["STUCK: 2 nights rejected in a row (20261103T020000Z-cccccc to 20261104T020000Z-dddddd); champion "
+                     "20261101T020000Z-aaaaaa stays: last rejection: Rejected because x.",
+                     "STUCK: champion 20261101T020000Z-aaaaaa is below the bars on the test split of night "
+                     "20261104T020000Z-dddddd: champion's accuracy 0.61 is below 0.9"], stuck
 
 
 def test_class_weighting_option_reaches_the_run_config(faces: Path, tmp_path: Path) -> None:

@@ -246,3 +246,17 @@ def test_a_champion_that_scores_nan_is_never_replaced_blindly() -> None:
     nan = metrics(math.nan, {"with_mask": None, "without_mask": None}, n=0, loss=math.nan)
     d = decide(c, GateConfig(), nan, "v1", None)
     assert not d.promote and "is not a number" in d.reasons[0]
+
+
+def test_stuck_counts_rejections_back_to_the_last_promotion() -> None:
+    from faceclf.nightly.stuck import rejected_in_a_row, stuck_reasons
+
+    def row(v: str, promoted: bool, stale: list | None = None) -> dict:
+        return {"version": v, "promoted": promoted, "gate_passed": promoted, "why": "w", "champion_stale": stale or []}
+
+    rows = [row("a", False), row("b", True), row("c", False), row("d", False, ["its accuracy 0.6 is below 0.9"])]
+    assert [r["version"] for r in rejected_in_a_row(rows)] == ["c", "d"]
+    assert stuck_reasons(rows, "b", 3) == ["champion b is below the bars on the test split of night d: its accuracy "
+                                           "0.6 is below 0.9"]
+    assert len(stuck_reasons(rows, "b", 2)) == 2 and stuck_reasons(rows[:2], "b", 1) == []
+    assert stuck_reasons([], None, 1) == [] and stuck_reasons(rows + [row("e", True)], "e", 1) == []

@@ -70,14 +70,25 @@ def test_failed_rejected_and_nothing_new_nights(prefect_api, webhook: Receiver, 
     assert train(bucket=str(bucket), **kw, **LENIENT, **FAST)["skipped"]
     assert len(webhook.received) == 1
 
-    # Rejected: new images, but bars no model can reach -> one notification with the decision's sentence.
+    # Rejected: new images, but a candidate that must be significantly better than a champion that clears the bars
+    # -> one notification with the decision's sentence.
     put_local_faces(bucket, tmp_path / "gen2", 5, 4)
-    night = train(bucket=str(bucket), **kw, **FAST, min_accuracy=1.0, min_class_accuracy=1.0, tolerance=0.0,
-                  require_improvement=True)
+    night = train(bucket=str(bucket), **kw, **FAST, **LENIENT, require_improvement=True)
     assert not night["promoted"] and len(webhook.received) == 2
     rejected = webhook.received[1]
     assert rejected["title"] == f"faceclf night rejected: {night['version']}"
     assert rejected["message"].startswith("Rejected because")
+
+    # Rejected again: two in a row is a stuck pipeline, said in the subject and first in the report.
+    put_local_faces(bucket, tmp_path / "gen3", 5, 5)
+    again = train(bucket=str(bucket), **kw, **FAST, **LENIENT, require_improvement=True)
+    assert not again["promoted"] and len(webhook.received) == 3
+    stuck = webhook.received[2]
+    assert stuck["title"] == f"faceclf pipeline stuck: night {again['version']} rejected"
+    assert stuck["message"].startswith(f"The pipeline is stuck: 2 nights rejected in a row ({night['version']} to "
+                                       f"{again['version']}); champion {first['version']} stays")
+    report = (bucket / "models" / "face" / again["version"] / "report.md").read_text().splitlines()
+    assert report[2] == "> **The pipeline is stuck:**" and report[3].startswith("> - 2 nights rejected in a row")
 
 
 def test_the_block_saved_by_the_documented_command_is_used(prefect_api, webhook: Receiver,

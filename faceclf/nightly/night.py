@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from faceclf.config import CacheConfig, DataConfig, DriftConfig, RunConfig, with_overrides
+from faceclf.config import CacheConfig, DataConfig, DriftConfig, NightConfig, RunConfig, with_overrides
 from faceclf.dataset.cache import CacheReport, DecodedCache, cache_folder, update_cache
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess
@@ -27,6 +27,7 @@ from faceclf.nightly.drift import markdown as drift_markdown
 from faceclf.nightly.gate import Decision
 from faceclf.nightly import runs
 from faceclf.nightly.report import render_report
+from faceclf.nightly.stuck import stuck_reasons
 from faceclf.nightly.stats import ClassComparison, McNemar, compare_classes, mcnemar
 from faceclf.serving.export import ExportReport, export_onnx
 from faceclf.serving.score import accuracy_on, evaluate_onnx_per_image
@@ -73,8 +74,8 @@ class ChampionScore:
 @dataclass(frozen=True)
 class Published:
     """What publishing a night did: the version's URIs, whether it was promoted, the pointer after it, its
-    report (``report_md`` as published; ``report_body`` without the warnings block) and the informing steps
-    that failed so far (``warnings``)."""
+    report (``report_md`` as published; ``report_body`` without the warnings block), the informing steps
+    that failed so far (``warnings``) and why the pipeline is stuck (``stuck``)."""
 
     version: str
     promoted: bool
@@ -83,6 +84,7 @@ class Published:
     report_md: str
     report_body: str = ""
     warnings: list[str] = field(default_factory=list)
+    stuck: list[str] = field(default_factory=list)   # why the pipeline is stuck (faceclf.nightly.stuck)
 
 
 def resolve_location(bucket: str | None) -> str:
@@ -280,28 +282,35 @@ def export_candidate(run_dir: Path, int8: bool = False) -> ExportReport:
     return report
 
 
-def plot_recent_versions(store: Store, run_dir: Path, version: str, decision: Decision) -> Path:
-    """run_dir/versions.png: test accuracy (with interval) of the last versions in the registry and tonight's."""
+def recent_versions(store: Store, version: str, decision: Decision) -> list[dict[str, Any]]:
+    """The registry's last versions (faceclf.store.registry.list_versions rows) with tonight's as the newest,
+    as it will read once published."""
     rows = [r for r in list_versions(store, RECENT_VERSIONS) if r["version"] != version][-(RECENT_VERSIONS - 1):]
     accuracy = (decision.candidate or {}).get("accuracy") or {}
     rows.append({"version": version, "test_accuracy": decision.candidate_accuracy, "test_low": accuracy.get("low"),
-                 "test_high": accuracy.get("high"), "gate_passed": decision.promote, "champion": decision.promote})
+                 "test_high": accuracy.get("high"), "gate_passed": decision.promote, "champion": decision.promote,
+                 "promoted": decision.promote, "why": decision.why, "champion_stale": decision.champion_stale})
     if decision.promote:
         rows = [{**r, "champion": r is rows[-1]} for r in rows]
-    return plot_versions(rows, run_dir / "versions.png")
+    return rows
 
 
-def write_night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data: dict[str, Any],
-                      store: Store, drift: DriftReport | None = None,
-                      warnings: Warnings | None = None) -> tuple[dict[str, Path], str]:
-    """Write decision.json, versions.png and report.md (with the drift checks, when they ran, and a block of
-    ``warnings`` under its title) next to the run's outputs; return every file to publish and the report
-    without its warnings block. The versions plot and the drift section only inform: their failures join
-    ``warnings``."""
+def night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data: dict[str, Any], store: Store,
+                champion: ChampionRef | None, cfg: NightConfig, drift: DriftReport | None = None,
+                warnings: Warnings | None = None) -> tuple[dict[str, Path], str, list[str]]:
+    """Write decision.json, versions.png and report.md (stuck pipeline and drift sections, when they apply, and
+    a block of ``warnings`` under its title) next to the run's outputs; return every file to publish, the report
+    without its warnings block, and why the pipeline is stuck (faceclf.nightly.stuck). The versions plot, the
+    stuck check and the drift section only inform: their failures join ``warnings``."""
     warnings = warnings if warnings is not None else Warnings()
+    version = metrics["version"]
     write_json_atomic(run_dir / DECISION_FILE, decision.to_dict())
-    warnings.attempt("versions plot (versions.png)", plot_recent_versions, store, run_dir, metrics["version"], decision)
-    body = render_report(metrics["version"], metrics["classes"], metrics, decision.to_dict(), data)
+    rows = warnings.attempt("reading the last versions", recent_versions, store, version, decision) or []
+    if rows:
+        warnings.attempt("versions plot (versions.png)", plot_versions, rows, run_dir / "versions.png")
+    stuck = stuck_reasons(rows, version if decision.promote else champion.version if champion else None,
+                          cfg.stuck_after) if rows else []
+    body = render_report(version, metrics["classes"], metrics, decision.to_dict(), data, stuck)
     if drift is not None:
         body += "\n" + (warnings.attempt("drift section of the report", drift_markdown, drift) or "")
     write_text_atomic(run_dir / "report.md", with_warnings(body, warnings.items))
@@ -309,7 +318,7 @@ def write_night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any]
     if decision.promote:
         files[MODEL_FILE] = run_dir / MODEL_FILE
         files[INT8_MODEL_FILE] = run_dir / INT8_MODEL_FILE  # kept below only where export wrote one
-    return {k: v for k, v in files.items() if v.is_file()}, body
+    return {k: v for k, v in files.items() if v.is_file()}, body, stuck
 
 
 def publish(store: Store, run_dir: Path, files: dict[str, Path], decision: Decision, metrics: dict[str, Any],

@@ -71,12 +71,14 @@ def confusion_markdown(classes: Sequence[str], matrix: Sequence[Sequence[int]]) 
 
 
 def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any], decision: dict[str, Any],
-                  data: dict[str, Any]) -> str:
-    """Markdown for people reading the night's outcome in S3 or the Prefect UI."""
+                  data: dict[str, Any], stuck: Sequence[str] = ()) -> str:
+    """Markdown for people reading the night's outcome in S3 or the Prefect UI; ``stuck``: why the pipeline is
+    stuck (faceclf.nightly.stuck), said first."""
     test = metrics["test"]
-    lines = [
-        f"# faceclf night: model {version}",
-        "",
+    lines = [f"# faceclf night: model {version}", ""]
+    if stuck:
+        lines += ["> **The pipeline is stuck:**", *[f"> - {s}" for s in stuck], ""]
+    lines += [
         f"**Decision: {'PROMOTED' if decision['promote'] else 'REJECTED'}**",
         "",
     ]

@@ -265,7 +265,8 @@ def fetch_champion(store: Store, dest: Path, champion: ChampionRef | None = None
 
 def list_versions(store: Store, last: int | None = None) -> list[dict[str, Any]]:
     """Every version (or the ``last`` ones), oldest first: version, files, gate decision, ever champion?, test
-    accuracy with its interval and n, champion now? (one listing, one decision.json read per version)"""
+    accuracy with its interval and n, champion now?, why the champion it was gated against was stale (one
+    listing, one decision.json read per version)"""
     files: dict[str, list[str]] = {}
     for obj in store.list(MODELS_PREFIX):
         rest = obj.key[len(MODELS_PREFIX):]
@@ -290,6 +291,7 @@ def list_versions(store: Store, last: int | None = None) -> list[dict[str, Any]]
             "test_high": accuracy.get("high"),
             "test_n": accuracy.get("n"),
             "why": decision.get("why"),
+            "champion_stale": decision.get("champion_stale") or [],
             "has_model": MODEL_FILE in files[version],
             "files": sorted(files[version]),
         })
