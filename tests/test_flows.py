@@ -214,3 +214,29 @@ def test_the_prefect_servers_of_tests_and_demo_run_without_telemetry(prefect_api
 
     assert get_current_settings().server.analytics_enabled is False  # the harness's server, in this process
     assert prefect_env("http://127.0.0.1:1/api", tmp_path)["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"  # demo's
+
+
+def test_a_night_whose_data_shifts_promotes_the_better_candidate(prefect_api, bucket: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23: night 2 more than doubles the set with faces from another camera ('night' look). The champion,
+    trained on the plain look only, loses its footing on tonight's test split; the candidate, trained on both,
+    is promoted: no class of the old champion vetoes it."""
+    from faceclf.store.s3 import s3_client
+    from flows.train import train
+
+    monkeypatch.chdir(tmp_path)
+    store = open_store(f"s3://{bucket}")
+    upload_faces(bucket, tmp_path / "plain", per_class=50, seed=21)
+    first = train(bucket=bucket, **LENIENT, **FAST)
+    assert first["promoted"], first["reasons"]
+
+    shifted = tmp_path / "night-look"
+    generate_sample_faces(shifted, per_class=110, size=48, seed=22, look="night")
+    for p in sorted(shifted.rglob("*.*")):
+        s3_client().put_object(Bucket=bucket, Key=f"incoming/{p.parent.name}/night-{p.name}", Body=p.read_bytes())
+    second = train(bucket=bucket, **LENIENT, **FAST)
+    assert second["promoted"], second["reasons"]
+    decision = json.loads(store.get_bytes(registry.version_key(second["version"], "decision.json")))
+    assert decision["champion_version"] == first["version"] and decision["classes"], decision
+    assert registry.read_champion(store)["version"] == second["version"]
+    print("shifted night:", decision["why"])

@@ -200,7 +200,7 @@ def test_a_small_class_drop_that_is_not_significant_passes() -> None:
 
 def test_a_champion_below_the_bars_is_stale_and_cannot_veto() -> None:
     """Re-scored on tonight's test set the champion fails the bars: the candidate only has to clear them and be
-    significantly better overall; the decision and its sentence say the champion is stale."""
+    better overall on the same images; the decision and its sentence say the champion is stale."""
     labels = [0] * 100 + [1] * 100
     champ = [True] * 100 + [True] * 60 + [False] * 40              # 0.80: below min_accuracy 0.90
     cand = [True] * 97 + [False] * 3 + [True] * 98 + [False] * 2
@@ -209,11 +209,19 @@ def test_a_champion_below_the_bars_is_stale_and_cannot_veto() -> None:
     d = decide(c, GateConfig(), ch, "v1", paired, classes)
     assert d.promote and d.champion_stale and "accuracy 0.8 is below the minimum 0.9" in d.champion_stale[0]
     assert "which is stale" in d.why
-    # Better but not significantly (a small test set): a stale champion is not replaced by a coin toss.
+    # Better but not significantly (a small test split, 2 vs 0 discordant, p = 0.5): replaced all the same.
     few = [0] * 6 + [1] * 6
     c2, ch2 = scored([True] * 12, [True] * 10 + [False] * 2, few)
     d2 = decide(c2, GateConfig(), ch2, "v1", *compared([True] * 12, [True] * 10 + [False] * 2, few))
-    assert not d2.promote and d2.champion_stale and "the champion is stale" in d2.reasons[0]
+    assert d2.promote and d2.champion_stale and "p = 0.5" in d2.why
+    # Not better on the images they disagree on: rejected, even though the champion is stale.
+    labels3 = [0] * 10 + [1] * 10
+    champ3 = [True] * 10 + [True] * 8 + [False] * 2               # 0.90 overall, without_mask 0.80 < 0.85: stale
+    cand3 = [False] + [True] * 9 + [True] * 9 + [False]           # 0.90 / 0.90: clears every bar
+    c3, ch3 = scored(cand3, champ3, labels3)
+    d3 = decide(c3, GateConfig(), ch3, "v1", *compared(cand3, champ3, labels3))
+    assert d3.champion_stale and not d3.promote
+    assert d3.reasons == ["not better than the stale champion v1 on the same images (1 vs 1 discordant)"], d3.reasons
 
 
 def test_per_class_f1_matches_hand_counts_and_identical_models_are_never_worse() -> None:

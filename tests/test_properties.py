@@ -257,7 +257,8 @@ def test_require_improvement_never_promotes_a_copy_of_the_champion(rows: list[tu
     right, labels = [r for r, _, _ in rows], [y for _, _, y in rows]
     cand, champ = scored(right, right, labels)
     d = decide(cand, replace(cfg, require_improvement=True), champ, "v1", *compared(right, right, labels, PERMUTATIONS))
-    assert not d.promote and any("not significantly better" in r for r in d.reasons), d.reasons
+    assert not d.promote and any("not significantly better" in r or "not better than the stale champion" in r
+                                 or "below the minimum" in r for r in d.reasons), d.reasons
 
 
 @MANY
@@ -265,7 +266,7 @@ def test_require_improvement_never_promotes_a_copy_of_the_champion(rows: list[tu
 def test_a_candidate_right_wherever_the_champion_is_right_is_never_worse(rows: list[tuple[bool, bool, int]],
                                                                          cfg: GateConfig, data: st.DataObject) -> None:
     """Dominating the champion image by image: no 'worse' reason; promoted when it clears the absolute bars
-    (and, where the champion itself fails them, is significantly better: a stale champion)."""
+    (and, where the champion itself fails them, is better on the images they disagree on: a stale champion)."""
     champ_right, labels = [c for _, c, _ in rows], [y for _, _, y in rows]
     cand_right = [a or c for a, c, _ in rows]
     cand, champ = scored(cand_right, champ_right, labels)
@@ -278,7 +279,7 @@ def test_a_candidate_right_wherever_the_champion_is_right_is_never_worse(rows: l
     assert worse(decide(cand, cfg, champ, "v1", paired, classes).reasons) == []
     d = decide(cand, bars, champ, "v1", paired, classes)
     stale = gate_failures(champ, bars.min_accuracy, bars.min_class_accuracy) != []
-    better = paired.candidate_only > paired.champion_only and paired.p_value < bars.alpha
+    better = paired.candidate_only > paired.champion_only
     assert d.promote == (not stale or better) and bool(d.champion_stale) == stale, d.reasons
 
 

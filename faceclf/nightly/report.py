@@ -59,7 +59,7 @@ def stale_lines(decision: dict[str, Any]) -> list[str]:
     if not stale:
         return []
     return [f"**The champion is stale:** re-scored on tonight's test images, {'; '.join(stale)}. It could not veto: "
-            "the candidate had to clear the bars and be significantly better overall.", ""]
+            "the candidate had to clear the bars and be better overall on the same images.", ""]
 
 
 def confusion_markdown(classes: Sequence[str], matrix: Sequence[Sequence[int]]) -> str:
