@@ -106,13 +106,14 @@ def class_regressions(classes: Sequence[ClassComparison], version: str | None, c
         if drop > cfg.class_tolerance and c.p_worse < cfg.alpha:
             reasons.append(f"class {c.cls!r} F1 {c.candidate_f1:.4f} is worse than champion {version}'s "
                            f"{c.champion_f1:.4f} by {drop:.4f} (class_tolerance {cfg.class_tolerance}; precision "
-                           f"{_num(c.candidate_precision)} vs {_num(c.champion_precision)}, recall "
-                           f"{_num(c.candidate_recall)} vs {_num(c.champion_recall)}; paired permutation "
+                           f"{num(c.candidate_precision)} vs {num(c.champion_precision)}, recall "
+                           f"{num(c.candidate_recall)} vs {num(c.champion_recall)}; paired permutation "
                            f"p = {c.p_worse:.3g} < {cfg.alpha})")
     return reasons
 
 
-def _num(x: float | None) -> str:
+def num(x: float | None) -> str:
+    """A rate as the report and the reasons print it: '0.9189', or 'n/a' where it is undefined."""
     return "n/a" if x is None else f"{x:.4f}"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from faceclf.nightly.gate import num
+
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
@@ -36,18 +38,14 @@ def paired_lines(paired: dict[str, Any] | None, champion_version: str | None) ->
             f"(exact McNemar p = {paired['p_value']:.3g}).", ""]
 
 
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-
-
 def class_lines(classes: list[dict[str, Any]] | None, champion_version: str | None) -> list[str]:
     """Each class, both models on the same test images: precision, recall, F1, and the permutation test's
     p-value that the candidate's F1 is lower by chance (nothing without a champion to pair with)."""
     if not classes:
         return []
-    rows = [f"| {c['cls']} | {c['n']} | {_num(c['candidate_precision'])} / {_num(c['candidate_recall'])} / "
-            f"{_num(c['candidate_f1'])} | {_num(c['champion_precision'])} / {_num(c['champion_recall'])} / "
-            f"{_num(c['champion_f1'])} | {c['p_worse']:.3g} |" for c in classes]
+    rows = [f"| {c['cls']} | {c['n']} | {num(c['candidate_precision'])} / {num(c['candidate_recall'])} / "
+            f"{num(c['candidate_f1'])} | {num(c['champion_precision'])} / {num(c['champion_recall'])} / "
+            f"{num(c['champion_f1'])} | {c['p_worse']:.3g} |" for c in classes]
     return [f"Per class against champion {champion_version} (precision / recall / F1; p: a paired permutation test "
             "that the candidate's F1 is this much lower by chance):", "",
             "| class | test images | candidate | champion | p |", "| --- | --- | --- | --- | --- |", *rows, ""]
