@@ -95,9 +95,19 @@ DRIFT_SAMPLE = 2000                   # images per side read for brightness (eve
 # The night.
 MIN_NEW_IMAGES = 1                    # fewer new images than this since the last published version: the night
                                       # ends after ingest (no training, no version, champion untouched)
-WARM_START = True                     # fine-tune the champion instead of training from scratch: on face-mask
-                                      # nights (70% -> 100% of train), 5 warm epochs matched scratch's test
-                                      # accuracy (1.000, seeds 0-2) in 0.38 of the wall time (README)
+WARM_START = "auto"                   # fine-tune the champion (true), train from scratch (false), or decide per
+                                      # night (auto: faceclf.nightly.start.choose_start): cold when the champion is
+                                      # below the gate's bars on tonight's test split (issue 23's night: champion
+                                      # 0.609 there, warm 0.963 vs cold 0.982) or more than WARM_MAX_NEW_SHARE of
+                                      # the images are new to it, else warm. `python3 -m benchmarks --only
+                                      # warmstart` (2026-12-06, 5 growth scenarios, seeds 0-2): warm (5 epochs) was
+                                      # 0-2 test images behind cold in every scenario (0-0.7 points; never ahead)
+                                      # in 0.37-0.47x the time; drift flags did not make it worse (README)
+WARM_MAX_NEW_SHARE = 0.5              # auto: more than this share of the images new since the champion trains
+                                      # from scratch. Measured: at 0.50 (face-mask doubling) warm = cold in all 3
+                                      # seeds; at 0.75 (quadrupling) warm 0.991 vs 0.997, as at 0.09 (+10%):
+                                      # the share did not move warm's cost, so the limit is a judgement: the
+                                      # champion saw at least half of tonight's data (issue 23's night: 0.72)
 APPROVAL_TIMEOUT_S = 12 * 3600       # with approval=true, no answer within this many seconds rejects the candidate
                                       # (before the next night's 02:00 run)
 WARM_EPOCHS = 5                       # epochs of a warm-started night (3: 0.997, one test image lost)
@@ -147,6 +157,17 @@ def require_at_least(cfg: Any, minimum: float, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {getattr(cfg, name)}")
+
+
+def parse_warm_start(value: Any) -> bool | str:
+    """A warm_start setting: True, False or "auto" (the strings "true"/"false" too, any case, as a flow
+    parameter or an option arrives); ValueError naming anything else."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text in ("auto", "true", "false"):
+        return "auto" if text == "auto" else text == "true"
+    raise ValueError(f"warm_start must be auto, true or false, got {value!r}")
 
 
 def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -392,12 +413,13 @@ class NightConfig:
     min_new_images: int = MIN_NEW_IMAGES
     force: bool = False               # train even when nothing is new
     allow_new_classes: bool = False   # a class appearing or vanishing is a deliberate change, not an accident
-    warm_start: bool = WARM_START
+    warm_start: bool | str = WARM_START  # "auto", True or False (also "true"/"false", as flow parameters arrive)
     warm_epochs: int = WARM_EPOCHS
     int8: bool = False                # also publish model.int8.onnx with a promoted model, where it agrees with fp32
     approval: bool = False            # after the gate passes, wait for a person to approve before promoting
     approval_timeout: int = APPROVAL_TIMEOUT_S
     stuck_after: int = STUCK_AFTER
+    warm_max_new_share: float = WARM_MAX_NEW_SHARE
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "stuck_after")
@@ -405,6 +427,9 @@ class NightConfig:
             raise ValueError(f"min_new_images must be >= 0, got {self.min_new_images}")
         if self.warm_epochs < 1:
             raise ValueError(f"warm_epochs must be >= 1, got {self.warm_epochs}")
+        self.warm_start = parse_warm_start(self.warm_start)
+        if not 0.0 <= self.warm_max_new_share <= 1.0:
+            raise ValueError(f"warm_max_new_share must be in [0, 1], got {self.warm_max_new_share}")
         if self.approval_timeout < 1:
             raise ValueError(f"approval_timeout must be >= 1 second, got {self.approval_timeout}")
 

@@ -1,6 +1,6 @@
 """Prefect flow `train`: one night of retraining, as thin tasks over faceclf.
 
-    ingest -> check classes -> train -> re-score champion -> gate -> export (if promoted) -> publish
+    ingest -> check classes -> re-score champion -> warm or cold -> train -> gate -> export (if promoted) -> publish
 
 Tasks pass typed values (FaceSet, ChampionRef, NightRun, RunMetrics, Decision, Published). Retries only
 on the tasks that do I/O with the bucket. Deployed as `train/face` (deployments/prefect.yaml).
@@ -31,7 +31,7 @@ from faceclf.dataset.cache import CacheReport
 from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.ingest import IngestReport
 from faceclf.inform import Warnings, with_warnings
-from faceclf.nightly import night, runs
+from faceclf.nightly import night, runs, start
 from faceclf.nightly.drift import DriftDetected, DriftReport
 from faceclf.nightly.gate import Decision, decide, with_approval
 from faceclf.nightly.lock import night_lock
@@ -90,10 +90,18 @@ def nothing_new(location: str, faceset: FaceSet, night_cfg: NightConfig) -> str 
     return night.nothing_new(faceset, read_latest(open_store(location)), night_cfg.min_new_images, night_cfg.force)
 
 
+@task(cache_policy=NONE, **IO_RETRIES)
+def choose_start(location: str, night_cfg: NightConfig, gate: GateConfig, champion: ChampionRef | None,
+                 faceset: FaceSet, score: night.ChampionScore | None) -> start.StartChoice:
+    """Warm or cold tonight, and why (faceclf.nightly.start): from the champion re-scored on tonight's test split
+    and the share of the images new to it."""
+    return start.night_start(open_store(location), night_cfg, gate, champion, faceset, score.metrics if score else None)
+
+
 @task(cache_policy=NONE)
-def start_run(runs_dir: str, faceset: FaceSet, cfg: dict[str, Any]) -> runs.NightRun:
-    """A new run folder for tonight, recording its data and config."""
-    return runs.start_run(Path(runs_dir), new_version(), cfg, faceset.fingerprint())
+def start_run(runs_dir: str, faceset: FaceSet, cfg: dict[str, Any], choice: start.StartChoice) -> runs.NightRun:
+    """A new run folder for tonight, recording its data, config and how its training starts (night.json)."""
+    return runs.start_run(Path(runs_dir), new_version(), cfg, faceset.fingerprint(), choice.to_dict())
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -145,9 +153,10 @@ def train_candidate(location: str, faceset: FaceSet, face_dir: str, run: runs.Ni
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def rescore_champion(location: str, champion: ChampionRef | None, faceset: FaceSet,
-                     run: runs.NightRun) -> night.ChampionScore | None:
-    """The current champion's metrics on tonight's test set (None before the first promotion)."""
-    return night.rescore_champion(open_store(location), champion, faceset, run.run_dir)
+                     runs_dir: str) -> night.ChampionScore | None:
+    """The current champion's metrics on tonight's test set (None before the first promotion), before training:
+    the warm-or-cold rule and the gate both use them (the model is kept in runs_dir/.champion)."""
+    return night.rescore_champion(open_store(location), champion, faceset, night.champion_dir(Path(runs_dir)))
 
 
 @task(cache_policy=NONE)
@@ -274,7 +283,8 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
           image_size: int | str = _RUN.data.image_size, batch_size: int = _RUN.train.batch_size,
           seed: int = _RUN.train.seed, conv_channels: list[int] | None = None, learning_rate: float | None = None,
           allow_new_classes: bool = _NIGHT.allow_new_classes, min_new_images: int = _NIGHT.min_new_images,
-          force: bool = _NIGHT.force, warm_start: bool = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs, class_weighting: str = _RUN.train.class_weighting,
+          force: bool = _NIGHT.force, warm_start: bool | str = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs,
+          warm_max_new_share: float = _NIGHT.warm_max_new_share, class_weighting: str = _RUN.train.class_weighting,
           workers: int = _RUN.train.workers, ray_address: str | None = _RUN.train.ray_address,
           int8: bool = _NIGHT.int8, approval: bool = _NIGHT.approval,
           approval_timeout: int = _NIGHT.approval_timeout, fail_on_drift: bool = _DRIFT.fail_on_drift,
@@ -295,6 +305,9 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     ``approval``: once the gate passes, the night pauses until a person approves or rejects the candidate
     (with a comment) in the Prefect UI or with `python3 -m flows.approve`; no answer within
     ``approval_timeout`` seconds rejects it. champion.json moves only after an approval.
+    ``warm_start``: auto (fine-tune the champion for ``warm_epochs`` unless it is below the gate's bars on
+    tonight's test split or more than ``warm_max_new_share`` of the images are new to it; the reason is logged,
+    in RUN/night.json, report.md and the result's ``start``), true (fine-tune) or false (from scratch).
     Before training, tonight's new images are compared with the train split already held (class balance,
     image size, brightness) and the champion is scored on them; what moved beyond the ``drift_*`` thresholds
     is flagged in the report, and ``fail_on_drift`` stops the night before training.
@@ -308,7 +321,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     drift_cfg = DriftConfig(drift_class_shift, drift_size_ks, drift_brightness_ks, drift_accuracy_drop,
                             fail_on_drift=fail_on_drift)
     night_cfg = NightConfig(min_new_images, force, allow_new_classes, warm_start, warm_epochs, int8, approval,
-                            approval_timeout)
+                            approval_timeout, warm_max_new_share=warm_max_new_share)
     run_cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
                              conv_channels=conv_channels, learning_rate=learning_rate, class_weighting=class_weighting,
                              workers=workers, ray_address=ray_address)
@@ -318,16 +331,20 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         report = ingest_images(location, face_dir)
         champion = read_champion(location)
         check_data(report.faceset, champion, night_cfg.allow_new_classes)
-        if night_cfg.warm_start:  # an "auto" size becomes the champion's: its weights fit that size only
+        reason = nothing_new(location, report.faceset, night_cfg)
+        if reason and runs.find_pending_run(Path(runs_dir), None, report.faceset.fingerprint()) is None:
+            return skip_night(reason, report, champion, finished)  # nothing to resume either: no re-score
+        score = rescore_champion(location, champion, report.faceset, runs_dir)  # for the start rule and the gate
+        begin = choose_start(location, night_cfg, gate, champion, report.faceset, score)
+        if begin.warm:  # an "auto" size becomes the champion's: its weights fit that size only
             run_cfg = night.warm_start(run_cfg, champion, report.faceset, night_cfg.warm_epochs, open_store(location))
         run_cfg = resolve_image_size(run_cfg, report.faceset)  # "auto" (from scratch): tonight's train images
         cfg = run_cfg.to_dict()
-        run = find_unfinished(runs_dir, report.faceset, cfg)
+        run = find_unfinished(runs_dir, report.faceset, cfg)  # the start is part of the config a rerun matches
         if run is None:
-            reason = nothing_new(location, report.faceset, night_cfg)
             if reason:
                 return skip_night(reason, report, champion, finished)
-            run = start_run(runs_dir, report.faceset, cfg)
+            run = start_run(runs_dir, report.faceset, cfg, begin)
         cache = None if run.trained else refresh_cache(location, face_dir, report.faceset, cfg)
         drift = None
         if not run.trained and drift_cfg.fail_on_drift:  # then the drift check decides: its failure fails the night
@@ -337,12 +354,12 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         elif not run.trained:
             drift = informed.attempt("drift check", check_drift, location, report, face_dir, cfg, champion, run, drift_cfg)
         metrics = train_candidate(location, report.faceset, face_dir, run, cfg)
-        score = rescore_champion(location, champion, report.faceset, run)
         decision = gate_candidate(metrics, gate, score, run)
         if decision.promote and night_cfg.approval:
             decision = ask_approval(decision, run.version, night_cfg.approval_timeout)
         exported = export_model(run, night_cfg.int8) if decision.promote else None
-        result = publish(location, run, decision, metrics, night.report_counts(report.to_dict(), metrics.to_dict()),
+        result = publish(location, run, decision, metrics,
+                         {**night.report_counts(report.to_dict(), metrics.to_dict()), "training start": begin.summary()},
                          champion, report.faceset, drift, night_cfg, [*informed.items, *metrics.warnings])
     informed = Warnings(result.warnings)  # every warning so far, the publish task's own included
     publish_artifacts(location, result, metrics, decision, score, informed)
@@ -356,7 +373,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
                        "; ".join(informed.items))
     return {"version": run.version, "promoted": decision.promote, "reasons": decision.reasons,
             "test_accuracy": metrics.test["accuracy"], "ingest": report.to_dict(), "uris": result.uris,
-            "champion": result.champion, "resumed": run.resume, "skipped": False,
+            "champion": result.champion, "resumed": run.resume, "skipped": False, "start": begin.to_dict(),
             "decoded_cache": dataclasses.asdict(cache) if cache else None,
             "int8": exported.int8 if exported else None, "finished_publish": finished, "warnings": informed.items}
 

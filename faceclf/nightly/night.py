@@ -60,6 +60,8 @@ PUBLISHED_FILES = ("checkpoint.pt", "metrics.json", "report.md", DECISION_FILE, 
                    "history.png", "confusion_matrix.png", TEST_PREDICTIONS, "versions.png", DRIFT_FILE)
 PLOTS = ("history.png", "confusion_matrix.png", "versions.png")  # published; the night's image artifacts
 RECENT_VERSIONS = 20  # versions.png: tonight's candidate and the versions before it
+CHAMPION_DIR = ".champion"  # under runs/: the champion's model (sha256-checked), fetched once for the re-score
+                            # before training and the drift check, and kept while it stays the champion
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,7 @@ def check_drift(store: Store, faceset: FaceSet, new_sha256: list[str], face_dir:
     champion_new = None
     if champion is not None and new_sha256:
         fresh = spread(faceset.images.take(new_mask(faceset, new_sha256)), cfg.sample)
-        _, path = fetch_champion(store, run_dir / "champion.onnx", champion)
+        _, path = fetch_champion(store, champion_dir(run_dir.parent) / "champion.onnx", champion)
         champion_new = accuracy_on(path, [faceset.file(i) for i in fresh], [i.label for i in fresh])
     report = measure(faceset, new_sha256, open_cache(face_dir, data), cfg, champion_new,
                      champion.pointer.get("test_accuracy") if champion else None)
@@ -225,8 +227,14 @@ def check_drift(store: Store, faceset: FaceSet, new_sha256: list[str], face_dir:
     return report
 
 
+def champion_dir(runs_dir: Path) -> Path:
+    """Where a night keeps its copy of the champion's model: runs_dir/.champion (no run folder: no night.json)."""
+    return runs_dir / CHAMPION_DIR
+
+
 def rescore_champion(store: Store, champion: ChampionRef | None, faceset: FaceSet, work_dir: Path) -> ChampionScore | None:
-    """Download the champion (sha256-checked) and measure it on tonight's test split.
+    """Download the champion (sha256-checked) to work_dir/champion.onnx, unless the copy there is it, and measure
+    it on tonight's test split (the night does it before training: the warm-or-cold rule and the gate use it).
 
     None before the first promotion, and when the test set has classes the champion does not know
     (a deliberate class change): then the gate uses the absolute thresholds alone.

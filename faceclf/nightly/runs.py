@@ -24,16 +24,20 @@ class NightRun:
     trained: bool = False
 
 
-def start_run(runs_dir: Path, version: str, cfg: dict[str, Any], fingerprint: str) -> NightRun:
-    """Create the run folder and record what the night trains on (for a rerun to recognise it)."""
+def start_run(runs_dir: Path, version: str, cfg: dict[str, Any], fingerprint: str,
+              start: dict[str, Any] | None = None) -> NightRun:
+    """Create the run folder and record what the night trains on (for a rerun to recognise it) and ``start``:
+    how its training starts, warm or cold, and why (faceclf.nightly.start.StartChoice.to_dict())."""
     run_dir = runs_dir / version
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / NIGHT_FILE, {"version": version, "config": cfg, "fingerprint": fingerprint})
+    write_json_atomic(run_dir / NIGHT_FILE, {"version": version, "config": cfg, "fingerprint": fingerprint,
+                                             **({"start": start} if start is not None else {})})
     return NightRun(run_dir, version)
 
 
-def find_pending_run(runs_dir: Path, cfg: dict[str, Any], fingerprint: str) -> NightRun | None:
-    """The newest run that was not published and was started with the same config on the same data."""
+def find_pending_run(runs_dir: Path, cfg: dict[str, Any] | None, fingerprint: str) -> NightRun | None:
+    """The newest run that was not published and was started with the same config (``cfg`` None: any config)
+    on the same data."""
     if not runs_dir.is_dir():
         return None
     for run_dir in sorted((p for p in runs_dir.iterdir() if (p / NIGHT_FILE).is_file()), reverse=True):
@@ -41,7 +45,7 @@ def find_pending_run(runs_dir: Path, cfg: dict[str, Any], fingerprint: str) -> N
             return None  # the newest night finished; older unfinished ones are stale
         night = read_json(run_dir / NIGHT_FILE)
         trained = (run_dir / "metrics.json").is_file()
-        if night["config"] == cfg and night["fingerprint"] == fingerprint and ((run_dir / "last.pt").is_file() or trained):
+        if cfg in (None, night["config"]) and night["fingerprint"] == fingerprint and ((run_dir / "last.pt").is_file() or trained):
             return NightRun(run_dir, night["version"], resume=True, trained=trained)
         return None
     return None
