@@ -1,7 +1,7 @@
 """The steps of a nightly retraining, as plain functions the Prefect `train` flow wraps one by one.
 
-    ingest -> FaceSet -> check classes -> train -> re-score champion -> gate -> export (if promoted)
-           -> report -> publish
+    ingest -> FaceSet -> check classes -> re-score champion -> warm or cold (faceclf.nightly.start) -> train
+           -> gate -> export (if promoted) -> report -> publish
 
 The FaceSet (from ingest) and the ChampionRef (champion.json, read once) travel through the steps:
 no step walks face/ or re-reads the champion pointer.
