@@ -155,3 +155,46 @@ def test_training_from_the_cache_equals_training_in_memory(faces: Path, tmp_path
         bigger = tiny_config(epochs=1)
         bigger.data.image_size = 48
         train_run(faceset, tmp_path / "wrong", bigger, cache=cache)
+
+
+def test_a_catalog_from_the_bucket_never_names_a_path_outside_the_cache(faces: Path, tmp_path: Path, bucket: str,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 24's worst finding: a catalog.json in the bucket whose shard names hold '../' or an absolute path
+    (with digests its writer computed) made the cache pull write those bytes anywhere, and verify delete there.
+    Every entry not in its one legal form is refused, named in the log; the legal shards are still used."""
+    from faceclf.dataset.cache import REMOTE_PREFIX, shard_name
+    from faceclf.store.objects import open_store
+    from faceclf.store.registry import sha256_bytes
+
+    faceset, preset, store = discover(faces, FRACTIONS, workers=2), Preprocess(32), open_store(f"s3://{bucket}")
+    _, first = update_cache(faceset, tmp_path / "worker1" / "face", preset, store, SMALL)
+    catalog_key = f"{REMOTE_PREFIX}32/{CATALOG}"
+    catalog = json.loads(store.get_bytes(catalog_key))
+    evil = b"import os; os.system('echo owned')\n"
+    digest = sha256_bytes(evil)
+    target = tmp_path / "worker2" / "evil.pth"          # where '../../evil.pth' lands from worker2/face-decoded/32/
+    target.parent.mkdir(parents=True)
+    sentinel = tmp_path / "worker2" / "keep.txt"        # a file a later verify must never delete
+    sentinel.write_text("mine")
+    bad = [{"name": "../../evil.pth", "sha256": digest, "rows": []},
+           {"name": str(tmp_path / "abs-evil.npy"), "sha256": digest, "rows": []},
+           {"name": "../../keep.txt", "sha256": digest, "rows": []},
+           {"name": shard_name("0" * 64), "sha256": digest, "rows": []},                  # name of another digest
+           {"name": shard_name(digest), "sha256": digest, "rows": ["../x"]},              # rows not image digests
+           {"name": shard_name(digest.upper()), "sha256": digest.upper(), "rows": []},    # not the writer's form
+           "not an object"]
+    for entry in bad:
+        if isinstance(entry, dict):
+            store.put_bytes(f"{REMOTE_PREFIX}32/{Path(entry['name']).name}", evil)
+    store.put_bytes(catalog_key, json.dumps({**catalog, "shards": catalog["shards"] + bad}).encode())
+
+    with caplog.at_level("WARNING", logger="faceclf.dataset.cache"):
+        cache, fresh = update_cache(faceset, tmp_path / "worker2" / "face", preset, store, SMALL)
+    assert (fresh.downloaded, fresh.decoded) == (first.shards, 0)  # the legal shards, nothing decoded again
+    refused = [r.getMessage() for r in caplog.records if "shard entry refused" in r.getMessage()]
+    assert len(refused) == len(bad), refused
+    assert any("'../../evil.pth' is not the one legal name" in m for m in refused), refused
+    assert not target.exists() and not (tmp_path / "abs-evil.npy").exists() and sentinel.read_text() == "mine"
+    assert sorted(p.name for p in cache.folder.iterdir() if p.suffix == ".npy") == sorted(s.name for s in cache.shards)
+    cache.verify(full=True)
+    assert sentinel.read_text() == "mine"

@@ -18,6 +18,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 CATALOG = "catalog.json"
 VERIFIED = "verified.json"   # local only: shard name -> [size, mtime_ns] when its checksum last matched
 FORMAT = 1
+HEX64 = re.compile(r"[0-9a-f]{64}")   # a sha256 as the cache writes it
 REMOTE_PREFIX = "datasets/face/decoded/"
 
 
@@ -86,11 +88,41 @@ class CacheReport:
     rejected: dict[str, str] = field(default_factory=dict)  # image sha256 -> why it does not decode
 
 
+def shard_name(sha256: str) -> str:
+    """The one legal name of the shard whose bytes have this sha256: 'shard-<first 16 hex digits>.npy'."""
+    return f"shard-{sha256[:16]}.npy"
+
+
+def check_shard(entry: Any) -> Shard:
+    """A catalog's shard entry as a Shard, or ValueError saying what is wrong with it.
+
+    A catalog can come from the bucket, and its writer supplies the names and the digests alike: a name is
+    accepted only in its one legal form, derived from a well-formed digest (never '../', '/', or anything
+    else that would make a path outside the cache), and every row must be an image's hex sha256."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"a shard entry must be an object, got {type(entry).__name__}")
+    name, digest, rows = entry.get("name"), entry.get("sha256"), entry.get("rows")
+    if not (isinstance(digest, str) and HEX64.fullmatch(digest)):
+        raise ValueError(f"shard {name!r}: sha256 {digest!r} is not 64 lowercase hex digits")
+    if name != shard_name(digest):
+        raise ValueError(f"shard name {name!r} is not the one legal name {shard_name(digest)!r} for its sha256")
+    if not (isinstance(rows, list) and all(isinstance(r, str) and HEX64.fullmatch(r) for r in rows)):
+        raise ValueError(f"shard {name!r}: rows must be a list of 64-hex-digit image sha256s")
+    return Shard(name, digest, np.array(rows, dtype="S64"))
+
+
 def parse_catalog(catalog: dict[str, Any], image_size: int, where: str) -> tuple[list[Shard], dict[str, str]]:
-    """(shards, rejected images) of a catalog; ValueError if it is not a cache of ``image_size`` px images."""
+    """(shards, rejected images) of a catalog; ValueError if it is not a cache of ``image_size`` px images. A
+    shard entry that is not in its legal form is left out with a warning naming it (its images are decoded
+    again): no name read from a catalog becomes a path unchecked."""
     if catalog.get("format") != FORMAT or catalog.get("image_size") != image_size:
         raise ValueError(f"{where} is not a format-{FORMAT} cache of {image_size} px images")
-    shards = [Shard(s["name"], s["sha256"], np.array(s["rows"], dtype="S64")) for s in catalog["shards"]]
+    shards = []
+    for entry in catalog.get("shards") or []:
+        try:
+            shards.append(check_shard(entry))
+        except ValueError as e:
+            log.warning("%s: shard entry refused, its images are decoded instead: %s", where, e)
     return shards, dict(catalog.get("rejected", {}))
 
 
@@ -236,7 +268,7 @@ class DecodedCache:
             np.save(buf, stacked, allow_pickle=False)
             data = buf.getvalue()
             digest = sha256_bytes(data)
-            name = f"shard-{digest[:16]}.npy"
+            name = shard_name(digest)
             write_atomic(self.folder / name, lambda p: p.write_bytes(data))
             self.shards.append(Shard(name, digest, np.array([img.sha256 for img, _ in good], dtype="S64")))
             self.verified[name] = self._stamp(self.folder / name)  # hashed as it was written
