@@ -208,9 +208,9 @@ def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunM
     informed = Warnings(warnings)
     files, body, stuck = night.night_files(run.run_dir, decision, metrics.to_dict(), data, store, champion, night_cfg,
                                            drift, informed)
-    result = night.publish(store, run.run_dir, files, decision, metrics.to_dict(), champion, faceset)
+    result = night.publish(store, files, decision, metrics.to_dict(), champion, faceset, body)
     runs.mark_published(run.run_dir, result.version, result.promoted)
-    return dataclasses.replace(result, report_body=body, warnings=informed.items, stuck=stuck)
+    return dataclasses.replace(result, warnings=informed.items, stuck=stuck)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)

@@ -76,15 +76,14 @@ class ChampionScore:
 @dataclass(frozen=True)
 class Published:
     """What publishing a night did: the version's URIs, whether it was promoted, the pointer after it, its
-    report (``report_md`` as published; ``report_body`` without the warnings block), the informing steps
-    that failed so far (``warnings``) and why the pipeline is stuck (``stuck``)."""
+    report without the warnings block (``report_body``: faceclf.inform.with_warnings adds them), the informing
+    steps that failed so far (``warnings``) and why the pipeline is stuck (``stuck``)."""
 
     version: str
     promoted: bool
     uris: dict[str, str]
     champion: dict[str, Any] | None
-    report_md: str
-    report_body: str = ""
+    report_body: str
     warnings: list[str] = field(default_factory=list)
     stuck: list[str] = field(default_factory=list)   # why the pipeline is stuck (faceclf.nightly.stuck)
 
@@ -329,8 +328,8 @@ def night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data
     return {k: v for k, v in files.items() if v.is_file()}, body, stuck
 
 
-def publish(store: Store, run_dir: Path, files: dict[str, Path], decision: Decision, metrics: dict[str, Any],
-            champion: ChampionRef | None, faceset: FaceSet) -> Published:
+def publish(store: Store, files: dict[str, Path], decision: Decision, metrics: dict[str, Any],
+            champion: ChampionRef | None, faceset: FaceSet, report_body: str) -> Published:
     """Publish the night as one idempotent step: upload the version's files, record the publish
     (publishing.json), then move champion.json (only if promoted) and write latest.json, in that order
     (faceclf.store.registry.finish_publish). Killed anywhere after the record, the next night finishes it."""
@@ -343,7 +342,7 @@ def publish(store: Store, run_dir: Path, files: dict[str, Path], decision: Decis
                            faceset.fingerprint())
     begin_publish(store, record)
     pointer = finish_publish(store, record)
-    return Published(version, decision.promote, uris, pointer, (run_dir / "report.md").read_text())
+    return Published(version, decision.promote, uris, pointer, report_body)
 
 
 def finish_unfinished_publish(store: Store, runs_dir: Path) -> str | None:
