@@ -15,7 +15,7 @@ flow (flows/train.py), each timed:
   export          faceclf.nightly.night.export_candidate(run/) -> run/model.onnx (checker + parity test)
   evaluate        faceclf.serving.score.evaluate_onnx(run/model.onnx, faceset): re-scoring on the
                   FaceSet's test split (what night.rescore_champion does with the champion's model)
-  upload          publish_version(store, version, the night's files) + set_champion(..., previous version = the champion read at the start)
+  upload          publish_version(store, version, the night's files) + set_champion(...) (compare-and-swap on champion.json)
 Calling the library functions in sequence is the night without Prefect's overhead (no server,
 worker, flow-run process or task state round trips). The bucket starts with no champion, so the
 freshly exported candidate stands in for it in the re-score: export runs before evaluate, and rows
@@ -254,10 +254,10 @@ def run(quick: bool = False) -> list[dict]:
                 with stage("upload"):
                     publish_version(store, version, files)
                     set_champion(store, version, sha256_bytes(files[MODEL_FILE].read_bytes()), "night benchmark",
-                                 champion.pointer if champion else None, metrics["test"], metrics["classes"])
+                                 metrics["test"], metrics["classes"])
                 size_mb = sum(p.stat().st_size for p in files.values()) / 2**20
                 facts["upload"] = (f"publish_version ({len(files)} files, {size_mb:.1f} MiB) + "
-                                   "set_champion (previous version: the champion read at the start)")
+                                   "set_champion (compare-and-swap on the pointer read)")
 
     order = ["ingest", "read champion", "check classes", "prepare run", "train", "evaluate", "export", "upload"]
     total = sum(secs.values())

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from faceclf.config import (
     DEVICES,
     DataConfig,
+    IngestConfig,
     Int8Config,
     ModelConfig,
     NightConfig,
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", help="ingest SOURCE/incoming/<class>/* into DEST/{train,val,test}/<class>/; prints the summary JSON")
     ing.add_argument("source", help="s3://BUCKET, or a local folder with the same layout (incoming/<class>/...)")
     ing.add_argument("dest", help="local ImageFolder root, e.g. face/")
+    add_config_options(ing, IngestConfig)
 
     mo = sub.add_parser("models", help="the model registry: list versions, promote one (manual rollback)")
     mo_sub = mo.add_subparsers(dest="models_command", required=True)
@@ -221,7 +223,11 @@ def cmd_ingest(a: argparse.Namespace) -> None:
     from faceclf.dataset.ingest import ingest
     from faceclf.store.objects import open_store
 
-    report = ingest(open_store(a.source), Path(a.dest))
+    from faceclf.nightly.lock import bucket_lease
+
+    store = open_store(a.source)
+    with bucket_lease(store, "faceclf ingest"):  # never while a night (or another ingest) writes the manifest
+        report = ingest(store, Path(a.dest), config_from_args(IngestConfig, a))
     print(json.dumps(report.to_dict(), indent=2))
 
 
@@ -253,7 +259,10 @@ def cmd_models(a: argparse.Namespace) -> None:
             print(f"latest: {latest['version']}, trained on {latest['images']} images; a night with fewer new "
                   "images than min_new_images (default 1) ends after ingest: nothing new")
     else:
-        pointer = registry.promote(store, a.version, a.reason)
+        from faceclf.nightly.lock import bucket_lease
+
+        with bucket_lease(store, f"models promote {a.version}"):  # never while a night runs on this bucket
+            pointer = registry.promote(store, a.version, a.reason)
         print(json.dumps(pointer, indent=2))
 
 

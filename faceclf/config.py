@@ -113,6 +113,12 @@ APPROVAL_TIMEOUT_S = 12 * 3600       # with approval=true, no answer within this
 WARM_EPOCHS = 5                       # epochs of a warm-started night (3: 0.997, one test image lost)
 STUCK_AFTER = 2                       # this many rejected nights in a row is a stuck pipeline: said atop the report,
                                       # in the rejection notification's subject and in `faceclf models list`
+LEASE_SECONDS = 900                   # the bucket lease (models/face/lease.json) a night, `faceclf ingest` or
+                                      # `models promote` holds lasts this long unless renewed (every third of it):
+                                      # a worker that dies blocks the next one for at most this long. Hosts' clocks
+                                      # must agree to well within it (NTP does)
+LINK_SECONDS = 24 * 3600              # presigned links in a night's artifacts work this long: the morning's readers
+                                      # have them, the next night publishes fresh ones, a leaked one soon dies
 
 # Promotion gate.
 MIN_ACCURACY = 0.90                   # overall test accuracy a candidate must reach
@@ -282,10 +288,13 @@ class ScoreConfig:
     ray_actors: int = option(SCORE_RAY_ACTORS, "ONNX Runtime actors on a cluster without GPUs (with GPUs: one per GPU)")
     ray_chunk: int = option(SCORE_RAY_CHUNK, "keys handed to Ray Data at a time (bounds the driver's memory)")
     device: str = option("auto", "auto: the CUDA provider only where a GPU is present", choices=DEVICES)
+    max_bytes: int = option(MAX_BYTES, "a larger image gets an error row and is never read (its listed size)")
+    max_pixels: int = option(MAX_PIXELS, "an image whose header claims more pixels gets an error row and is never "
+                             "decoded (decompression-bomb guard)")
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "batch_size", "decode_workers", "prefetch_batches", "fetch_workers", "part_rows",
-                         "ray_actors", "ray_chunk")
+                         "ray_actors", "ray_chunk", "max_bytes", "max_pixels")
 
 
 @dataclass
@@ -345,6 +354,10 @@ class IngestConfig:
     max_pixels: int = MAX_PIXELS
     allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
     split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS
+    # A new class is a decision, not an accident of an upload: without this, an image under incoming/<class>/
+    # of a class neither the manifest nor the champion has is quarantined (retried once this is set).
+    allow_new_classes: bool = option(False, "take images of a class that neither the manifest nor the champion "
+                                     "has (without it they are quarantined, and taken by a later run with it)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= S3_POOL:
@@ -353,8 +366,9 @@ class IngestConfig:
         if self.max_side < self.min_side:
             raise ValueError(f"max_side must be >= min_side ({self.min_side}), got {self.max_side}")
         self.allowed_formats = tuple(f.upper() for f in self.allowed_formats)
-        if not self.allowed_formats:
-            raise ValueError(f"allowed_formats must not be empty, got {self.allowed_formats}")
+        if not self.allowed_formats or not set(self.allowed_formats) <= set(ALLOWED_FORMATS):
+            raise ValueError(f"allowed_formats must be some of {ALLOWED_FORMATS} (the formats ingest names its "
+                             f"files for), got {self.allowed_formats}")
         self.split_fractions = check_split_fractions(self.split_fractions)
 
 
@@ -420,9 +434,14 @@ class NightConfig:
     approval_timeout: int = APPROVAL_TIMEOUT_S
     stuck_after: int = STUCK_AFTER
     warm_max_new_share: float = WARM_MAX_NEW_SHARE
+    lease_seconds: int = LEASE_SECONDS
+    link_seconds: int = LINK_SECONDS
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "stuck_after")
+        require_at_least(self, 3, "lease_seconds")
+        if not 1 <= self.link_seconds <= 7 * 24 * 3600:  # SigV4 presigned URLs live at most 7 days
+            raise ValueError(f"link_seconds must be in [1, 604800] (7 days), got {self.link_seconds}")
         if self.min_new_images < 0:
             raise ValueError(f"min_new_images must be >= 0, got {self.min_new_images}")
         if self.warm_epochs < 1:

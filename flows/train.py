@@ -34,7 +34,7 @@ from faceclf.inform import Warnings, with_warnings
 from faceclf.nightly import night, runs, start
 from faceclf.nightly.drift import DriftDetected, DriftReport
 from faceclf.nightly.gate import Decision, decide, with_approval
-from faceclf.nightly.lock import night_lock
+from faceclf.nightly.lock import bucket_lease, night_lock
 from faceclf.serving.export import ExportReport
 from faceclf.store.objects import open_store
 from faceclf.store.registry import ChampionRef, champion_ref, read_latest, version_key
@@ -220,7 +220,7 @@ def amend_report(location: str, run: runs.NightRun, result: night.Published, war
 
 
 def publish_artifacts(location: str, result: night.Published, metrics: RunMetrics, decision: Decision,
-                      champion: night.ChampionScore | None, warnings: Warnings) -> None:
+                      champion: night.ChampionScore | None, warnings: Warnings, link_seconds: int) -> None:
     """Per-class accuracy (table), a link to the model version in the bucket, the night's plots (images), the
     rejection notification, and last the report (markdown, with every warning so far). Each only informs: a
     failure joins ``warnings``."""
@@ -233,7 +233,7 @@ def publish_artifacts(location: str, result: night.Published, metrics: RunMetric
     warnings.attempt("model link artifact", create_link_artifact, link, link_text=f"model {metrics.version}",
                      key="face-model",
                      description="promoted model" if decision.promote else "rejected candidate's decision")
-    publish_plots(location, result, warnings)
+    publish_plots(location, result, warnings, link_seconds)
     if not decision.promote:
         warnings.attempt("rejection notification", notify.night_rejected, metrics.version, decision.why, location,
                          result.stuck)
@@ -241,13 +241,15 @@ def publish_artifacts(location: str, result: night.Published, metrics: RunMetric
                      key="face-night-report", description=decision.summary())
 
 
-def publish_plots(location: str, result: night.Published, warnings: Warnings) -> None:
+def publish_plots(location: str, result: night.Published, warnings: Warnings, link_seconds: int) -> None:
     """Learning curves, confusion matrix and accuracy across versions as image artifacts, from the bucket
-    (presigned links, valid 7 days); a local bucket folder, which no browser can reach, gets their paths."""
+    (presigned links, valid ``link_seconds``: NightConfig.link_seconds, a day by default); a local bucket folder,
+    which no browser can reach, gets their paths."""
     store = open_store(location)
     titles = {"history.png": "learning curves", "confusion_matrix.png": "confusion matrix (test)",
               "versions.png": "test accuracy across the last versions"}
-    links = {name: warnings.attempt(f"presigned link to {name}", store.link, version_key(result.version, name))
+    links = {name: warnings.attempt(f"presigned link to {name}", store.link, version_key(result.version, name),
+                                      link_seconds)
              for name in night.PLOTS if name in result.uris}
     for name, url in links.items():
         if url:
@@ -326,7 +328,8 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
                              conv_channels=conv_channels, learning_rate=learning_rate, class_weighting=class_weighting,
                              workers=workers, ray_address=ray_address)
     informed = Warnings()  # the informing steps that failed: warnings atop report.md, never a failed night
-    with night_lock(Path(face_dir)):  # one night at a time on this face/ folder
+    # One night at a time: on this face/ folder (a file lock), and on the bucket, whatever host runs it (a lease).
+    with night_lock(Path(face_dir)), bucket_lease(open_store(location), "train night", night_cfg.lease_seconds) as lease:
         finished = finish_publish(location, runs_dir)
         report = ingest_images(location, face_dir)
         champion = read_champion(location)
@@ -358,11 +361,12 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         if decision.promote and night_cfg.approval:
             decision = ask_approval(decision, run.version, night_cfg.approval_timeout)
         exported = export_model(run, night_cfg.int8) if decision.promote else None
+        lease.ensure()  # a worker whose lease was taken over publishes nothing (champion.json is swapped anyway)
         result = publish(location, run, decision, metrics,
                          {**night.report_counts(report.to_dict(), metrics.to_dict()), "training start": begin.summary()},
                          champion, report.faceset, drift, night_cfg, [*informed.items, *metrics.warnings])
     informed = Warnings(result.warnings)  # every warning so far, the publish task's own included
-    publish_artifacts(location, result, metrics, decision, score, informed)
+    publish_artifacts(location, result, metrics, decision, score, informed, night_cfg.link_seconds)
     if informed.items != result.warnings:  # report.md went up before these: publish it again with them
         informed.attempt("amending report.md with the later warnings", amend_report, location, run, result,
                          informed.items)

@@ -190,6 +190,24 @@ def test_a_second_night_on_the_same_folder_is_refused(prefect_api, bucket: str, 
     assert not [p for p in face.rglob("*.*") if p.name != LOCK_FILE]
 
 
+
+def test_a_night_on_another_host_is_refused_by_the_bucket_lease(prefect_api, bucket: str, tmp_path: Path) -> None:
+    """Another worker (its own face/ folder, so the file lock cannot see it) holds the bucket's lease: the night
+    refuses before it reads or writes anything, naming the holder; once the lease is released a night runs."""
+    from faceclf.nightly.lock import LEASE_KEY, bucket_lease
+    from flows.train import train
+
+    upload_faces(bucket, tmp_path / "n1", per_class=80, seed=11)
+    store = open_store(f"s3://{bucket}")
+    with bucket_lease(store, "train night on host B") as other:
+        with pytest.raises(NightLocked, match="host B"):
+            train(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **NIGHT)
+        assert json.loads(store.get_bytes(LEASE_KEY))["holder"] == other.holder
+    assert not store.exists("datasets/face/manifest.jsonl")  # the refused night wrote nothing
+    assert not (tmp_path / "runs").exists()
+    assert train(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **NIGHT)["version"]
+    assert json.loads(store.get_bytes(LEASE_KEY))["expires_at"] == 0.0  # released by the night at its end
+
 WRITER = """
 import sys, torch, json
 from faceclf.training.checkpoint import save_checkpoint

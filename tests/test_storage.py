@@ -70,17 +70,17 @@ def test_unsafe_keys_are_refused(key: str, tmp_path: Path) -> None:
 
 
 def test_fetch_model_keeps_a_verified_copy_and_replaces_a_wrong_one(store: Store, tmp_path: Path) -> None:
-    data = b"an onnx model's bytes"
-    store.put_bytes(version_key("v1", MODEL_FILE), data)
+    data, v1 = b"an onnx model's bytes", "20261101T000000Z-111111"
+    store.put_bytes(version_key(v1, MODEL_FILE), data)
     dest = tmp_path / "run" / "champion.onnx"
-    assert fetch_model(store, "v1", dest, sha256_bytes(data)).read_bytes() == data
-    store.delete(version_key("v1", MODEL_FILE))  # a second fetch of the same model must not need the store
-    assert fetch_model(store, "v1", dest, sha256_bytes(data)).read_bytes() == data
+    assert fetch_model(store, v1, dest, sha256_bytes(data)).read_bytes() == data
+    store.delete(version_key(v1, MODEL_FILE))  # a second fetch of the same model must not need the store
+    assert fetch_model(store, v1, dest, sha256_bytes(data)).read_bytes() == data
     dest.write_bytes(data[:5])  # a torn or stale copy is not kept: it is fetched again (here: gone, so an error)
     with pytest.raises(FileNotFoundError):
-        fetch_model(store, "v1", dest, sha256_bytes(data))
-    store.put_bytes(version_key("v1", MODEL_FILE), data)
-    assert fetch_model(store, "v1", dest, sha256_bytes(data)).read_bytes() == data
+        fetch_model(store, v1, dest, sha256_bytes(data))
+    store.put_bytes(version_key(v1, MODEL_FILE), data)
+    assert fetch_model(store, v1, dest, sha256_bytes(data)).read_bytes() == data
 
 
 def record(version: str, promote: bool = True, previous: str | None = None) -> PublishRecord:
@@ -100,7 +100,7 @@ def test_finishing_a_publish_is_idempotent_and_never_overrides_a_person(store: S
     assert read_latest(store)["version"] == "20261201T000000Z-aaaaaa" and unfinished_publish(store) is None
 
     # Night 2 was gated against ...aaaaaa, but a person promoted ...bbbbbb before its publish finished.
-    set_champion(store, "20261202T000000Z-bbbbbb", "cd" * 32, "manual promote", champion)
+    set_champion(store, "20261202T000000Z-bbbbbb", "cd" * 32, "manual promote")
     night2 = record("20261203T000000Z-cccccc", previous="20261201T000000Z-aaaaaa")
     begin_publish(store, night2)
     assert finish_publish(store, night2)["version"] == "20261202T000000Z-bbbbbb"

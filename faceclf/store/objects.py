@@ -8,6 +8,9 @@ asked for, so boto3 is loaded only for S3). A missing object is a FileNotFoundEr
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from faceclf.config import LINK_SECONDS
 from faceclf.dataset.layout import sha256_file
 from faceclf.store.atomic import write_atomic
 
@@ -26,6 +30,11 @@ class ObjectInfo:
     key: str
     etag: str
     size: int
+
+
+class PreconditionFailed(RuntimeError):
+    """A conditional write lost: the object changed, appeared or vanished since the writer read it (S3's 412
+    PreconditionFailed or 409 ConditionalRequestConflict). Read it again and decide again."""
 
 
 def safe_key(key: str) -> str:
@@ -64,6 +73,29 @@ class Store(ABC):
         """Write the whole object at once: readers see the old or the new content, never a mix."""
 
     @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's content and the ETag it had when read (for ``put_if``); FileNotFoundError if absent."""
+
+    @abstractmethod
+    def _put_conditional(self, key: str, data: bytes, etag: str | None) -> str:
+        """Write ``data`` only if ``key``'s ETag is still ``etag`` (None: only if ``key`` does not exist);
+        return the new ETag, or raise PreconditionFailed."""
+
+    def put_if(self, key: str, data: bytes, etag: str | None) -> str:
+        """Compare-and-swap: replace ``key`` only if it still has the ETag ``etag`` that was read (None: create it
+        only if it does not exist); return the new ETag, or raise PreconditionFailed when another writer came
+        first. A write that landed but whose answer was lost (a retried request then fails its own condition) is
+        recognised by its content and counts as done."""
+        try:
+            return self._put_conditional(key, data, etag)
+        except PreconditionFailed:
+            with contextlib.suppress(FileNotFoundError):
+                current, now = self.get_versioned(key)
+                if current == data:
+                    return now
+            raise
+
+    @abstractmethod
     def put_file(self, key: str, path: Path) -> None:
         """Upload a local file as ``key`` (atomically, as put_bytes)."""
 
@@ -79,7 +111,7 @@ class Store(ABC):
     def uri(self, key: str = "") -> str:
         """Where ``key`` lives, for people and logs: s3://bucket/key or a local path."""
 
-    def link(self, key: str, expires_s: int = 7 * 24 * 3600) -> str | None:
+    def link(self, key: str, expires_s: int = LINK_SECONDS) -> str | None:
         """An http(s) URL a browser can fetch ``key`` from (an S3 presigned GET, valid ``expires_s``); None
         for a store no browser can reach (a local folder)."""
         return None
@@ -126,6 +158,23 @@ class LocalStore(Store):
     def put_file(self, key: str, path: Path) -> None:
         write_atomic(self._path(key), lambda p: shutil.copyfile(path, p))  # streamed, not read whole
 
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def _put_conditional(self, key: str, data: bytes, etag: str | None) -> str:
+        """Compare and replace under an exclusive flock of the object's folder, which every conditional writer of
+        that folder takes: no other conditional write can come between the compare and the replace (the
+        replace itself is atomic for readers)."""
+        path = self._path(key)
+        with _folder_locked(path.parent):
+            current = sha256_file(path) if path.is_file() else None
+            if current != etag:
+                raise PreconditionFailed(f"{path} {'exists' if etag is None else 'changed'} since it was read "
+                                         f"(ETag {current or 'none'}, expected {etag or 'none'})")
+            write_atomic(path, lambda p: p.write_bytes(data))
+        return hashlib.sha256(data).hexdigest()
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -146,6 +195,19 @@ class LocalStore(Store):
 
     def uri(self, key: str = "") -> str:
         return str(self.root / key) if key else str(self.root)  # display only (may be a prefix): not validated
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``folder`` itself (created if missing): no lock file is left in the bucket
+    folder, and the kernel releases it if the holder dies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -5,6 +5,12 @@ publishing.json (what the rest of the publish needs), then champion.json (if pro
 killed anywhere in it leaves the old champion serving; once publishing.json is written, the next night
 (``unfinished_publish`` / ``finish_publish``), on any worker, finishes it before anything else. Versions sort by
 time (20261123T021500Z-3fa2c1).
+
+The bucket is shared, so what is read back is input: a version read from champion.json, latest.json, their
+history, publishing.json or a listing is used only in its one legal form (``check_version``), and a model or
+checkpoint only when its sha256 matches the version's sha256.json (``verify_bytes``; a missing record is an
+error). champion.json and latest.json move by compare-and-swap (``swap_pointer``: S3 If-Match / If-None-Match),
+so a writer that read a pointer never overwrites a newer one: a person's `models promote` during a night stays.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from faceclf.store.objects import Store
+from faceclf.store.objects import PreconditionFailed, Store
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +39,66 @@ DECISION_FILE = "decision.json"
 SHA256_FILE = "sha256.json"   # name -> sha256 of every file of a version, written when it is published
 
 
+SWAP_ATTEMPTS = 8        # compare-and-swap rounds before a pointer update gives up (each lost round re-reads)
+VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")   # faceclf.training.fit.new_version's form, nothing else
+
+
 class ModelIntegrityError(ValueError):
     """A stored file's sha256 is not the one the registry recorded: tampered with or corrupted (not transient)."""
 
 
+class RegistryError(ValueError):
+    """A registry object read back from the bucket is not in its legal form (a mistaken or hostile writer)."""
+
+
+def check_version(version: Any, source: str = "the caller") -> str:
+    """``version`` if it has the one legal form of a model version (20261123T021500Z-3fa2c1), else RegistryError
+    naming where it came from: a version becomes a key, a run folder and a download path."""
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+        raise RegistryError(f"{source} names model version {str(version)[:80]!r}, which is not of the form "
+                            "20261123T021500Z-3fa2c1; refusing to use it")
+    return version
+
+
 def version_key(version: str, name: str) -> str:
-    """Key of file ``name`` of model ``version``."""
-    if not version or "/" in version or version.startswith("."):
-        raise ValueError(f"model version {version!r} is not a plain name")
+    """Key of file ``name`` of model ``version`` (a legal version; ``name`` a plain file name)."""
+    check_version(version)
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"model file name {name!r} is not a plain name")
     return f"{MODELS_PREFIX}{version}/{name}"
+
+
+def read_pointer(store: Store, key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A JSON pointer (champion.json, latest.json) and the ETag it was read at; (None, None) when absent."""
+    try:
+        data, etag = store.get_versioned(key)
+    except FileNotFoundError:
+        return None, None
+    try:
+        pointer = json.loads(data)
+    except ValueError as e:
+        raise RegistryError(f"{store.uri(key)} is not JSON ({e}); fix or remove it") from None
+    if not isinstance(pointer, dict):
+        raise RegistryError(f"{store.uri(key)} holds {type(pointer).__name__}, not a JSON object")
+    return pointer, etag
+
+
+def swap_pointer(store: Store, key: str,
+                 change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Read ``key``, let ``change`` compute its new content from what is there (None: leave it), and write it only
+    if nobody wrote ``key`` in between (compare-and-swap); a lost race reads again and asks ``change`` again.
+    Returns the pointer after: the new one, or the one left in place."""
+    for _ in range(SWAP_ATTEMPTS):
+        current, etag = read_pointer(store, key)
+        new = change(current)
+        if new is None:
+            return current
+        try:
+            store.put_if(key, (json.dumps(new, indent=2) + "\n").encode(), etag)
+            return new
+        except PreconditionFailed as e:
+            log.info("%s moved while it was being updated (%s); reading it again", store.uri(key), e)
+    raise PreconditionFailed(f"{store.uri(key)} kept changing: {SWAP_ATTEMPTS} compare-and-swap rounds lost")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -49,11 +107,16 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def recorded_sha256(store: Store, version: str) -> dict[str, str]:
-    """name -> sha256 recorded when ``version`` was published; empty for versions published without one."""
+    """name -> sha256 recorded when ``version`` was published; empty when the version has no sha256.json yet."""
     try:
-        return dict(json.loads(store.get_bytes(version_key(version, SHA256_FILE))))
+        sums = json.loads(store.get_bytes(version_key(version, SHA256_FILE)))
     except FileNotFoundError:
         return {}
+    hex64 = re.compile(r"[0-9a-f]{64}")
+    if not isinstance(sums, dict) or not all(isinstance(v, str) and hex64.fullmatch(v) for v in sums.values()):
+        raise ModelIntegrityError(f"{store.uri(version_key(version, SHA256_FILE))} is not a map of file name to "
+                                  "64-hex sha256; refusing the version's files")
+    return sums
 
 
 def publish_version(store: Store, version: str, files: dict[str, Path]) -> dict[str, str]:
@@ -84,18 +147,23 @@ class ChampionRef:
 
 def write_latest(store: Store, version: str, promoted: bool, images: int, fingerprint: str) -> None:
     """Record the version just published and the data it was trained on (image count, FaceSet fingerprint):
-    the next night measures what is new against it."""
-    latest = {"version": version, "promoted": promoted, "images": images, "data_fingerprint": fingerprint,
-              "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    store.put_bytes(LATEST_KEY, (json.dumps(latest, indent=2) + "\n").encode())
+    the next night measures what is new against it. Only ever forward (compare-and-swap): a newer version
+    recorded by another worker meanwhile stays."""
+    latest = {"version": check_version(version), "promoted": promoted, "images": images,
+              "data_fingerprint": fingerprint, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def forward(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if current and current["version"] >= version else latest
+
+    swap_pointer(store, LATEST_KEY, forward)
 
 
 def read_latest(store: Store) -> dict[str, Any] | None:
-    """What ``write_latest`` recorded last; None before the first published version."""
-    try:
-        return json.loads(store.get_bytes(LATEST_KEY))
-    except FileNotFoundError:
-        return None
+    """What ``write_latest`` recorded last (its version checked); None before the first published version."""
+    latest, _ = read_pointer(store, LATEST_KEY)
+    if latest is not None:
+        check_version(latest.get("version"), store.uri(LATEST_KEY))
+    return latest
 
 
 @dataclass(frozen=True)
@@ -127,6 +195,11 @@ def unfinished_publish(store: Store) -> PublishRecord | None:
         record = PublishRecord(**json.loads(store.get_bytes(PUBLISHING_KEY)))
     except FileNotFoundError:
         return None
+    except (TypeError, ValueError) as e:
+        raise RegistryError(f"{store.uri(PUBLISHING_KEY)} is not a publish record ({e}); fix or remove it") from None
+    check_version(record.version, store.uri(PUBLISHING_KEY))
+    if record.previous_version is not None:
+        check_version(record.previous_version, store.uri(PUBLISHING_KEY) + " (previous_version)")
     latest = read_latest(store)
     return None if latest and latest["version"] >= record.version else record
 
@@ -138,26 +211,46 @@ def finish_publish(store: Store, record: PublishRecord) -> dict[str, Any] | None
     A champion moved since the night read it (by a person's `faceclf models promote`) is left as it is: the
     night replaces only the champion it was gated against.
     """
-    current = read_champion(store)
-    current_version = current["version"] if current else None
-    pointer = current
-    if record.promote and current_version != record.version:
-        if current_version == record.previous_version:
-            pointer = set_champion(store, record.version, record.model_sha256 or "", record.reason, current,
-                                   record.test, record.classes, record.by)
-        else:
+    def move(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        current_version = current["version"] if current else None
+        if not record.promote or current_version == record.version:
+            return None
+        if current_version != record.previous_version:
             log.warning("not promoting %s: champion.json moved to %s after the night read %s; it stays",
                         record.version, current_version, record.previous_version)
+            return None
+        return champion_pointer(record.version, record.model_sha256 or "", record.reason, current, record.test,
+                                record.classes, record.by)
+
+    pointer = swap_pointer(store, CHAMPION_KEY, move)
+    if pointer and pointer["version"] == record.version:
+        log.info("champion is now %s (%s; by %s)", record.version, record.reason, record.by)
     write_latest(store, record.version, record.promote, record.images, record.data_fingerprint)
     return pointer
 
 
 def read_champion(store: Store) -> dict[str, Any] | None:
-    """The champion pointer, or None before the first promotion."""
-    try:
-        return json.loads(store.get_bytes(CHAMPION_KEY))
-    except FileNotFoundError:
-        return None
+    """The champion pointer (every version it names checked), or None before the first promotion."""
+    pointer, _ = read_pointer(store, CHAMPION_KEY)
+    if pointer is not None:
+        check_pointer(pointer, store.uri(CHAMPION_KEY))
+    return pointer
+
+
+def check_pointer(pointer: dict[str, Any], source: str) -> None:
+    """RegistryError unless every version champion.json names (its own, previous, history) is legal and its
+    model_key is its version's model file: each one may become a key or a path."""
+    version = check_version(pointer.get("version"), source)
+    if pointer.get("previous_version") is not None:
+        check_version(pointer["previous_version"], f"{source} (previous_version)")
+    history = pointer.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise RegistryError(f"{source}: history is not a list of entries")
+    for i, entry in enumerate(history):
+        check_version(entry.get("version"), f"{source} (history entry {i})")
+    if pointer.get("model_key", version_key(version, MODEL_FILE)) != version_key(version, MODEL_FILE):
+        raise RegistryError(f"{source}: model_key {str(pointer['model_key'])[:120]!r} is not the model of version "
+                            f"{version} ({version_key(version, MODEL_FILE)})")
 
 
 def champion_ref(store: Store) -> ChampionRef | None:
@@ -184,14 +277,12 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def set_champion(store: Store, version: str, model_sha256: str, reason: str, previous: dict[str, Any] | None,
-                 metrics: dict[str, Any] | None = None, classes: Sequence[str] | None = None,
-                 by: str | None = None) -> dict[str, Any]:
-    """Point champion.json at ``version`` (the last write of a promotion); return the new pointer.
-
-    ``previous`` is the champion pointer it replaces, as the caller read it (None: there was none); its
-    ``history`` is carried over with one entry added: version, when, why and ``by`` whom (default: who()).
-    """
+def champion_pointer(version: str, model_sha256: str, reason: str, previous: dict[str, Any] | None,
+                     metrics: dict[str, Any] | None = None, classes: Sequence[str] | None = None,
+                     by: str | None = None) -> dict[str, Any]:
+    """The champion.json content that makes ``version`` the champion in place of ``previous`` (the pointer it
+    replaces, None: there was none); its ``history`` is carried over with one entry added: version, when, why
+    and ``by`` whom (default: who())."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     by = by or who()
     history = list((previous or {}).get("history", []))
@@ -208,8 +299,18 @@ def set_champion(store: Store, version: str, model_sha256: str, reason: str, pre
         "classes": list(classes) if classes is not None else None,
         "history": history,
     }
-    store.put_bytes(CHAMPION_KEY, (json.dumps(pointer, indent=2) + "\n").encode())
-    log.info("champion is now %s (%s; by %s)", version, reason, by)
+    return pointer
+
+
+def set_champion(store: Store, version: str, model_sha256: str, reason: str,
+                 metrics: dict[str, Any] | None = None, classes: Sequence[str] | None = None,
+                 by: str | None = None) -> dict[str, Any]:
+    """Point champion.json at ``version`` (the last write of a promotion), by compare-and-swap on the pointer it
+    replaces (its history carried over); return the new pointer."""
+    pointer = swap_pointer(store, CHAMPION_KEY,
+                           lambda current: champion_pointer(version, model_sha256, reason, current, metrics, classes, by))
+    assert pointer is not None  # the change always writes
+    log.info("champion is now %s (%s; by %s)", version, reason, pointer["by"])
     return pointer
 
 
@@ -217,14 +318,16 @@ def verify_bytes(store: Store, version: str, name: str, data: bytes, expected_sh
                  expected_by: str = "the registry") -> None:
     """Refuse the bytes of ``version``'s file ``name`` unless they match every sha256 the registry holds for them.
 
-    Checked against ``expected_sha256`` (named ``expected_by``, e.g. champion.json) and the version's sha256.json. A
-    version published before sha256.json existed, with nothing expected, is only logged.
+    Checked against ``expected_sha256`` (named ``expected_by``, e.g. champion.json) and the version's sha256.json;
+    with neither there is nothing to check against, and the bytes are refused too (ModelIntegrityError).
     """
     uri = store.uri(version_key(version, name))
     expected = {expected_by: expected_sha256, f"{version}/{SHA256_FILE}": recorded_sha256(store, version).get(name)}
     expected = {source: value for source, value in expected.items() if value}
     if not expected:
-        log.warning("%s has no recorded sha256 (published before %s existed); it cannot be verified", uri, SHA256_FILE)
+        raise ModelIntegrityError(f"{uri} has no recorded sha256 (no {SHA256_FILE} entry for it, and nothing else "
+                                  "expects one): it cannot be verified, so it is not used. Republish the version, or "
+                                  f"write its {SHA256_FILE} after checking the file by hand")
     actual = sha256_bytes(data)
     for source, value in expected.items():
         if actual != value.lower():
@@ -272,7 +375,12 @@ def list_versions(store: Store, last: int | None = None) -> list[dict[str, Any]]
         rest = obj.key[len(MODELS_PREFIX):]
         if "/" in rest:
             version, name = rest.split("/", 1)
-            files.setdefault(version, []).append(name)
+            if VERSION_RE.fullmatch(version):
+                files.setdefault(version, []).append(name)
+            elif version not in files.setdefault("", []):  # "" collects the refused folder names, logged once each
+                files[""].append(version)
+                log.warning("ignoring %s: %r is not a model version's folder name", store.uri(obj.key), version)
+    files.pop("", None)
     champion = read_champion(store)
     ever = {h["version"] for h in (champion or {}).get("history", [])} | ({champion["version"]} if champion else set())
     rows = []
@@ -307,9 +415,8 @@ def promote(store: Store, version: str, reason: str = "manual promote", by: str 
                          f"versions with a model: {known or 'none'}")
     data = store.get_bytes(key)
     verify_bytes(store, version, MODEL_FILE, data)  # never bless a model that changed since it was published
-    previous = read_champion(store)
     metrics, classes = None, None
     if store.exists(version_key(version, "metrics.json")):
         saved = json.loads(store.get_bytes(version_key(version, "metrics.json")))
         metrics, classes = saved.get("test"), saved.get("classes")
-    return set_champion(store, version, sha256_bytes(data), reason, previous, metrics, classes, by)
+    return set_champion(store, version, sha256_bytes(data), reason, metrics, classes, by)

@@ -17,9 +17,9 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
 
-from faceclf.config import S3_BODY_ATTEMPTS, S3_CONNECT_TIMEOUT, S3_POOL, S3_RETRIES
+from faceclf.config import LINK_SECONDS, S3_BODY_ATTEMPTS, S3_CONNECT_TIMEOUT, S3_POOL, S3_RETRIES
 from faceclf.store.atomic import write_atomic
-from faceclf.store.objects import ObjectInfo, Store
+from faceclf.store.objects import ObjectInfo, PreconditionFailed, Store
 
 log = logging.getLogger(__name__)
 
@@ -162,18 +162,21 @@ class S3Store(Store):
                     yield ObjectInfo(obj["Key"], obj["ETag"].strip('"'), int(obj["Size"]))
 
     def get_bytes(self, key: str) -> bytes:
-        """The object's content. A body that breaks off mid-download is fetched again (S3_BODY_ATTEMPTS
+        return self.get_versioned(key)[0]
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's content and ETag. A body that breaks off mid-download is fetched again (S3_BODY_ATTEMPTS
         in all): botocore retries a request only until its response headers have arrived."""
         from botocore.exceptions import HTTPClientError, IncompleteReadError
 
         for attempt in range(1, S3_BODY_ATTEMPTS + 1):
             with self._errors(key):
                 try:
-                    body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+                    response = self.client.get_object(Bucket=self.bucket, Key=key)
                 except self.client.exceptions.NoSuchKey:
                     raise FileNotFoundError(f"s3://{self.bucket}/{key} does not exist") from None
                 try:
-                    return body.read()
+                    return response["Body"].read(), response["ETag"].strip('"')
                 except (HTTPClientError, IncompleteReadError) as e:  # reset or short body after the headers
                     if attempt == S3_BODY_ATTEMPTS:
                         raise
@@ -185,6 +188,23 @@ class S3Store(Store):
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors(key):
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def _put_conditional(self, key: str, data: bytes, etag: str | None) -> str:
+        """PutObject with If-None-Match: * (create) or If-Match: "<etag>" (replace what was read)."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": f'"{etag}"'}
+        with self._errors(key):
+            try:
+                response = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                    raise PreconditionFailed(f"s3://{self.bucket}/{key} changed since it was read "
+                                             f"({code}, HTTP {status}; expected ETag {etag or 'none'})") from None
+                raise
+        return response["ETag"].strip('"')
 
     def put_file(self, key: str, path: Path) -> None:
         with self._errors(key):
@@ -216,7 +236,7 @@ class S3Store(Store):
     def uri(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def link(self, key: str, expires_s: int = 7 * 24 * 3600) -> str | None:
+    def link(self, key: str, expires_s: int = LINK_SECONDS) -> str | None:
         """A presigned GET URL of ``key`` (on boto3's endpoint, AWS_ENDPOINT_URL included), valid ``expires_s``."""
         with self._errors(key):
             return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
