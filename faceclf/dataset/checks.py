@@ -7,7 +7,7 @@
                                      (decompression-bomb guard), then a full decode must succeed.
 
 A refusal is a ``Refused`` whose message is the quarantine reason. The decoded format, not the object's
-name, gives the image's extension in dest (``FILE_EXTENSIONS``).
+name, gives the image's extension in dest (``FILE_EXTENSIONS``, from faceclf.dataset.layout).
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from faceclf.config import MAX_CLASS_CHARS, MAX_NAME_BYTES, IngestConfig
+from faceclf.config import MAX_NAME_BYTES, IngestConfig
+from faceclf.dataset.layout import legal_class
 from faceclf.dataset.manifest import INCOMING
 from faceclf.store.objects import ObjectInfo, Store, safe_key
 
 FORMAT_ALIASES = {"MPO": "JPEG"}      # phone cameras' multi-picture JPEGs open as MPO; the file is a JPEG
-FILE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # decoded format -> extension in dest
-                                      # (else format.lower()); faceclf.dataset.layout.IMAGE_EXTENSIONS has them all
 
 
 class Refused(ValueError):
@@ -46,8 +45,9 @@ def class_of(info: ObjectInfo, cfg: IngestConfig) -> str:
     """The class of a listed object, or Refused saying why its key or size is not acceptable.
 
     Checked before any download: the key must be exactly incoming/<class>/<name> with safe, visible,
-    not too long parts; the size must be in [1, max_bytes]. The name may have any extension (or none):
-    the format is judged from the bytes by ``check_image``.
+    not too long parts, and a class that is a legal folder name on every worker OS (``legal_class``, the
+    rule manifest rows are held to as well); the size must be in [1, max_bytes]. The name may have any
+    extension (or none): the format is judged from the bytes by ``check_image``.
     """
     try:
         safe_key(info.key)
@@ -59,8 +59,10 @@ def class_of(info: ObjectInfo, cfg: IngestConfig) -> str:
     cls, name = parts
     if cls.startswith(".") or name.startswith("."):
         raise Refused(f"hidden class or file name in key {info.key!r}")
-    if len(cls) > MAX_CLASS_CHARS or not cls.strip():
-        raise Refused(f"class name {cls[:80]!r} is blank or over {MAX_CLASS_CHARS} characters")
+    try:
+        legal_class(cls)
+    except ValueError as e:
+        raise Refused(str(e)) from None
     if len(name.encode()) > MAX_NAME_BYTES:
         raise Refused(f"file name {name[:80]!r}... is over {MAX_NAME_BYTES} bytes")
     if info.size == 0:

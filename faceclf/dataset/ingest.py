@@ -2,15 +2,24 @@
 
     incoming/<class>/<name>          read only: never modified or deleted here; any name (the bytes decide)
       -> list, skip what the manifest or the quarantine log already holds (same key, etag and size),
-         refuse bad keys and sizes from the listing, download the rest in parallel, validate in
-         memory (JPEG, PNG or WebP, judged from the bytes), hash (sha256), drop exact duplicates,
-         quarantine what is refused (with a reason)
+         refuse bad keys and sizes and classes the pipeline does not know from the listing, download the
+         rest in parallel, validate in memory (JPEG, PNG or WebP, judged from the bytes), hash (sha256),
+         drop exact duplicates, quarantine what is refused (with a reason)
     dest/{train,val,test}/<class>/<sha256>.<jpg|png|webp>   split by content hash: never moves between nights
     datasets/face/manifest.jsonl     one row per ingested object, rewritten whole at the end of a run
     datasets/face/quarantine.jsonl   one row per refused object, this run's rows appended at the end
 
 One concern per module: ``checks`` (what is accepted, and why not), ``manifest`` (the records in the
 bucket: row statuses, duplicates and label conflicts), ``tree`` (the files in dest); this one runs a night.
+
+Known classes: those of the manifest's rows and the champion's. An object of any other class is
+quarantined (kind "unknown_class", reason saying how to take it), so one stray upload never reaches the
+manifest, where it would stop every later night at the class check; ``allow_new_classes`` takes it, on this
+run or a later one (such rows are not 'already seen' then). The very first ingest (no manifest rows, no
+champion) takes every class.
+
+Everything read back from the bucket is input: a manifest row is used only in its one legal form
+(faceclf.dataset.manifest.row_problem), else the run stops before anything is written or removed.
 
 Downloads that fail (network, object deleted meanwhile) are reported as ``failed`` and retried the next
 night; they are not quarantined, because the object itself may be fine. Run one ingest at a time per
@@ -29,13 +38,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from faceclf.config import IngestConfig
 from faceclf.dataset.checks import Checked, Refused, class_of, fetch_and_check
 from faceclf.dataset.faceset import FaceSet, from_manifest
 from faceclf.dataset.manifest import (
     INCOMING,
+    UNKNOWN_CLASS,
     class_counts,
     conflict_reason,
     conflict_summary,
@@ -57,6 +67,7 @@ from faceclf.dataset.tree import (
 )
 from faceclf.progress import progress
 from faceclf.store.objects import ObjectInfo, Store
+from faceclf.store.registry import champion_ref
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +131,14 @@ class Ledger:
                    owner={r["sha256"]: r for r in rows if r.get("status", "ok") == "ok"},
                    conflicted={r["sha256"] for r in rows if r.get("status") == "conflict"})
 
-    def seen(self) -> set[tuple[str, str, int]]:
-        """Identities of every object already ingested or refused: not downloaded again."""
-        return {identity(r) for r in self.rows} | {identity(r) for r in self.quarantine_log}
+    def seen(self, known: frozenset[str] | None) -> set[tuple[str, str, int]]:
+        """Identities of every object already ingested or refused: not downloaded again. Except an object
+        refused only for its class (kind "unknown_class") when that class is now taken: ``known`` holds it,
+        or is None (every class taken)."""
+        def retried(q: Row) -> bool:
+            return q.get("kind") == UNKNOWN_CLASS and (known is None or q.get("class") in known)
+
+        return {identity(r) for r in self.rows} | {identity(q) for q in self.quarantine_log if not retried(q)}
 
     def manifest(self) -> list[Row]:
         """The manifest as it stands now: the rows read, then this run's."""
@@ -220,18 +236,40 @@ def restore_missing(store: Store, dest: Path, rows: list[Row], listed: list[Obje
     return sum(ok for _, ok in results), [row["path"] for row, ok in results if not ok]
 
 
-def triage(listed: list[ObjectInfo], seen: set[tuple[str, str, int]], cfg: IngestConfig,
-           report: IngestReport, now: str) -> list[tuple[ObjectInfo, str]]:
-    """(object, class) pairs to download; counts the skipped and quarantines bad keys and sizes."""
+def known_classes(rows: list[Row], champion_classes: Sequence[str]) -> frozenset[str] | None:
+    """The classes an upload may have: those of the manifest's rows and the champion's; None (any class)
+    when there are neither, i.e. the very first ingest. Every row counts, "conflict" ones too: a class whose
+    only image was held out as a label conflict was still taken once, and is no stray upload."""
+    return frozenset({r["class"] for r in rows} | set(champion_classes)) or None
+
+
+def unknown_class_reason(cls: str, known: frozenset[str]) -> str:
+    """The quarantine reason of an object whose class the pipeline does not know: what to do about it."""
+    names = sorted(known)
+    shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    return (f"class {cls!r} is not one the pipeline knows (known: {shown}); rerun with allow_new_classes=true "
+            "to take it")
+
+
+def triage(listed: list[ObjectInfo], seen: set[tuple[str, str, int]], known: frozenset[str] | None,
+           cfg: IngestConfig, report: IngestReport, now: str) -> list[tuple[ObjectInfo, str]]:
+    """(object, class) pairs to download; counts the skipped and quarantines bad keys and sizes, and
+    objects of a class not in ``known`` (None: any class is taken)."""
     todo = []
     for info in listed:
         if identity(info) in seen:
             report.skipped += 1
             continue
         try:
-            todo.append((info, class_of(info, cfg)))
+            cls = class_of(info, cfg)
         except Refused as e:
             report.quarantine.append(quarantine_row(info, str(e), now))
+            continue
+        if known is not None and cls not in known:
+            report.quarantine.append({**quarantine_row(info, unknown_class_reason(cls, known), now),
+                                      "class": cls, "kind": UNKNOWN_CLASS})
+            continue
+        todo.append((info, cls))
     return todo
 
 
@@ -279,15 +317,27 @@ def log_refusals(dest: Path, report: IngestReport) -> None:
                     f" ({c['withdrawn']} removed from {dest})" if c["withdrawn"] else "")
 
 
-def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None = None) -> IngestReport:
-    """Bring ``dest`` and the manifest up to date with incoming/ (see the module docstring)."""
+def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None = None,
+           champion_classes: Sequence[str] | None = None) -> IngestReport:
+    """Bring ``dest`` and the manifest up to date with incoming/ (see the module docstring).
+
+    ``champion_classes``: the current champion's classes (() before the first promotion), known classes
+    with the manifest's; None reads them here from champion.json (unless ``cfg.allow_new_classes``). A
+    manifest row not in its legal form stops the run (ValueError naming the line) before any write.
+    """
     cfg = cfg or IngestConfig()
     dest = Path(dest)
     ledger = Ledger.read(store, now=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     report = ledger.report
+    known = None
+    if not cfg.allow_new_classes:
+        if champion_classes is None:
+            champion = champion_ref(store)
+            champion_classes = champion.classes if champion else ()
+        known = known_classes(ledger.rows, champion_classes)
     listed = list_incoming(store)
     report.listed = len(listed)
-    todo = triage(listed, ledger.seen(), cfg, report, ledger.now)
+    todo = triage(listed, ledger.seen(known), known, cfg, report, ledger.now)
     with ThreadPoolExecutor(cfg.workers, thread_name_prefix="ingest") as pool:
         report.restored, missing = restore_missing(store, dest, ledger.rows, listed, pool, cfg)
         report.missing = len(missing)
@@ -306,7 +356,8 @@ def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None 
     return report
 
 
-def ingest_in_child(location: str, dest: str | os.PathLike[str], cfg: IngestConfig | None = None) -> IngestReport:
+def ingest_in_child(location: str, dest: str | os.PathLike[str], cfg: IngestConfig | None = None,
+                    champion_classes: Sequence[str] | None = None) -> IngestReport:
     """``ingest`` of the bucket (or local bucket folder) at ``location``, run in a fresh child process.
 
     Reading and rewriting the manifest costs about 3.5 KB of heap per image (JSON rows as dicts); glibc
@@ -317,11 +368,13 @@ def ingest_in_child(location: str, dest: str | os.PathLike[str], cfg: IngestConf
     """
     from faceclf.child import run_in_child
 
-    return run_in_child(_ingest_location, location, str(dest), cfg, name="faceclf-ingest")
+    classes = None if champion_classes is None else tuple(champion_classes)
+    return run_in_child(_ingest_location, location, str(dest), cfg, classes, name="faceclf-ingest")
 
 
-def _ingest_location(location: str, dest: str, cfg: IngestConfig | None) -> IngestReport:
+def _ingest_location(location: str, dest: str, cfg: IngestConfig | None,
+                     champion_classes: tuple[str, ...] | None) -> IngestReport:
     """The child of ``ingest_in_child``: open the store here (a boto3 client does not travel), ingest."""
     from faceclf.store.objects import open_store
 
-    return ingest(open_store(location), dest, cfg)
+    return ingest(open_store(location), dest, cfg, champion_classes)

@@ -15,14 +15,23 @@ so NEITHER is trained on. The newcomer is quarantined (reason "conflict: ..."), 
 that sha256 becomes ``status: "conflict"`` and its file is removed from dest; later objects with those
 bytes are quarantined too. Nothing is lost: the objects stay under incoming/. To settle a conflict,
 delete the wrongly labelled object and the sha's rows from the manifest and quarantine log.
+
+Trust: the bucket is shared, so the records are read back as input. Every manifest row must have its one
+legal form (``row_problem``: its ``path`` is exactly <split>/<class>/<sha256>.<ext> of its own split, class
+and sha256) before any of it becomes a path; one that does not stops the run before anything is written or
+removed, naming the line. Quarantine rows are only ever used as strings (key, class, reason) and their
+identity; they are held to plain types. A quarantine row with ``kind`` "unknown_class" is an object refused
+only because its class was new; an ingest that allows new classes downloads it again.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-from typing import TYPE_CHECKING, Any, Iterable
+import re
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from faceclf.dataset.layout import SPLITS, legal_class, parse_image_path
 from faceclf.store.objects import ObjectInfo, Store
 
 if TYPE_CHECKING:
@@ -31,18 +40,25 @@ if TYPE_CHECKING:
 INCOMING = "incoming/"                # fixed bucket layout (see DESIGN.md)
 MANIFEST_KEY = "datasets/face/manifest.jsonl"
 QUARANTINE_KEY = "datasets/face/quarantine.jsonl"
+STATUSES = ("ok", "duplicate", "conflict")
+UNKNOWN_CLASS = "unknown_class"       # quarantine row ``kind``: refused only for its new class (retried when allowed)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading and writing
 # ---------------------------------------------------------------------------------------------
-def _read_jsonl(store: Store, key: str) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines object; [] if it does not exist. A bad line stops the run (never rewritten)."""
+def _read_jsonl(store: Store, key: str, problem: Callable[[dict[str, Any]], str | None]) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines object; [] if it does not exist. A bad line stops the run (never rewritten).
+
+    Every line must be a JSON object with key, etag and size (checked first, line by line); then the first
+    row for which ``problem`` gives a reason stops the run, naming its line.
+    """
     try:
         text = store.get_bytes(key).decode("utf-8")
     except FileNotFoundError:
         return []
-    rows = []
+    rows, illegal = [], None
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -52,8 +68,64 @@ def _read_jsonl(store: Store, key: str) -> list[dict[str, Any]]:
             raise ValueError(f"{store.uri(key)} line {n} is not valid JSON ({e}); fix or remove that line") from None
         if not isinstance(row, dict) or not {"key", "etag", "size"} <= row.keys():
             raise ValueError(f"{store.uri(key)} line {n} is not an object with key, etag and size: {line[:200]!r}")
+        if illegal is None and (why := problem(row)):
+            illegal = n, why
         rows.append(row)
+    if illegal:
+        raise ValueError(f"{store.uri(key)} line {illegal[0]}: {illegal[1]}. Only ingest writes this file, so a row "
+                         "in any other form means a mistaken or compromised writer; nothing was written or removed. "
+                         "Fix or remove that line (or restore the file from a backup)")
     return rows
+
+
+def identity_problem(row: dict[str, Any]) -> str | None:
+    """Why a manifest or quarantine row's identity is not (key: text, etag: text, size: whole bytes); None if it is."""
+    if not isinstance(row["key"], str) or not isinstance(row["etag"], str):
+        return f"key {row['key']!r} and etag {row['etag']!r} must be text"
+    if type(row["size"]) is not int or row["size"] < 0:
+        return f"size {row['size']!r} is not a whole number of bytes"
+    return None
+
+
+def row_problem(row: dict[str, Any]) -> str | None:
+    """Why a manifest row is not in its one legal form; None if it is.
+
+    status one of STATUSES (absent: "ok"); sha256 64 lowercase hex digits; class a legal class
+    (``legal_class``, the rule incoming/<class>/ is held to); split one of SPLITS; path exactly
+    f"{split}/{class}/{sha256}.{ext}" with ext one an ingested file has (``parse_image_path``): a path that
+    is not that row's own file (e.g. '../../x') would be written, restored or removed outside its place.
+    """
+    if why := identity_problem(row):
+        return why
+    if row.get("status", "ok") not in STATUSES:
+        return f"status {row.get('status')!r} is not one of {STATUSES}"
+    sha, cls, split, path = (row.get(k) for k in ("sha256", "class", "split", "path"))
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        return f"sha256 {sha!r} is not 64 lowercase hex digits"
+    if split not in SPLITS:
+        return f"split {split!r} is not one of {SPLITS}"
+    if not isinstance(cls, str):
+        return f"class {cls!r} is not text"
+    try:
+        legal_class(cls)
+        parts = parse_image_path(path)
+    except ValueError as e:
+        return str(e)
+    if (parts.split, parts.cls, parts.sha256) != (split, cls, sha):
+        return f"path {path!r} is not {split}/{cls}/{sha}.<ext> (the row's own split, class and sha256)"
+    for k in ("width", "height"):
+        if k in row and (type(row[k]) is not int or row[k] < 0):
+            return f"{k} {row[k]!r} is not a whole number of pixels"
+    return None
+
+
+def quarantine_problem(row: dict[str, Any]) -> str | None:
+    """Why a quarantine row is not plain (identity, and text reason/class/sha256/kind where present); None if it is.
+    None of its fields becomes a path: they are compared, logged and reported."""
+    if why := identity_problem(row):
+        return why
+    bad = [k for k in ("reason", "class", "sha256", "kind", "at") if k in row and not isinstance(row[k], str)]
+    return f"{', '.join(bad)} must be text" if bad else None
 
 
 def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
@@ -61,13 +133,15 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
 
 
 def read_manifest(store: Store) -> list[dict[str, Any]]:
-    """All manifest rows ("ok" images, "duplicate" and "conflict" records), in ingest order."""
-    return _read_jsonl(store, MANIFEST_KEY)
+    """All manifest rows ("ok" images, "duplicate" and "conflict" records), in ingest order; ValueError naming
+    the line if one is not in its legal form (``row_problem``)."""
+    return _read_jsonl(store, MANIFEST_KEY, row_problem)
 
 
 def read_quarantine(store: Store) -> list[dict[str, Any]]:
-    """All quarantine rows (key, etag, size, reason, at; conflicts also sha256 and class), oldest first."""
-    return _read_jsonl(store, QUARANTINE_KEY)
+    """All quarantine rows (key, etag, size, reason, at; conflicts also sha256 and class; unknown classes
+    ``kind`` "unknown_class"), oldest first."""
+    return _read_jsonl(store, QUARANTINE_KEY, quarantine_problem)
 
 
 def write_manifest(store: Store, rows: Iterable[dict[str, Any]]) -> None:

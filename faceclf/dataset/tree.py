@@ -2,31 +2,33 @@
 
 A file is named by its content hash and the extension of its decoded format, and its split comes from
 the hash alone, so an image never moves between splits or nights. Files are written atomically; the
-files of label conflicts are withdrawn.
+files of label conflicts are withdrawn. A path read back from the manifest is used only in that one legal
+form (``faceclf.dataset.layout.parse_image_path``): nothing else below or beside dest is written or removed.
 """
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable
 
 from faceclf.config import IngestConfig
-from faceclf.dataset.checks import FILE_EXTENSIONS
-from faceclf.dataset.layout import SPLITS, split_of
+from faceclf.dataset.layout import FILE_EXTENSIONS, SPLITS, legal_class, parse_image_path, split_of
 from faceclf.store.atomic import write_atomic
-from faceclf.store.objects import safe_key
 
 
 def image_path(sha256: str, cls: str, fmt: str, cfg: IngestConfig) -> str:
-    """dest-relative POSIX path: <split>/<class>/<sha256>.<ext>; the split depends on the content only."""
-    ext = FILE_EXTENSIONS.get(fmt, fmt.lower())
-    return f"{split_of(sha256, cfg.split_fractions)}/{cls}/{sha256}.{ext}"
+    """dest-relative POSIX path: <split>/<class>/<sha256>.<ext>; the split depends on the content only.
+    ``fmt`` is a decoded format IngestConfig allows (each has its extension in FILE_EXTENSIONS)."""
+    return f"{split_of(sha256, cfg.split_fractions)}/{cls}/{sha256}.{FILE_EXTENSIONS[fmt]}"
 
 
 def local_path(dest: Path, rel: str) -> Path:
-    """Where a dest-relative POSIX path (a manifest row's ``path``) lies below ``dest``."""
-    return dest.joinpath(*PurePosixPath(safe_key(rel)).parts)
+    """Where a dest-relative POSIX path (a manifest row's ``path``) lies below ``dest``; ValueError unless
+    ``rel`` is <split>/<class>/<sha256>.<ext> (``parse_image_path``), so a path from the bucket never
+    names a file elsewhere (read_manifest has refused such a row already; this is the last guard)."""
+    split, cls, sha256, ext = parse_image_path(rel)
+    return dest / split / cls / f"{sha256}.{ext}"
 
 
 def write_image(dest: Path, rel: str, data: bytes) -> None:
@@ -54,7 +56,7 @@ def withdraw_conflicts(dest: Path, rows: list[dict[str, Any]]) -> list[str]:
         if path.is_file():
             path.unlink()
             removed.append(rel)
-    for cls in {rel.split("/")[1] for rel in removed} - {r["class"] for r in ok}:
+    for cls in {parse_image_path(rel).cls for rel in removed} - {r["class"] for r in ok}:
         for split in SPLITS:
             with contextlib.suppress(OSError):  # absent, or holds files the manifest does not know
                 (dest / split / cls).rmdir()
@@ -70,5 +72,5 @@ def make_tree(dest: Path, classes: Iterable[str]) -> None:
     """
     for split in SPLITS:
         for cls in classes:
-            (dest / split / cls).mkdir(parents=True, exist_ok=True)
+            (dest / split / legal_class(cls)).mkdir(parents=True, exist_ok=True)
         (dest / split).mkdir(parents=True, exist_ok=True)
