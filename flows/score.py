@@ -1,6 +1,12 @@
 """Prefect flow `score`: batch-score an S3 prefix or a local folder with the champion (or a given version).
 
 Deployed on demand as `score/face` (deployments/prefect.yaml).
+
+Its parameters are untrusted (the Prefect server has no login), so where they lead is checked before
+anything is written: a local source or output must lie inside the worker's own folder (its working
+directory) or a folder the deployment lists in FACECLF_ALLOW_PATHS (os.pathsep-separated, set in the
+worker's environment, never a parameter); an s3:// output must be in the flow's own bucket; a key must
+be a plain one outside models/, datasets/ and incoming/ (faceclf.serving.output).
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from prefect.cache_policies import NONE
 
 from faceclf.config import ScoreConfig
 from faceclf.nightly import night
+from faceclf.serving.output import allowed_roots, check_output_key, confine
 from faceclf.serving.stream import ScoreSummary
 from faceclf.serving.stream import score as score_images
 from faceclf.store import registry
-from faceclf.store.objects import Store, open_store
+from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url
 from flows.common import IO_RETRIES
 
 _SCORE = ScoreConfig()  # the flow's defaults are the config's
@@ -62,11 +69,31 @@ def default_output(version: str, source: str, int8: bool = False) -> str:
     return f"predictions/{version}/{where}/predictions{'.int8' if int8 else ''}.csv"
 
 
-def output_location(store: Store, output: str) -> str:
-    """A flow ``output`` as stream.score takes it: local paths as given, keys inside the store."""
-    if output.startswith(("/", "./", "../", "s3://")):
+def output_location(store: Store, output: str, roots: list[Path] | None = None) -> str:
+    """A flow ``output`` as stream.score takes it, once it is known to stay in its place: an s3:// URL in the
+    flow's own bucket, a local path (/, ./, ../) inside ``roots`` (default ``allowed_roots()``), anything
+    else a plain key of the store outside models/, datasets/ and incoming/ (in a local bucket folder, inside
+    ``roots`` too). ValueError naming the output otherwise."""
+    roots = allowed_roots() if roots is None else roots
+    if output.startswith("s3://"):
+        if parse_s3_url(output)[0] != store.uri().rstrip("/"):
+            raise ValueError(f"output {output!r} is not in the flow's bucket {store.uri()}; expected "
+                             f"{store.uri()}PREFIX/ or a key such as predictions/...")
         return output
-    return store.uri(output)
+    if output.startswith(("/", "./", "../")):
+        confine(output, roots, "output")
+        return output
+    target = store.uri(check_output_key(output))
+    if isinstance(store, LocalStore):
+        confine(target, roots, "output")
+    return target
+
+
+def check_source(source: str, roots: list[Path] | None = None) -> None:
+    """ValueError when ``source`` is read from local disk (it exists here) outside ``roots`` (default
+    ``allowed_roots()``); a prefix of the bucket is not a local path and passes."""
+    if Path(source).exists():
+        confine(source, allowed_roots() if roots is None else roots, "source")
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -77,6 +104,7 @@ def score_stream(model: FetchedModel, location: str, source: str, output: str, c
     A retry of this task, or a rerun of the flow, resumes from the parts already written. The model's
     sha256 is checked again as it loads."""
     store = open_store(location)
+    check_source(source)
     return score_images(model.path, [source], output_location(store, output), cfg,
                         expected_sha256=model.sha256, incremental=incremental, store=store)
 
@@ -89,7 +117,8 @@ def score(bucket: str | None = None, source: str = "incoming/", version: str | N
 
     Streamed: nothing is downloaded first. Predictions (path or key, predicted class, probabilities,
     error, model version, etag) go to ``output``: a key in the bucket, s3://BUCKET/PREFIX/ or a local
-    path; default predictions/<version>/<source>/predictions.csv. ``incremental`` keeps the rows of an
+    path (local paths: inside the worker's folder or FACECLF_ALLOW_PATHS; never under models/, datasets/,
+    incoming/); default predictions/<version>/<source>/predictions.csv. ``incremental`` keeps the rows of an
     earlier run there whose image (key and ETag) and model version are unchanged. ``ray_address``
     ("local", host:port, ray://host:port) scores with Ray Data on that cluster instead of in this process.
     ``int8`` scores with the version's int8 model (published by a night with int8=true), which agreed with

@@ -8,6 +8,17 @@
 Rows arrive in key order, so a killed run resumes after the last key of its last part: no key is scored
 twice and no row is duplicated. ``finish`` joins the parts into OUT (atomic) and only then deletes them,
 so a run killed at any point leaves OUT as it was (the previous run's, or nothing) or whole.
+
+Writes stay in their place: OUT is refused under a bucket's models/, datasets/ or incoming/ (the
+registry's, the data's and the labellers' prefixes; for a local folder, where one of its parents holds
+models/face/ or datasets/face/, as a bucket folder does), and where any of these files exists without
+being a scoring run's: the summary and run.json carry ``"written_by": "faceclf score"`` (a summary of
+the versions before that marker is known by its fields), so a rerun, a resume and --incremental work
+while a champion.json or a settings.json beside OUT is never overwritten.
+
+Flow parameters are untrusted (the Prefect server has no login): ``confine`` keeps a local path a flow
+reads or writes inside the worker's own folder (its working directory) or a folder the deployment lists
+in FACECLF_ALLOW_PATHS (os.pathsep-separated, as PATH).
 """
 
 from __future__ import annotations
@@ -20,14 +31,23 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from faceclf.dataset.manifest import INCOMING, MANIFEST_KEY
 from faceclf.store.atomic import remove_stale_temps
-from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url
+from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url, safe_key
+from faceclf.store.registry import MODELS_PREFIX
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "predictions.csv"
+WRITTEN_BY = "faceclf score"    # the marker in run.json and the summary: files a scoring run wrote
+LEGACY_SUMMARY = frozenset({"model_version", "source", "columns", "model_sha256", "finished_at"})  # before it
+LEGACY_RUN = frozenset({"model_version", "source", "columns"})
+# Top-level prefixes of a bucket that belong to others: the registry, the data set, the labellers' images.
+RESERVED_PREFIXES = tuple(sorted({k.split("/", 1)[0] + "/" for k in (MODELS_PREFIX, MANIFEST_KEY, INCOMING)}))
+BUCKET_MARKERS = (MODELS_PREFIX, MANIFEST_KEY.rsplit("/", 1)[0] + "/")  # a local folder holding one is a bucket
+ALLOW_PATHS_ENV = "FACECLF_ALLOW_PATHS"  # extra folders a flow's local paths may name (worker's environment)
 
 
 @dataclass(frozen=True)
@@ -51,18 +71,101 @@ class Destination:
         return self.store.uri(self.key)
 
 
+def check_output_key(key: str, where: str = "") -> str:
+    """``key`` if scoring output may go there in a bucket; else ValueError naming it and why.
+
+    A plain key (``safe_key``: no '..', no leading '/') outside RESERVED_PREFIXES: predictions under
+    models/ would overwrite the registry (CSV text in champion.json), under datasets/ or incoming/ the
+    data the next night trains on.
+    """
+    shown = where or key
+    try:
+        safe_key(key)
+    except ValueError as e:
+        raise ValueError(f"output {shown!r} is not a plain key in a bucket: {e}") from None
+    for prefix in RESERVED_PREFIXES:
+        if key.startswith(prefix):
+            raise ValueError(f"output {shown!r} is under {prefix!r}, which holds the model registry, the data set "
+                             f"or the incoming images ({', '.join(RESERVED_PREFIXES)}); scoring never writes there "
+                             "(expected e.g. predictions/...)")
+    return key
+
+
+def _check_local_output(path: Path) -> None:
+    """ValueError when ``path`` (resolved) lies under a reserved prefix of a local bucket folder above it."""
+    for folder in path.parents:
+        if any((folder / marker).is_dir() for marker in BUCKET_MARKERS):
+            check_output_key(path.relative_to(folder).as_posix(), str(path))
+
+
 def destination(out: str | os.PathLike[str]) -> Destination:
-    """``s3://BUCKET/PREFIX/`` or a local folder -> its predictions.csv; a name ending in .csv is the file."""
+    """``s3://BUCKET/PREFIX/`` or a local folder -> its predictions.csv; a name ending in .csv is the file.
+
+    Refused (ValueError): a key that is not plain or lies under models/, datasets/ or incoming/, in a
+    bucket or in a local bucket folder (one holding models/face/ or datasets/face/).
+    """
     text = str(out)
     if text.startswith("s3://"):
         location, key = parse_s3_url(text)
         if not key or key.endswith("/"):
             key += DEFAULT_NAME
+        check_output_key(key, text)
         return Destination(open_store(location), key)
     path = Path(text)
     if path.suffix.lower() != ".csv":
         path = path / DEFAULT_NAME
-    return Destination(LocalStore(path.parent.resolve()), path.name)
+    folder = path.parent.resolve()
+    _check_local_output(folder / path.name)
+    return Destination(LocalStore(folder), path.name)
+
+
+def allowed_roots(environ: Mapping[str, str] = os.environ) -> list[Path]:
+    """Where a flow's local paths may lead: the worker's own folder (the working directory), then each
+    folder listed in FACECLF_ALLOW_PATHS (os.pathsep-separated), all resolved."""
+    extra = [Path(p).expanduser() for p in environ.get(ALLOW_PATHS_ENV, "").split(os.pathsep) if p.strip()]
+    return [Path.cwd().resolve(), *(p.resolve() for p in extra)]
+
+
+def confine(path: str | os.PathLike[str], roots: Sequence[Path], what: str) -> Path:
+    """``path`` resolved (symbolic links and '..' included) if it lies inside one of ``roots``; else ValueError
+    naming it, where it leads and the roots. For local paths that arrive as flow parameters."""
+    resolved = Path(path).expanduser().resolve()
+    if any(resolved.is_relative_to(root) for root in roots):
+        return resolved
+    raise ValueError(f"{what} {str(path)!r} resolves to {str(resolved)!r}, outside the worker's folder "
+                     f"{str(roots[0])!r}{' and ' + ', '.join(map(str, roots[1:])) if roots[1:] else ''}; a flow "
+                     f"parameter may only name local paths inside them (the deployment may list more folders in "
+                     f"{ALLOW_PATHS_ENV}, separated by {os.pathsep!r})")
+
+
+def _scorer_wrote(store: Store, key: str, legacy: frozenset[str]) -> bool:
+    """True when ``key`` holds a JSON object a scoring run wrote (the marker, or the fields of ``legacy``)."""
+    try:
+        record = json.loads(store.get_bytes(key))
+    except (ValueError, FileNotFoundError):  # not JSON (UnicodeDecodeError is a ValueError), or gone
+        return False
+    return isinstance(record, dict) and (record.get("written_by") == WRITTEN_BY or legacy <= record.keys())
+
+
+def check_ownership(dest: Destination) -> None:
+    """ValueError unless every file the run would replace was written by a scoring run (or is absent).
+
+    The CSV is the scorer's when its summary or its parts' run.json is; the parts are when run.json is.
+    A foreign file (settings.json beside settings.csv, a champion.json) is named and left alone.
+    """
+    store, run_key = dest.store, dest.parts + "run.json"
+    found = {k: store.exists(k) for k in (dest.key, dest.summary_key, run_key)}
+    ours = {dest.summary_key: found[dest.summary_key] and _scorer_wrote(store, dest.summary_key, LEGACY_SUMMARY),
+            run_key: found[run_key] and _scorer_wrote(store, run_key, LEGACY_RUN)}
+    refuse = [k for k in (dest.summary_key, run_key) if found[k] and not ours[k]]
+    if found[dest.key] and not any(ours.values()):
+        refuse.insert(0, dest.key)
+    if not found[run_key] and any(o.key != run_key for o in store.list(dest.parts)):
+        refuse.append(dest.parts)
+    if refuse:
+        raise ValueError(f"refusing to overwrite {', '.join(store.uri(k) for k in refuse)}: not written by a scoring "
+                         f"run (neither {store.uri(dest.summary_key)} nor {store.uri(run_key)} is a JSON object with "
+                         f"\"written_by\": \"{WRITTEN_BY}\"); choose another output")
 
 
 def columns(classes: list[str]) -> list[str]:
@@ -96,13 +199,15 @@ class PredictionOutput:
         """Set up the parts folder; returns the key to start after ('' for a fresh run).
 
         Parts of a killed run with the same identity (model, source, columns) are kept and resumed;
-        parts of any other run are deleted, so rows of two models never mix."""
+        parts of any other run are deleted, so rows of two models never mix. Files a scoring run did not
+        write are never replaced (``check_ownership``)."""
         store = self.dest.store
         if isinstance(store, LocalStore):
             store.root.mkdir(parents=True, exist_ok=True)
             for p in remove_stale_temps(store.root, self.dest.key) + remove_stale_temps(
                     store.root / self.dest.parts, None):
                 log.warning("removed %s, left by an interrupted scoring run", p)
+        check_ownership(self.dest)
         run_key = self.dest.parts + "run.json"
         parts = sorted(o.key for o in store.list(self.dest.parts) if o.key.rsplit("/", 1)[-1].startswith("part-"))
         if store.exists(run_key) and json.loads(store.get_bytes(run_key)) == self.identity and parts:
@@ -155,14 +260,43 @@ class PredictionOutput:
         return rows, errors
 
     def previous_rows(self) -> Iterator[dict[str, str]]:
-        """Rows of the final CSV a previous run left (key order), streamed; nothing if there is none."""
+        """Rows of the final CSV a previous run left (key order), streamed; nothing if there is none, or
+        (with a warning: every image is scored again) if it is not a whole CSV of these columns."""
         if not self.dest.store.exists(self.dest.key):
             return
         with tempfile.TemporaryDirectory(prefix="faceclf-previous-") as tmp:
             local = Path(tmp) / "previous.csv"
             self.dest.store.download(self.dest.key, local)  # a file on disk, never the whole CSV in memory
+            if problem := csv_problem(local, self.fields):
+                log.warning("not reusing the previous predictions %s: %s; scoring every image again",
+                            self.dest.uri(), problem)
+                return
             with open(local, newline="", encoding="utf-8") as f:
                 yield from csv.DictReader(f)
+
+
+def csv_problem(path: Path, fields: list[str]) -> str | None:
+    """Why the CSV at ``path`` is not a previous run's whole output with ``fields``, or None (one pass, streamed).
+
+    Checked: UTF-8 and CSV syntax, the header, every row's number of fields (a truncated last line has
+    fewer), and paths in strictly increasing order (the merge with tonight's listing relies on it).
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header != fields:
+                return f"its header is {str(header)[:200]}, expected {fields}"
+            last = None
+            for row in reader:
+                if len(row) != len(fields):
+                    return f"line {reader.line_num} has {len(row)} fields, expected {len(fields)}"
+                if last is not None and row[0] <= last:
+                    return f"line {reader.line_num}: path {row[0][:200]!r} is not after {last[:200]!r}"
+                last = row[0]
+    except (UnicodeDecodeError, csv.Error) as e:
+        return f"it is not a readable UTF-8 CSV ({type(e).__name__}: {str(e)[:200]})"
+    return None
 
 
 class PreviousRows:

@@ -5,10 +5,13 @@
         -> map_batches(OnnxScorer, ActorPoolStrategy(size=N))      ONNX Runtime actors, one GPU each on GPUs
         -> iter_batches (order preserved) -> the driver's PredictionOutput (parts, resume, final CSV)
 
-Workers read images themselves: a bucket through boto3's own configuration on the worker
-(AWS_ENDPOINT_URL and credentials; the driver's AWS_* variables travel in the tasks' runtime_env), local
-paths only on a local instance or a shared filesystem. The model travels as bytes and is checked
-against its sha256 in every actor. Rows are the single-machine path's (faceclf.serving.stream).
+Workers read images themselves: a bucket through boto3 on the worker, local paths only on a local
+instance or a shared filesystem. Only where the bucket is travels in the tasks' runtime_env (the
+driver's endpoint, region and retry settings: ``RAY_AWS_ENV``), never a credential: Ray's dashboard and
+State API show every runtime_env, so each node signs with its own credential chain (its instance or
+pod role, its own environment or ~/.aws; a local instance's workers inherit the driver's environment).
+The model travels as bytes and is checked against its sha256 in every actor. Rows, and the size and
+pixel limits, are the single-machine path's (faceclf.serving.stream).
 """
 
 from __future__ import annotations
@@ -18,19 +21,25 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from faceclf.config import ScoreConfig
+from faceclf.config import IngestConfig, ScoreConfig
 from faceclf.serving.score import OnnxModel, predict_proba
 from faceclf.serving.sources import Item, Source
 from faceclf.store.registry import sha256_bytes
 
 log = logging.getLogger(__name__)
 
+# Where the bucket is and how to retry it: all a worker's boto3 needs from the driver. Credentials
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, ...) never travel.
+RAY_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS",
+               "AWS_RETRY_MODE")
 
-def fetch_decode(batch: dict[str, np.ndarray], source: Source, image_size: int) -> dict[str, np.ndarray]:
+
+def fetch_decode(batch: dict[str, np.ndarray], source: Source, image_size: int,
+                 limits: IngestConfig) -> dict[str, np.ndarray]:
     """Ray task: keys -> uint8 images (B, S, S, 3) (zeros where the error column says why not)."""
     from faceclf.dataset.preprocess import Preprocess
     from faceclf.serving.stream import fetch_and_decode
@@ -38,8 +47,9 @@ def fetch_decode(batch: dict[str, np.ndarray], source: Source, image_size: int) 
     preset = Preprocess(image_size)
     images = np.zeros((len(batch["key"]), image_size, image_size, 3), dtype=np.uint8)
     errors = []
-    for k, (key, etag) in enumerate(zip(batch["key"], batch["etag"])):
-        got = fetch_and_decode(preset, source, Item(str(key), str(etag)))
+    for k, (key, etag, size, path) in enumerate(zip(batch["key"], batch["etag"], batch["size"], batch["path"])):
+        item = Item(str(key), str(etag), int(size) if size >= 0 else None, os.fsdecode(bytes(path)))
+        got = fetch_and_decode(preset, source, item, limits)
         if isinstance(got, str):
             errors.append(got)
         else:
@@ -69,9 +79,10 @@ class OnnxScorer:
         return {"key": batch["key"], "etag": batch["etag"], "probs": probs, "error": batch["error"]}
 
 
-def aws_env() -> dict[str, str]:
-    """The driver's AWS_* settings (endpoint, region, credentials), for the workers' boto3."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+def aws_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The driver's endpoint, region and retry settings (``RAY_AWS_ENV``) for the workers' boto3; never a
+    credential, since a runtime_env is shown by Ray's dashboard and State API."""
+    return {k: environ[k] for k in RAY_AWS_ENV if k in environ}
 
 
 def cluster_gpus(ray: Any) -> int:
@@ -82,7 +93,7 @@ def cluster_gpus(ray: Any) -> int:
 def score_items_on_ray(address: str, model: OnnxModel, source: Source, items: Iterable[Item], cfg: ScoreConfig,
                        reuse: Callable[[Item], dict[str, str] | None] = lambda item: None) -> Iterator[dict[str, str]]:
     """Rows of ``items`` in item order, scored by Ray Data on the cluster at ``address`` ("local": here)."""
-    from faceclf.serving.stream import batches, result_row
+    from faceclf.serving.stream import batches, image_limits, result_row
     from faceclf.training.ray_train import connect
 
     ray = connect(address)
@@ -99,9 +110,11 @@ def score_items_on_ray(address: str, model: OnnxModel, source: Source, items: It
         todo = [i for i, r in zip(chunk, kept) if r is None]
         scored: Iterator[dict[str, Any]] = iter(())
         if todo:
-            ds = ray.data.from_items([{"key": i.key, "etag": i.etag} for i in todo])
+            ds = ray.data.from_items([{"key": i.key, "etag": i.etag, "size": -1 if i.size is None else i.size,
+                                       "path": os.fsencode(i.path)} for i in todo])  # bytes: not UTF-8 is fine
             ds = ds.map_batches(fetch_decode, batch_size=cfg.batch_size, batch_format="numpy",
-                                fn_kwargs={"source": source, "image_size": model.image_size}, **remote)
+                                fn_kwargs={"source": source, "image_size": model.image_size,
+                                           "limits": image_limits(cfg)}, **remote)
             ds = ds.map_batches(OnnxScorer, batch_size=cfg.batch_size, batch_format="numpy",
                                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0,
                                 fn_constructor_kwargs={"model_bytes": model_bytes, "sha256": sha256_bytes(model_bytes),

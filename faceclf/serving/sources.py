@@ -3,11 +3,15 @@
 Every source yields ``Item``s in increasing key order (Python string order, which is S3's UTF-8 byte
 order). Sorted order is what lets a killed run resume after its last written key, and an incremental run
 merge its previous predictions with tonight's listing, both without holding either in memory.
+
+A local walk follows symbolic links to folders (as torchvision's ImageFolder does) but enters each real
+folder once, and a file name that is not UTF-8 gets a printable key (its bytes as \\xNN escapes).
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -16,6 +20,8 @@ from typing import Iterator, Sequence
 
 from faceclf.dataset.layout import IMAGE_EXTENSIONS, has_image_name
 from faceclf.store.objects import Store, open_store, parse_s3_url
+
+log = logging.getLogger(__name__)
 
 
 class NoImages(ValueError):
@@ -28,6 +34,8 @@ class Item:
 
     key: str
     etag: str   # S3: the object's ETag; local: size and mtime, so --incremental needs no re-read
+    size: int | None = None  # bytes, as listed: an object over the limit is never downloaded
+    path: str = ""  # a local file's real name where the key had to differ from it (not UTF-8); else ""
 
 
 class Source(ABC):
@@ -40,8 +48,9 @@ class Source(ABC):
         """Items whose key sorts after ``start_after``, in key order."""
 
     @abstractmethod
-    def read(self, item: Item) -> bytes:
-        """The image file's bytes."""
+    def read(self, item: Item, max_bytes: int | None = None) -> bytes:
+        """The image file's bytes (a local file: at most ``max_bytes + 1`` of them, so a file that grew past
+        the limit after listing is never read whole)."""
 
 
 class StoreSource(Source):
@@ -53,33 +62,60 @@ class StoreSource(Source):
     def items(self, start_after: str = "") -> Iterator[Item]:
         for o in self.store.list(self.prefix, start_after):
             if has_image_name(PurePosixPath(o.key)):
-                yield Item(o.key, o.etag)
+                yield Item(o.key, o.etag, o.size)
 
-    def read(self, item: Item) -> bytes:
-        return self.store.get_bytes(item.key)
+    def read(self, item: Item, max_bytes: int | None = None) -> bytes:
+        return self.store.get_bytes(item.key)  # the listed size was checked against the limit before this
 
 
 def _local_etag(st: os.stat_result) -> str:
     return f"{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
-def walk_sorted(folder: Path, seen: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Path]:
-    """Image files below ``folder`` in the string order of their paths, following symbolic links.
+def printable(name: str) -> str:
+    """``name`` itself when it is valid UTF-8; else its bytes with each undecodable one as a \\xNN escape.
 
-    A directory is sorted by name with '/' appended, so its depth-first walk is in full-path string
-    order ('a-c' < 'a/b'). A link back to a directory being walked (a loop) raises ValueError naming it.
+    On Linux a file name is bytes: os.fsdecode turns a non-UTF-8 byte into a lone surrogate, which no
+    UTF-8 CSV can hold (UnicodeEncodeError). The escaped form is printable and keeps the name's order
+    among its siblings stable; a name that literally spells the same escapes would share its key.
     """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name's bytes gave
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def walk_sorted(folder: Path, visited: set[tuple[int, int]] | None = None,
+                inside: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Path]:
+    """Image files below ``folder`` in the string order of their (printable) paths, following symbolic links.
+
+    A directory is sorted by printable name with '/' appended, so its depth-first walk is in full-path
+    string order ('a-c' < 'a/b'). Each real directory (st_dev, st_ino) is walked once, by the first path
+    that reaches it in that order: two links to one folder, repeated over 20 levels, list each file once,
+    not 2^20 times. A link back to a directory being walked (a loop) raises ValueError naming it.
+    """
+    visited = set() if visited is None else visited
     st = folder.stat()
     ident = (st.st_dev, st.st_ino)
-    if ident in seen:
-        raise ValueError(f"symbolic link loop: {folder} leads back to a folder it is inside")
-    seen = seen | {ident}
+    if ident in inside:
+        raise ValueError(f"symbolic link loop: {printable(str(folder))} leads back to a folder it is inside")
+    if ident in visited:
+        log.debug("%s: already walked through another path", printable(str(folder)))
+        return
+    visited.add(ident)
+    inside = inside | {ident}
     with os.scandir(folder) as it:
-        entries = [(e.name + "/" if e.is_dir() else e.name, e) for e in it if not e.name.startswith(".")]
+        entries = [(printable(e.name) + "/" if e.is_dir() else printable(e.name), e)
+                   for e in it if not e.name.startswith(".")]
     for _, e in sorted(entries, key=lambda t: t[0]):
         path = Path(e.path)
         if e.is_dir():
-            yield from walk_sorted(path, seen)
+            yield from walk_sorted(path, visited, inside)
         elif e.is_file() and has_image_name(path):
             yield path
 
@@ -92,12 +128,13 @@ class LocalSource(Source):
         for p in self.paths:
             if not p.exists():
                 raise FileNotFoundError(f"input {str(p)!r} does not exist")
-        self.uri = ", ".join(str(p) for p in self.paths)
+        self.uri = ", ".join(printable(str(p)) for p in self.paths)
 
     def _one(self, p: Path) -> Iterator[Item]:
         for f in walk_sorted(p) if p.is_dir() else [p]:
             st = f.stat()
-            yield Item(str(f), _local_etag(st))
+            key = printable(str(f))
+            yield Item(key, _local_etag(st), st.st_size, "" if key == str(f) else str(f))
 
     def items(self, start_after: str = "") -> Iterator[Item]:
         last = None
@@ -106,8 +143,9 @@ class LocalSource(Source):
                 last = item.key
                 yield item
 
-    def read(self, item: Item) -> bytes:
-        return Path(item.key).read_bytes()
+    def read(self, item: Item, max_bytes: int | None = None) -> bytes:
+        with open(item.path or item.key, "rb") as f:
+            return f.read() if max_bytes is None else f.read(max_bytes + 1)
 
 
 def open_source(inputs: Sequence[str | os.PathLike[str]], store: Store | None = None) -> Source:

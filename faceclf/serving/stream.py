@@ -4,11 +4,17 @@ Nothing is copied to local disk first and memory does not grow with the number o
 ``prefetch_batches + 1`` batches are in flight, the listing is read page by page, and rows leave in
 parts of ``part_rows``. Keys are processed in sorted order, which is what makes resume (after the last
 written key) and ``incremental`` (a merge with the previous CSV) constant-memory too.
+
+Images are bounded as ingest bounds them (faceclf.dataset.checks): an object over ``max_bytes`` (its listed
+size) is never read, and format, sides and pixel count are judged from the header before any pixel is
+decoded (a WebP from its own chunk header, since opening one allocates its canvas). Each refusal is an
+error row; the run goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import logging
 import os
@@ -19,12 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
-from faceclf.config import ScoreConfig, json_ready
+from faceclf.config import IngestConfig, ScoreConfig, json_ready
+from faceclf.dataset.checks import FORMAT_ALIASES, Refused, _check_header, webp_canvas
 from faceclf.dataset.layout import sha256_file
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
-from faceclf.serving.output import PredictionOutput, PreviousRows, columns, destination
+from faceclf.serving.output import WRITTEN_BY, PredictionOutput, PreviousRows, columns, destination
 from faceclf.serving.score import OnnxModel, load_onnx_model, predict_proba
 from faceclf.serving.sources import Item, Source, open_source, require_images
 from faceclf.store.objects import Store
@@ -55,13 +63,46 @@ def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def fetch_and_decode(preprocess: Preprocess, source: Source, item: Item) -> np.ndarray | str:
-    """uint8 (S, S, 3) of one item, or why not: undecodable, or gone between listing and reading."""
+def image_limits(cfg: ScoreConfig) -> IngestConfig:
+    """Ingest's checks with scoring's limits: ``cfg``'s bytes and pixels, any side from 1 pixel, and ingest's
+    format allow-list (JPEG, PNG, WebP: what a model is trained on; a .bmp or .gif gets an error row)."""
+    return IngestConfig(max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels, min_side=1)
+
+
+def header_problem(data: bytes, limits: IngestConfig) -> str | None:
+    """Why ``data`` must not be decoded (format, sides or pixel count from its header), or None.
+
+    Ingest's own checks (faceclf.dataset.checks), without its full decode: the decode that follows does
+    that. Bytes Pillow cannot identify give None, so the decoder's message names what is wrong with them.
+    """
     try:
-        data = source.read(item)
+        if canvas := webp_canvas(data):  # before Pillow opens it: opening a WebP allocates its whole canvas
+            _check_header("WEBP", *canvas, limits)
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            _check_header(FORMAT_ALIASES.get(img.format or "", img.format or "unknown"), *img.size, limits)
+    except Refused as e:
+        return str(e)
+    except Image.DecompressionBombError as e:  # PIL's own guard, from the header
+        return f"image is over the {limits.max_pixels}-pixel limit (decompression bomb guard): {e}"
+    except Exception:  # noqa: BLE001 - untrusted bytes: the decode below reports them in its own words
+        return None
+    return None
+
+
+def fetch_and_decode(preprocess: Preprocess, source: Source, item: Item, limits: IngestConfig) -> np.ndarray | str:
+    """uint8 (S, S, 3) of one item, or why not: over the size or pixel limits, undecodable, unreadable, or
+    gone between listing and reading. An object listed over ``limits.max_bytes`` is never read."""
+    if item.size is not None and item.size > limits.max_bytes:
+        return f"object of {item.size} bytes is over the {limits.max_bytes}-byte limit; not read"
+    try:
+        data = source.read(item, limits.max_bytes)
     except FileNotFoundError:
         return "image disappeared between listing and reading"
-    return preprocess.try_decode_bytes(data)
+    except OSError as e:  # a folder, no permission, ...: this image's problem, not the run's
+        return f"cannot read image: {type(e).__name__}: {e.strerror or e}"
+    if len(data) > limits.max_bytes:
+        return f"object is over the {limits.max_bytes}-byte limit (it grew after listing); not decoded"
+    return header_problem(data, limits) or preprocess.try_decode_bytes(data)
 
 
 def result_row(model: OnnxModel, item: Item, probs: np.ndarray | None, error: str) -> dict[str, str]:
@@ -79,9 +120,11 @@ def score_items(model: OnnxModel, source: Source, items: Iterable[Item], cfg: Sc
     """One row per item, in item order. Batches k+1..k+prefetch are fetched and decoded in threads while
     batch k is in ONNX Runtime; an item ``reuse`` returns a row for is neither fetched nor scored."""
     workers = cfg.fetch_workers if cfg.fetch_workers > cfg.decode_workers and _remote(source) else cfg.decode_workers
+    limits = image_limits(cfg)
     with ThreadPoolExecutor(workers) as pool:
         def submit(batch: list[Item]) -> tuple[list[Item], list[Future | dict[str, str]]]:
-            return batch, [reuse(i) or pool.submit(fetch_and_decode, model.preprocess, source, i) for i in batch]
+            return batch, [reuse(i) or pool.submit(fetch_and_decode, model.preprocess, source, i, limits)
+                           for i in batch]
 
         stream = batches(items, cfg.batch_size)
         pending = deque(submit(b) for b in itertools.islice(stream, cfg.prefetch_batches))
@@ -114,11 +157,14 @@ def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike
     """Score every image of ``inputs`` (local files/folders, one s3://BUCKET/PREFIX, or a prefix of
     ``store``) into ``out`` (a .csv path, a local folder or s3://BUCKET/PREFIX/ -> predictions.csv).
 
-    Columns: path, predicted_class, p_<class>..., error, model_version, etag. An undecodable file gets
-    a row with its error and the run goes on. A rerun replaces the CSV; a killed run's rerun resumes
-    from its parts. ``incremental`` keeps the previous CSV's rows whose (key, etag, model version)
-    match and scores only the rest. With ``expected_sha256`` a model file whose sha256 differs is
-    refused before onnxruntime opens it. An input without images raises NoImages.
+    Columns: path, predicted_class, p_<class>..., error, model_version, etag. An undecodable file, or
+    one over ``cfg.max_bytes`` / ``cfg.max_pixels``, gets a row with its error and the run goes on. A
+    rerun replaces the CSV; a killed run's rerun resumes from its parts. ``incremental`` keeps the
+    previous CSV's rows whose (key, etag, model version) match and scores only the rest (all of them
+    again, with a warning, when that CSV is malformed). ``out`` is refused under the bucket's models/,
+    datasets/ or incoming/, and where a file exists that an earlier scoring run did not write. With
+    ``expected_sha256`` a model file whose sha256 differs is refused before onnxruntime opens it. An
+    input without images raises NoImages.
     """
     cfg = cfg or ScoreConfig()
     model = load_onnx_model(model_path, cfg.device, expected_sha256)
@@ -127,7 +173,7 @@ def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike
     log.info("scoring %s with %s on %s (model version %s)", source.uri, model.path, model.provider, model.version)
     output = PredictionOutput(destination(out), columns(model.classes),
                               {"model_version": model.version, "source": source.uri,
-                               "columns": ",".join(columns(model.classes))}, cfg.part_rows)
+                               "columns": ",".join(columns(model.classes)), "written_by": WRITTEN_BY}, cfg.part_rows)
     start_after = output.begin()
     items = source.items(start_after)
     previous = PreviousRows(output.previous_rows(), model.version) if incremental else None
