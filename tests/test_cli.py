@@ -234,8 +234,10 @@ def test_models_list_and_promote(trained_run: Path, tmp_path: Path) -> None:
 
     no_reason = faceclf("models", "promote", "20261102T020000Z-bbbbbb", "--bucket", bucket, check=False)
     assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
-    missing = faceclf("models", "promote", "nope", "--bucket", bucket, "--reason", "x", check=False)
+    missing = faceclf("models", "promote", "20261109T020000Z-eeeeee", "--bucket", bucket, "--reason", "x", check=False)
     assert missing.returncode == 2 and "has no model.onnx" in missing.stderr
+    illegal = faceclf("models", "promote", "../../nope", "--bucket", bucket, "--reason", "x", check=False)
+    assert illegal.returncode == 2 and "not of the form 20261123T021500Z-3fa2c1" in illegal.stderr
     assert registry.read_champion(store)["version"] == "20261101T020000Z-aaaaaa"
     assert not [line for line in faceclf("models", "list", "--bucket", bucket).stdout.splitlines() if "STUCK" in line]
 
