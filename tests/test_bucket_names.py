@@ -117,7 +117,7 @@ def test_cli_ingest_allow_new_classes_option() -> None:
     ("a\x00b", "'\\x00'"), ("a\tb", "'\\t'"), ("a\x7fb", "'\\x7f'"), ("a\u200bb", "'\\u200b'"),  # zero-width space
     ("a\u202eb", "'\\u202e'"), ("a\ud800", "'\\ud800'"), ("a\u2028b", "'\\u2028'"),  # bidi override, surrogate
     ("e\u0301", "NFC"), ("CON", "Windows device"), ("nul", "Windows device"), ("com1.txt", "Windows device"),
-    ("LPT9", "Windows device"),
+    ("LPT9", "Windows device"), ("\U0001f600" * 64, "over 255 bytes"),
 ])
 def test_illegal_class_names(name: str, why: str) -> None:
     problem = class_problem(name)

@@ -374,3 +374,83 @@ def test_a_model_calling_everything_one_class_never_vetoes_a_better_one(n0: int,
     d = decide(cand, GateConfig(min_accuracy=0.0, min_class_accuracy=0.0), champ, "v1",
                *compared(cand_right, champ_right, labels, PERMUTATIONS))
     assert not [r for r in d.reasons if r.startswith("class ")], d.reasons
+
+
+# --- issue 24: the one legal form of an ingested image's path (manifest rows from the bucket) ---
+
+CLASS_NAMES = st.text(st.characters(categories=("L", "N", "P", "S", "Zs")), min_size=1, max_size=70)
+HEX64 = st.text("0123456789abcdef", min_size=64, max_size=64)
+FRACTIONS = st.sampled_from([(0.8, 0.1, 0.1), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.5, 0.5, 0.0)])
+DEST = "/srv/faceclf/face"
+
+
+def _inside_dest(rel: str) -> bool:
+    """local_path(DEST, rel) is a file three levels below DEST (it raises ValueError for any other rel)."""
+    import os
+    from pathlib import Path
+
+    from faceclf.dataset.tree import local_path
+
+    path = local_path(Path(DEST), rel)
+    return os.path.normpath(path) == str(path) and len(path.relative_to(DEST).parts) == 3
+
+
+@MANY
+@given(CLASS_NAMES, HEX64, st.sampled_from(["JPEG", "PNG", "WEBP"]), FRACTIONS)
+def test_every_path_ingest_writes_has_the_legal_form(cls: str, sha: str, fmt: str,
+                                                     fractions: tuple[float, float, float]) -> None:
+    """For a legal class, image_path's path parses back to its parts, stays three levels inside dest, and the
+    manifest row ingest writes for it is legal; an illegal class is refused in every row and path."""
+    from faceclf.config import IngestConfig
+    from faceclf.dataset.checks import Checked
+    from faceclf.dataset.layout import class_problem, parse_image_path
+    from faceclf.dataset.manifest import manifest_row, row_problem
+    from faceclf.dataset.tree import image_path
+    from faceclf.store.objects import ObjectInfo
+
+    rel = image_path(sha, cls, fmt, IngestConfig(split_fractions=fractions))
+    row = manifest_row(ObjectInfo(f"incoming/{cls}/x", "e", 10), cls, Checked(b"", sha, fmt, 40, 40), rel, "now")
+    if class_problem(cls) is None:
+        assert parse_image_path(rel) == (split_of(sha, fractions), cls, sha, rel.rsplit(".", 1)[1])
+        assert row_problem(row) is None and _inside_dest(rel)
+        assert "/" not in cls and "\\" not in cls and cls not in (".", "..") and len(cls.encode()) <= 255
+    else:
+        assert row_problem(row)
+        with pytest.raises(ValueError):
+            parse_image_path(rel)
+
+
+@MANY
+@given(HEX64, st.sampled_from(SPLITS), st.sampled_from(["with_mask", "a b", "train"]), st.text(max_size=12),
+       st.sampled_from(["/", "../", "/..", "\\..\\"]), st.integers(0, 3))
+def test_a_slash_or_dotdot_in_the_class_is_always_refused(sha: str, split: str, cls: str, junk: str, sep: str,
+                                                          where: int) -> None:
+    """A class holding '/' (or a '..' part, or a backslash) never parses, whatever surrounds it."""
+    from faceclf.dataset.layout import parse_image_path
+
+    bad = [cls + sep + junk, junk + sep + cls, sep + cls, cls + sep][where]
+    with pytest.raises(ValueError):
+        parse_image_path(f"{split}/{bad}/{sha}.jpg")
+    with pytest.raises(ValueError):
+        _inside_dest(f"{split}/{bad}/{sha}.jpg")
+
+
+@MANY
+@given(st.one_of(st.text(max_size=90),
+                 st.tuples(st.sampled_from([*SPLITS, "..", ".", ""]), st.text(max_size=8) | st.just(".."),
+                           HEX64 | st.text("0123456789abcdefABCDEF./", max_size=66),
+                           st.sampled_from(["jpg", "png", "webp", "gif", "", "jpg/..", "png\n"]))
+                 .map(lambda t: f"{t[0]}/{t[1]}/{t[2]}.{t[3]}")))
+def test_any_accepted_path_stays_three_levels_inside_dest(rel: str) -> None:
+    """Whatever text a manifest row holds as its path: parse_image_path accepts it only in the legal form, and
+    then it names a file exactly <split>/<class>/<file> below dest (no '..', no absolute, no extra level)."""
+    from faceclf.dataset.layout import FILE_EXTENSIONS, legal_class, parse_image_path
+
+    try:
+        split, cls, sha, ext = parse_image_path(rel)
+    except ValueError as e:
+        assert repr(rel) in str(e)
+        return
+    assert rel == f"{split}/{cls}/{sha}.{ext}" and split in SPLITS and ext in FILE_EXTENSIONS.values()
+    assert legal_class(cls) == cls and int(sha, 16) >= 0 and sha == sha.lower() and len(sha) == 64
+    assert _inside_dest(rel)

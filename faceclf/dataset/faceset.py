@@ -266,7 +266,9 @@ def from_manifest(rows: Iterable[dict[str, Any]], root: Path, missing: Iterable[
     """The FaceSet of an ingested tree from its manifest rows ("ok" rows only; ``missing`` paths left out).
 
     Classes are those with at least one image. Nothing is read from ``root``: the manifest already
-    holds each file's sha256, class, split and size.
+    holds each file's sha256, class, split and size. ``rows`` are read_manifest's (each checked to its one
+    legal form, faceclf.dataset.manifest.row_problem, before it was returned) and those ingest adds, so every
+    ``path`` is <split>/<class>/<sha256>.<ext> below ``root``.
     """
     gone = set(missing)
     kept = [r for r in rows if r.get("status", "ok") == "ok" and r["path"] not in gone]

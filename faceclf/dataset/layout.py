@@ -23,6 +23,7 @@ FILE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 # A class name is a folder on every worker OS: Linux, macOS and Windows (a CIFS/SMB share of face/ included).
 UNSAFE_CLASS_CHARS = frozenset('<>:"/\\|?*')  # Windows refuses these in a name; '/' and '\\' separate folders
+MAX_NAME_PART_BYTES = 255  # the longest file or folder name (ext4, APFS, NTFS in UTF-16 units: at least this)
 WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{d}{n}" for d in ("COM", "LPT") for n in "123456789")})
 # split/class/sha256.ext, as ``faceclf.dataset.tree.image_path`` writes it
 _IMAGE_PATH = re.compile(r"(?P<split>[^/]+)/(?P<cls>[^/]+)/(?P<sha256>[0-9a-f]{64})\.(?P<ext>[a-z]+)")
@@ -84,7 +85,7 @@ def split_of(sha256: str, fractions: Sequence[float]) -> str:
 def class_problem(name: str) -> str | None:
     """Why ``name`` cannot be a class (a folder of dest on any worker OS, and a model label); None if it can.
 
-    Refused: blank; over MAX_CLASS_CHARS characters; hidden ('.x', and so '.' and '..'); leading or trailing
+    Refused: blank; over MAX_CLASS_CHARS characters or 255 bytes of UTF-8; hidden ('.x', and so '.' and '..'); leading or trailing
     white space or a trailing '.' (Windows drops those, so 'a.' and 'a' would share a folder); a character
     Windows refuses in a name (<>:"/\\|?*); a control, format, private-use, unassigned or surrogate code point
     (invisible, or not encodable as UTF-8); a name not in Unicode NFC (macOS stores names decomposed, so two
@@ -104,6 +105,8 @@ def class_problem(name: str) -> str | None:
     if bad:
         return (f"class name {name!r} holds {', '.join(map(repr, bad))}: not allowed in a folder name on every OS "
                 f"(expected no {''.join(sorted(UNSAFE_CLASS_CHARS))}, control or invisible characters)")
+    if len(name.encode()) > MAX_NAME_PART_BYTES:
+        return f"class name {name!r} is over {MAX_NAME_PART_BYTES} bytes in UTF-8 (the longest folder name)"
     if unicodedata.normalize("NFC", name) != name:
         return f"class name {name!r} is not in Unicode NFC form (expected {unicodedata.normalize('NFC', name)!r})"
     if name.split(".")[0].upper() in WINDOWS_DEVICES:
