@@ -79,7 +79,7 @@ def test_unknown_class_is_quarantined_then_taken_when_allowed(bucket: str, tmp_p
 def test_champion_classes_are_known(tmp_path: Path) -> None:
     """No manifest yet, but a champion: its classes are known (read from champion.json, or as given)."""
     store, dest = LocalStore(tmp_path / "bucket"), tmp_path / "face"
-    set_champion(store, "20260101T000000Z-000001", "0" * 64, "test", None, classes=["with_mask", "without_mask"])
+    set_champion(store, "20260101T000000Z-000001", "0" * 64, "test", classes=["with_mask", "without_mask"])
     store.put_bytes("incoming/with_mask/a.png", png(40, 40, (1, 2, 3)))
     store.put_bytes("incoming/happy/b.png", png(40, 40, (3, 2, 1)))
     report = ingest(store, dest, CFG)
