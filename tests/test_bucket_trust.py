@@ -140,6 +140,25 @@ def test_a_lease_is_renewed_released_and_taken_over_once_lapsed(store: Store) ->
     assert json.loads(store.get_bytes(LEASE_KEY))["holder"] == taker.holder
 
 
+def test_a_dead_holder_on_this_host_does_not_block_the_rerun(store: Store) -> None:
+    """A night killed on this host (no release, its lease unexpired) is taken over at once by the rerun here; a
+    holder on another host is waited for until its term passes."""
+    import subprocess
+    import sys
+
+    location = str(store.root) if isinstance(store, LocalStore) else store.uri().rstrip("/")
+    code = ("import os\nfrom faceclf.store.objects import open_store\nfrom faceclf.nightly.lock import acquire_lease\n"
+            f"acquire_lease(open_store({location!r}), 'a night that is killed', 900)\nos._exit(137)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 137
+    left = json.loads(store.get_bytes(LEASE_KEY))
+    assert left["expires_at"] > time.time() + 800
+    acquire_lease(store, "the rerun", 60)                  # its process is gone: no 15-minute wait
+    elsewhere = {**left, "host": "another-host", "holder": "a night on another host"}
+    store.put_bytes(LEASE_KEY, json.dumps(elsewhere).encode())
+    with pytest.raises(NightLocked, match="another host"):
+        acquire_lease(store, "a night here", 60)
+
+
 def test_a_worker_whose_lease_was_taken_over_publishes_nothing(store: Store) -> None:
     slow = acquire_lease(store, "a night that stalled", 1)
     time.sleep(1.2)

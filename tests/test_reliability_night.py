@@ -121,7 +121,8 @@ PROMOTE = {**NIGHT, "min_accuracy": 0.0, "min_class_accuracy": 0.0, "tolerance":
 
 
 def killed_at(step: str) -> str:
-    """A prelude that makes the night's process die (no cleanup, like SIGKILL) where registry.STEP would run."""
+    """A prelude that makes the night's process die (no cleanup, like SIGKILL) where registry.STEP would run. The
+    lease it held is left behind: the rerun (same host) sees its holder's process is gone and takes it over."""
     return f"import os, faceclf.store.registry as r\nr.{step} = lambda *a, **k: os._exit(137)"
 
 
@@ -136,7 +137,7 @@ def test_killed_between_upload_and_promotion_keeps_the_champion_and_promotes_onc
     assert first["promoted"]
 
     upload_faces(bucket, tmp_path / "n2", per_class=20, seed=12)
-    proc = night_in_subprocess(bucket, face, runs, params=PROMOTE, prelude=killed_at("set_champion"))
+    proc = night_in_subprocess(bucket, face, runs, params=PROMOTE, prelude=killed_at("champion_pointer"))
     assert proc.wait(timeout=600) == 137, "night 2 ended without reaching promotion"
     pending = sorted(runs.iterdir())[-1]
     assert store.exists(registry.version_key(pending.name, "model.onnx"))      # uploaded ...
@@ -157,7 +158,7 @@ def test_killed_between_upload_and_promotion_keeps_the_champion_and_promotes_onc
     assert not again["resumed"] and again["version"] != pending.name and again["finished_publish"] is None
 
 
-@pytest.mark.parametrize("step", ["set_champion", "write_latest"])
+@pytest.mark.parametrize("step", ["champion_pointer", "write_latest"])
 def test_a_killed_publish_is_finished_by_a_rerun_on_a_fresh_worker(step: str, prefect_api, bucket: str,
                                                                     tmp_path: Path) -> None:
     """Killed before champion.json moves, or between it and latest.json: a worker without the night's run
