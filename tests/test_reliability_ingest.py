@@ -51,6 +51,7 @@ from faceclf.store.s3 import (
 )
 
 CFG = IngestConfig(workers=4)
+NEW_CLASSES = IngestConfig(workers=4, allow_new_classes=True)  # takes a class neither manifest nor champion has
 pytestmark = [  # what Pillow says about the generated garbage; check_image refuses it with a reason
     pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin"),
     pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
@@ -384,7 +385,7 @@ def test_conflict_within_a_run_and_later_copies(bucket: str, tmp_path: Path) -> 
 
     # Next nights: more copies, in either class, are refused too; the conflict is reported again.
     upload(bucket, {"incoming/with_mask/a_again.jpg": face, "incoming/happy/c.jpg": face})
-    r2 = ingest(store, dest, CFG)
+    r2 = ingest(store, dest, NEW_CLASSES)  # happy is a class nobody knew: taken, to meet the conflict
     assert (r2.new, r2.duplicates, r2.quarantined, r2.skipped) == (0, 0, 2, 3)
     assert all(q["reason"].startswith("conflict: same bytes as incoming/with_mask/a.jpg labelled with_mask, "
                                       "incoming/without_mask/b.jpg labelled without_mask") for q in r2.quarantine)
@@ -417,7 +418,7 @@ def test_conflict_found_on_a_later_night(tmp_path: Path) -> None:
     assert list(dest.rglob(f"{sha}.png"))
 
     store.put_bytes("incoming/without_mask/y.png", face)
-    r2 = ingest(store, dest, CFG)
+    r2 = ingest(store, dest, NEW_CLASSES)  # without_mask is new to this manifest
     assert (r2.new, r2.quarantined, r2.skipped) == (0, 1, 3)
     assert r2.conflicts[0]["keys"] == ["incoming/with_mask/x.png", "incoming/with_mask/x_copy.png",
                                        "incoming/without_mask/y.png"]
@@ -511,8 +512,8 @@ def test_cli_missing_credentials(s3_endpoint: str, tmp_path: Path) -> None:
                  id="wrong-secret"),
     pytest.param("unknown-key", "S3 does not know the access key id (wrong or missing credentials: check "
                  "AWS_ACCESS_KEY_ID / AWS_PROFILE) (InvalidAccessKeyId, HTTP 403)", id="unknown-key"),
-    pytest.param("no-permission", "S3 access denied to s3://authbucket/datasets/face/manifest.jsonl: the credentials "
-                 "lack permission for it (AccessDenied, HTTP 403)", id="no-permission"),
+    pytest.param("no-permission", "S3 access denied to s3://authbucket/models/face/lease.json: the credentials "
+                 "lack permission for it (AccessDenied, HTTP 403)", id="no-permission"),  # the lease: its first read
 ])
 def test_cli_refused_credentials(iam_s3, who: str, expected: str, tmp_path: Path) -> None:  # noqa: ANN001
     url, bucket, users = iam_s3
