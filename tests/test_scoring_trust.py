@@ -49,6 +49,12 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
+def jpeg_claiming(jpeg: bytes, width: int, height: int) -> bytes:
+    """``jpeg`` with its frame header (SOF0/SOF2) changed to claim width x height pixels."""
+    at = next(i for i in range(2, len(jpeg) - 9) if jpeg[i] == 0xFF and jpeg[i + 1] in (0xC0, 0xC2))
+    return jpeg[:at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9:]
+
+
 def webp_claiming(width: int, height: int) -> bytes:
     """An extended WebP (VP8X) whose canvas header claims width x height: Pillow would allocate it on open."""
     vp8x = b"\x00\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
@@ -188,6 +194,7 @@ def test_oversize_objects_and_decompression_bombs_get_error_rows_and_are_never_d
     images = some_faces(faces, tmp_path / "in", 4)
     limit = max(p.stat().st_size for p in images) + 1000
     bombs = {"bomb.png": png_claiming(7000, 7000), "giant.png": png_claiming(50_000, 50_000),
+             "bomb.jpg": jpeg_claiming(images[0].read_bytes(), 9000, 9000),
              "bomb.webp": webp_claiming(16_000, 16_000), "huge.png": b"\x89PNG" + b"\0" * (limit + 1)}
     client = s3_client()
     for p in images:
@@ -206,7 +213,7 @@ def test_oversize_objects_and_decompression_bombs_get_error_rows_and_are_never_d
     for source, out in (s3, (tmp_path / "in", tmp_path / "p.csv")):
         decoded.clear()
         summary = score(onnx_model, [source], out, cfg)
-        assert (summary.images, summary.errors) == (8, 4)
+        assert (summary.images, summary.errors) == (9, 5)
         assert len(decoded) == 4  # the four real faces; no bomb reached a decoder
         text = (open_store(f"s3://{bucket}").get_bytes("predictions/b/predictions.csv").decode()
                 if source == s3[0] else (tmp_path / "p.csv").read_text())
@@ -214,9 +221,10 @@ def test_oversize_objects_and_decompression_bombs_get_error_rows_and_are_never_d
         assert "7000x7000 is over the 40000000-pixel limit (decompression bomb guard)" in rows["bomb.png"]["error"]
         assert "over the 40000000-pixel limit (decompression bomb guard)" in rows["giant.png"]["error"]
         assert "16000x16000 is over the 40000000-pixel limit" in rows["bomb.webp"]["error"]
+        assert "9000x9000 is over the 40000000-pixel limit" in rows["bomb.jpg"]["error"]
         assert f"over the {limit}-byte limit" in rows["huge.png"]["error"]
         assert all(rows[p.name]["predicted_class"] and not rows[p.name]["error"] for p in images)
-    assert "to-score/huge.png" not in read and len(read) == 7  # the listed size was enough: never downloaded
+    assert "to-score/huge.png" not in read and len(read) == 8  # the listed size was enough: never downloaded
 
 
 def build_link_ladder(root: Path, depth: int) -> Path:

@@ -145,7 +145,12 @@ class LocalSource(Source):
 
     def read(self, item: Item, max_bytes: int | None = None) -> bytes:
         with open(item.path or item.key, "rb") as f:
-            return f.read() if max_bytes is None else f.read(max_bytes + 1)
+            if max_bytes is None:
+                return f.read()
+            # Never more than max_bytes + 1, however the file changed (or a device that never ends); and no
+            # read(max_bytes + 1) of a small file: it allocates the whole 25 MiB first (+90 us an image).
+            size = os.fstat(f.fileno()).st_size
+            return f.read(max_bytes + 1 if size == 0 or size > max_bytes else size + 1)
 
 
 def open_source(inputs: Sequence[str | os.PathLike[str]], store: Store | None = None) -> Source:

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from faceclf.config import IngestConfig, ScoreConfig, json_ready
+from faceclf.dataset import jpeg
 from faceclf.dataset.checks import FORMAT_ALIASES, Refused, _check_header, webp_canvas
 from faceclf.dataset.layout import sha256_file
 from faceclf.dataset.preprocess import Preprocess
@@ -69,17 +70,33 @@ def image_limits(cfg: ScoreConfig) -> IngestConfig:
     return IngestConfig(max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels, min_side=1)
 
 
+def image_header(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) from the header alone; an exception where Pillow cannot identify the bytes.
+
+    A WebP from its own chunk header (opening one in Pillow allocates its whole canvas), a JPEG through
+    libjpeg-turbo's header parser (2.5 us; Pillow's open, 100 us, held the GIL the decode threads need:
+    1,700 -> 1,200 images/s end to end on 2 cores), anything else from Pillow's open (header only).
+    """
+    if canvas := webp_canvas(data):
+        return "WEBP", *canvas
+    if jpeg.simplejpeg is not None and data.startswith(b"\xff\xd8\xff"):
+        try:
+            height, width, _, _ = jpeg.simplejpeg.decode_jpeg_header(data)
+            return "JPEG", width, height
+        except ValueError:
+            pass  # Pillow's turn: it may still read it, or say why not
+    with Image.open(io.BytesIO(data)) as img:
+        return FORMAT_ALIASES.get(img.format or "", img.format or "unknown"), *img.size
+
+
 def header_problem(data: bytes, limits: IngestConfig) -> str | None:
     """Why ``data`` must not be decoded (format, sides or pixel count from its header), or None.
 
     Ingest's own checks (faceclf.dataset.checks), without its full decode: the decode that follows does
-    that. Bytes Pillow cannot identify give None, so the decoder's message names what is wrong with them.
+    that. Bytes whose header cannot be read give None, so the decoder's message names what is wrong.
     """
     try:
-        if canvas := webp_canvas(data):  # before Pillow opens it: opening a WebP allocates its whole canvas
-            _check_header("WEBP", *canvas, limits)
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            _check_header(FORMAT_ALIASES.get(img.format or "", img.format or "unknown"), *img.size, limits)
+        _check_header(*image_header(data), limits)
     except Refused as e:
         return str(e)
     except Image.DecompressionBombError as e:  # PIL's own guard, from the header
