@@ -74,8 +74,8 @@ def image_header(data: bytes) -> tuple[str, int, int]:
     """(format, width, height) from the header alone; an exception where Pillow cannot identify the bytes.
 
     A WebP from its own chunk header (opening one in Pillow allocates its whole canvas), a JPEG through
-    libjpeg-turbo's header parser (2.5 us; Pillow's open, 100 us, held the GIL the decode threads need:
-    1,700 -> 1,200 images/s end to end on 2 cores), anything else from Pillow's open (header only).
+    libjpeg-turbo's header parser (2.5 us a face-mask JPEG; a second Pillow open took 100 us of Python,
+    under the GIL the decode threads need), anything else from Pillow's open (header only).
     """
     if canvas := webp_canvas(data):
         return "WEBP", *canvas
