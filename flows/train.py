@@ -48,14 +48,15 @@ APPROVAL_POLL_S = 2  # how often a paused night asks the server whether a person
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
-def ingest_images(location: str, face_dir: str, allow_new_classes: bool) -> IngestReport:
+def ingest_images(location: str, face_dir: str, allow_new_classes: bool, champion: ChampionRef | None) -> IngestReport:
     """New images from LOCATION/incoming/ into face_dir (train/val/test), manifest updated; its FaceSet. An image
-    of a class neither the manifest nor the champion has is quarantined unless ``allow_new_classes``."""
+    of a class neither the manifest nor ``champion`` has is quarantined unless ``allow_new_classes``."""
     from faceclf.config import IngestConfig
     from faceclf.dataset.ingest import ingest_in_child
 
     # in a child: its manifest heap stays out of the night's process
-    return ingest_in_child(location, Path(face_dir), IngestConfig(allow_new_classes=allow_new_classes))
+    return ingest_in_child(location, Path(face_dir), IngestConfig(allow_new_classes=allow_new_classes),
+                           champion.classes if champion else ())
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -334,8 +335,8 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     # One night at a time: on this face/ folder (a file lock), and on the bucket, whatever host runs it (a lease).
     with night_lock(Path(face_dir)), bucket_lease(open_store(location), "train night", night_cfg.lease_seconds) as lease:
         finished = finish_publish(location, runs_dir)
-        report = ingest_images(location, face_dir, night_cfg.allow_new_classes)
-        champion = read_champion(location)
+        champion = read_champion(location)  # under the lease: no night or promote moves it until we publish
+        report = ingest_images(location, face_dir, night_cfg.allow_new_classes, champion)
         check_data(report.faceset, champion, night_cfg.allow_new_classes)
         reason = nothing_new(location, report.faceset, night_cfg)
         if reason and runs.find_pending_run(Path(runs_dir), None, report.faceset.fingerprint()) is None:
