@@ -26,7 +26,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
-from faceclf.config import DriftConfig, GateConfig, NightConfig, RunConfig, with_overrides
+from faceclf.config import DriftConfig, GateConfig, Int8Config, NightConfig, RunConfig, with_overrides
 from faceclf.dataset.cache import CacheReport
 from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.ingest import IngestReport
@@ -43,7 +43,7 @@ from faceclf.training.metrics import RunMetrics
 from flows import notify
 from flows.common import IO_RETRIES
 
-_RUN, _GATE, _NIGHT, _DRIFT = RunConfig(), GateConfig(), NightConfig(), DriftConfig()  # defaults: the config's
+_RUN, _GATE, _NIGHT, _DRIFT, _INT8 = RunConfig(), GateConfig(), NightConfig(), DriftConfig(), Int8Config()  # defaults
 APPROVAL_POLL_S = 2  # how often a paused night asks the server whether a person answered
 
 
@@ -197,9 +197,9 @@ def ask_approval(decision: Decision, version: str, timeout: int) -> Decision:
 
 
 @task(cache_policy=NONE)
-def export_model(run: runs.NightRun, int8: bool) -> ExportReport:
+def export_model(run: runs.NightRun, int8: bool, int8_cfg: Int8Config) -> ExportReport:
     """ONNX export of the best checkpoint, checked and parity-tested in onnxruntime (and its int8 model)."""
-    return night.export_candidate(run.run_dir, int8)
+    return night.export_candidate(run.run_dir, int8, int8_cfg)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -292,7 +292,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
           force: bool = _NIGHT.force, warm_start: bool | str = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs,
           warm_max_new_share: float = _NIGHT.warm_max_new_share, class_weighting: str = _RUN.train.class_weighting,
           workers: int = _RUN.train.workers, ray_address: str | None = _RUN.train.ray_address,
-          int8: bool = _NIGHT.int8, approval: bool = _NIGHT.approval,
+          int8: bool = _NIGHT.int8, int8_min_agreement: float = _INT8.min_agreement, approval: bool = _NIGHT.approval,
           approval_timeout: int = _NIGHT.approval_timeout, fail_on_drift: bool = _DRIFT.fail_on_drift,
           drift_class_shift: float = _DRIFT.class_shift, drift_size_ks: float = _DRIFT.size_ks,
           drift_brightness_ks: float = _DRIFT.brightness_ks,
@@ -320,7 +320,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     A failed, crashed or rejected night sends a notification (flows/notify.py: $FACECLF_NOTIFY_URL or the
     faceclf-notify block); a night with nothing new, or a promoted one, sends none.
     ``int8`` also publishes model.int8.onnx with a promoted model, where it agrees with the fp32 model on at
-    least 99.5% of the validation images (the `score` flow's ``int8`` uses it).
+    least ``int8_min_agreement`` (99.5%) of the validation images (the `score` flow's ``int8`` uses it).
     """
     location = night.resolve_location(bucket)
     gate = GateConfig(min_accuracy, min_class_accuracy, tolerance, alpha, class_tolerance, require_improvement)
@@ -364,7 +364,8 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         decision = gate_candidate(metrics, gate, score, run)
         if decision.promote and night_cfg.approval:
             decision = ask_approval(decision, run.version, night_cfg.approval_timeout)
-        exported = export_model(run, night_cfg.int8) if decision.promote else None
+        int8_cfg = Int8Config(min_agreement=int8_min_agreement)
+        exported = export_model(run, night_cfg.int8, int8_cfg) if decision.promote else None
         lease.ensure()  # a worker whose lease was taken over publishes nothing (champion.json is swapped anyway)
         result = publish(location, run, decision, metrics,
                          {**night.report_counts(report.to_dict(), metrics.to_dict()), "training start": begin.summary()},

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from faceclf.config import CacheConfig, DataConfig, DriftConfig, NightConfig, RunConfig, with_overrides
+from faceclf.config import (
+    CacheConfig,
+    DataConfig,
+    DriftConfig,
+    Int8Config,
+    NightConfig,
+    RunConfig,
+    with_overrides,
+)
 from faceclf.dataset.cache import CacheReport, DecodedCache, cache_folder, update_cache
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess
@@ -271,16 +279,17 @@ def paired_outcomes(run_dir: Path, champion: ChampionScore | None, classes: Sequ
             compare_classes(classes, truth, ours, theirs, permutations))
 
 
-def export_candidate(run_dir: Path, int8: bool = False) -> ExportReport:
+def export_candidate(run_dir: Path, int8: bool = False, int8_cfg: Int8Config | None = None) -> ExportReport:
     """Export the run's best checkpoint to run_dir/model.onnx (checked and parity-tested); with ``int8`` also
     run_dir/model.int8.onnx, calibrated on the run's validation images. An int8 model that disagrees with
-    fp32 is refused and left out, with the reason in the report: the fp32 model is promoted all the same."""
+    fp32 (below ``int8_cfg.min_agreement``) is refused and left out, with the reason in the report: the fp32 model
+    is promoted all the same."""
     from faceclf.serving.quantize import QuantizationRefused, export_int8
 
     report = export_onnx(run_dir / "checkpoint.pt", run_dir / MODEL_FILE)
     if int8:
         try:
-            q = export_int8(run_dir / "checkpoint.pt", run_dir / MODEL_FILE)
+            q = export_int8(run_dir / "checkpoint.pt", run_dir / MODEL_FILE, int8_cfg)
             report.int8 = {"file": q.path.name, "images": q.images, "agreement": q.agreement,
                            "speedup": round(q.speedup, 3)}
         except QuantizationRefused as e:
