@@ -21,10 +21,11 @@ from prefect.cache_policies import NONE
 
 from faceclf.config import ScoreConfig
 from faceclf.nightly import night
-from faceclf.serving.output import allowed_roots, check_output_key, confine
+from faceclf.serving.output import check_output_key
 from faceclf.serving.stream import ScoreSummary
 from faceclf.serving.stream import score as score_images
 from faceclf.store import registry
+from faceclf.store.local_paths import allowed_roots, confine
 from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url
 from flows.common import IO_RETRIES
 

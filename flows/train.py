@@ -36,7 +36,8 @@ from faceclf.nightly.drift import DriftDetected, DriftReport
 from faceclf.nightly.gate import Decision, decide, with_approval
 from faceclf.nightly.lock import bucket_lease, night_lock
 from faceclf.serving.export import ExportReport
-from faceclf.store.objects import open_store
+from faceclf.store.local_paths import allowed_roots, confine
+from faceclf.store.objects import LocalStore, open_store
 from faceclf.store.registry import ChampionRef, champion_ref, read_latest, version_key
 from faceclf.training.fit import TrainingDiverged, new_version
 from faceclf.training.metrics import RunMetrics
@@ -280,6 +281,16 @@ def skip_night(reason: str, report: IngestReport, champion: ChampionRef | None,
             "resumed": False, "finished_publish": finished, "warnings": informed.items}
 
 
+def check_local_paths(location: str, face_dir: str, runs_dir: str) -> None:
+    """ValueError unless the parameters that become local paths (face_dir, runs_dir, a local bucket folder) lie
+    inside the worker's folder or FACECLF_ALLOW_PATHS: the Prefect server has no login, so they are input."""
+    roots = allowed_roots()
+    confine(face_dir, roots, "face_dir")
+    confine(runs_dir, roots, "runs_dir")
+    if isinstance(open_store(location), LocalStore):
+        confine(location, roots, "bucket")
+
+
 @flow(name="train", log_prints=True, on_failure=[notify.on_night_failed], on_crashed=[notify.on_night_failed])
 def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "runs",
           min_accuracy: float = _GATE.min_accuracy, min_class_accuracy: float = _GATE.min_class_accuracy,
@@ -323,6 +334,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     least ``int8_min_agreement`` (99.5%) of the validation images (the `score` flow's ``int8`` uses it).
     """
     location = night.resolve_location(bucket)
+    check_local_paths(location, face_dir, runs_dir)
     gate = GateConfig(min_accuracy, min_class_accuracy, tolerance, alpha, class_tolerance, require_improvement)
     drift_cfg = DriftConfig(drift_class_shift, drift_size_ks, drift_brightness_ks, drift_accuracy_drop,
                             fail_on_drift=fail_on_drift)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from faceclf.devtools.sample import generate_sample_faces
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = REPO.parent / "shared" / "datasets" / "face-mask"
+# Flows here run on tmp_path folders, outside the worker's folder: allowed the way a deployment allows folders
+# (faceclf.store.local_paths); the tests of the confinement itself unset it.
+os.environ.setdefault("FACECLF_ALLOW_PATHS", tempfile.gettempdir())
 
 
 def tiny_config(epochs: int = 4, **train: object) -> RunConfig:

@@ -37,6 +37,7 @@ from faceclf.devtools.services import (
     wait_for_flow_run,
 )
 from faceclf.store import registry
+from faceclf.store.local_paths import ALLOW_PATHS_ENV
 from faceclf.store.s3 import S3Store, s3_client
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,8 @@ def local_stack(out: Path, bucket: str = BUCKET, ui: bool = False) -> Iterator[L
             prefect_server(home, logs / "prefect-server.log", ui=ui) as api:
         s3_client().create_bucket(Bucket=bucket)
         worker_env = {**LOCAL_S3_ENV, "AWS_ENDPOINT_URL": s3, "FACECLF_BUCKET": bucket, "FACECLF_ROOT": str(root),
-                      "PREFECT_LOGGING_EXTRA_LOGGERS": "faceclf"}
+                      "PREFECT_LOGGING_EXTRA_LOGGERS": "faceclf",
+                      ALLOW_PATHS_ENV: str(out)}  # the flows run in root; their face/, runs/ and outputs are in out
         prefect_cli(["work-pool", "create", POOL, "--type", "process"], api, home, cwd=root)
         prefect_cli(["deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], api, home, cwd=root,
                     env={"FACECLF_ROOT": str(root)})

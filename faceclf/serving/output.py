@@ -31,10 +31,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator
 
 from faceclf.dataset.manifest import INCOMING, MANIFEST_KEY
 from faceclf.store.atomic import remove_stale_temps
+from faceclf.store.local_paths import ALLOW_PATHS_ENV, allowed_roots, confine  # noqa: F401 - the flows' names
 from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url, safe_key
 from faceclf.store.registry import MODELS_PREFIX
 
@@ -47,7 +48,6 @@ LEGACY_RUN = frozenset({"model_version", "source", "columns"})
 # Top-level prefixes of a bucket that belong to others: the registry, the data set, the labellers' images.
 RESERVED_PREFIXES = tuple(sorted({k.split("/", 1)[0] + "/" for k in (MODELS_PREFIX, MANIFEST_KEY, INCOMING)}))
 BUCKET_MARKERS = (MODELS_PREFIX, MANIFEST_KEY.rsplit("/", 1)[0] + "/")  # a local folder holding one is a bucket
-ALLOW_PATHS_ENV = "FACECLF_ALLOW_PATHS"  # extra folders a flow's local paths may name (worker's environment)
 
 
 @dataclass(frozen=True)
@@ -117,25 +117,6 @@ def destination(out: str | os.PathLike[str]) -> Destination:
     folder = path.parent.resolve()
     _check_local_output(folder / path.name)
     return Destination(LocalStore(folder), path.name)
-
-
-def allowed_roots(environ: Mapping[str, str] = os.environ) -> list[Path]:
-    """Where a flow's local paths may lead: the worker's own folder (the working directory), then each
-    folder listed in FACECLF_ALLOW_PATHS (os.pathsep-separated), all resolved."""
-    extra = [Path(p).expanduser() for p in environ.get(ALLOW_PATHS_ENV, "").split(os.pathsep) if p.strip()]
-    return [Path.cwd().resolve(), *(p.resolve() for p in extra)]
-
-
-def confine(path: str | os.PathLike[str], roots: Sequence[Path], what: str) -> Path:
-    """``path`` resolved (symbolic links and '..' included) if it lies inside one of ``roots``; else ValueError
-    naming it, where it leads and the roots. For local paths that arrive as flow parameters."""
-    resolved = Path(path).expanduser().resolve()
-    if any(resolved.is_relative_to(root) for root in roots):
-        return resolved
-    raise ValueError(f"{what} {str(path)!r} resolves to {str(resolved)!r}, outside the worker's folder "
-                     f"{str(roots[0])!r}{' and ' + ', '.join(map(str, roots[1:])) if roots[1:] else ''}; a flow "
-                     f"parameter may only name local paths inside them (the deployment may list more folders in "
-                     f"{ALLOW_PATHS_ENV}, separated by {os.pathsep!r})")
 
 
 def _scorer_wrote(store: Store, key: str, legacy: frozenset[str]) -> bool:
