@@ -200,9 +200,10 @@ def test_the_night_reads_the_champions_images_and_judges_it_by_the_gates_bars(fa
 
     store = LocalStore(tmp_path / "bucket")
     faceset = discover(faces, (0.8, 0.1, 0.1), 2)                    # 120 images
-    champion = ChampionRef("v1", None, faceset.classes, {"version": "v1"})
+    V1 = "20261101T020000Z-aaaaaa"
+    champion = ChampionRef(V1, None, faceset.classes, {"version": V1})
     assert champion_images(store, champion) is None                  # no metrics.json: unknown, so cold
-    store.put_bytes(version_key("v1", "metrics.json"),
+    store.put_bytes(version_key(V1, "metrics.json"),
                     json.dumps({"data": {"counts": {"train": 80, "val": 10, "test": 10}}}).encode())
     assert champion_images(store, champion) == 100
     good = {"accuracy": 0.95, "per_class_accuracy": {"with_mask": 0.95, "without_mask": 0.95}}
