@@ -242,3 +242,23 @@ def test_a_night_whose_data_shifts_promotes_the_better_candidate(prefect_api, bu
     assert decision["champion_version"] == first["version"] and decision["classes"], decision
     assert registry.read_champion(store)["version"] == second["version"]
     print("shifted night:", decision["why"])
+
+
+def test_the_train_flow_confines_its_local_paths(prefect_api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """face_dir, runs_dir and a local bucket outside the worker's folder are refused before anything is
+    written, unless the deployment lists them in FACECLF_ALLOW_PATHS."""
+    from flows.train import train
+
+    work, outside = tmp_path / "worker", tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("FACECLF_ALLOW_PATHS", raising=False)
+    for params in ({"face_dir": str(outside / "face")}, {"runs_dir": "../elsewhere/runs"},
+                   {"bucket": str(outside / "bucket")}):
+        name = next(iter(params))
+        with pytest.raises(ValueError, match=f"{name} .* outside the worker's folder"):
+            train(**{"bucket": str(work / "bucket"), **params})
+    assert not outside.exists() and not (work / "face").exists()
+    monkeypatch.setenv("FACECLF_ALLOW_PATHS", str(outside))
+    with pytest.raises(ValueError, match="no images to train on"):  # allowed: the night starts (and finds nothing)
+        train(bucket=str(work / "bucket"), face_dir=str(outside / "face"), runs_dir=str(outside / "runs"))
