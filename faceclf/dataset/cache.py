@@ -18,7 +18,6 @@ import dataclasses
 import io
 import json
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 from faceclf.child import ChildDied, run_in_child
 from faceclf.config import CacheConfig
 from faceclf.dataset.faceset import FaceImage, FaceSet, ImageIndex
-from faceclf.dataset.layout import sha256_file
+from faceclf.dataset.layout import SHA256_HEX, sha256_file
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
 from faceclf.store.atomic import remove_stale_temps, write_atomic, write_json_atomic
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 CATALOG = "catalog.json"
 VERIFIED = "verified.json"   # local only: shard name -> [size, mtime_ns] when its checksum last matched
 FORMAT = 1
-HEX64 = re.compile(r"[0-9a-f]{64}")   # a sha256 as the cache writes it
 REMOTE_PREFIX = "datasets/face/decoded/"
 
 
@@ -102,11 +100,11 @@ def check_shard(entry: Any) -> Shard:
     if not isinstance(entry, dict):
         raise ValueError(f"a shard entry must be an object, got {type(entry).__name__}")
     name, digest, rows = entry.get("name"), entry.get("sha256"), entry.get("rows")
-    if not (isinstance(digest, str) and HEX64.fullmatch(digest)):
+    if not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
         raise ValueError(f"shard {name!r}: sha256 {digest!r} is not 64 lowercase hex digits")
     if name != shard_name(digest):
         raise ValueError(f"shard name {name!r} is not the one legal name {shard_name(digest)!r} for its sha256")
-    if not (isinstance(rows, list) and all(isinstance(r, str) and HEX64.fullmatch(r) for r in rows)):
+    if not (isinstance(rows, list) and all(isinstance(r, str) and SHA256_HEX.fullmatch(r) for r in rows)):
         raise ValueError(f"shard {name!r}: rows must be a list of 64-hex-digit image sha256s")
     return Shard(name, digest, np.array(rows, dtype="S64"))
 

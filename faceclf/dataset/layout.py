@@ -26,6 +26,7 @@ UNSAFE_CLASS_CHARS = frozenset('<>:"/\\|?*')  # Windows refuses these in a name;
 MAX_NAME_PART_BYTES = 255  # the longest file or folder name (ext4, APFS, NTFS in UTF-16 units: at least this)
 WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{d}{n}" for d in ("COM", "LPT") for n in "123456789")})
 # split/class/sha256.ext, as ``faceclf.dataset.tree.image_path`` writes it
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a sha256 as faceclf writes it everywhere (names, rows, digests)
 _IMAGE_PATH = re.compile(r"(?P<split>[^/]+)/(?P<cls>[^/]+)/(?P<sha256>[0-9a-f]{64})\.(?P<ext>[a-z]+)")
 
 

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from faceclf.dataset.layout import FILE_EXTENSIONS, SPLITS, legal_class, parse_image_path
+from faceclf.dataset.layout import FILE_EXTENSIONS, SHA256_HEX, SPLITS, legal_class, parse_image_path
 from faceclf.store.objects import ObjectInfo, Store
 
 if TYPE_CHECKING:
@@ -42,7 +41,6 @@ MANIFEST_KEY = "datasets/face/manifest.jsonl"
 QUARANTINE_KEY = "datasets/face/quarantine.jsonl"
 STATUSES = ("ok", "duplicate", "conflict")
 UNKNOWN_CLASS = "unknown_class"       # quarantine row ``kind``: refused only for its new class (retried when allowed)
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_EXTS = frozenset(FILE_EXTENSIONS.values())
 
 
@@ -101,7 +99,7 @@ def row_problem(row: dict[str, Any]) -> str | None:
     if row.get("status", "ok") not in STATUSES:
         return f"status {row.get('status')!r} is not one of {STATUSES}"
     sha, cls, split, path = row.get("sha256"), row.get("class"), row.get("split"), row.get("path")
-    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+    if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
         return f"sha256 {sha!r} is not 64 lowercase hex digits"
     if not isinstance(split, str) or split not in SPLITS:
         return f"split {split!r} is not one of {SPLITS}"

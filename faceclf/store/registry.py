@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from faceclf.dataset.layout import SHA256_HEX
 from faceclf.store.objects import PreconditionFailed, Store
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,7 @@ def recorded_sha256(store: Store, version: str) -> dict[str, str]:
         sums = json.loads(store.get_bytes(version_key(version, SHA256_FILE)))
     except FileNotFoundError:
         return {}
-    hex64 = re.compile(r"[0-9a-f]{64}")
-    if not isinstance(sums, dict) or not all(isinstance(v, str) and hex64.fullmatch(v) for v in sums.values()):
+    if not isinstance(sums, dict) or not all(isinstance(v, str) and SHA256_HEX.fullmatch(v) for v in sums.values()):
         raise ModelIntegrityError(f"{store.uri(version_key(version, SHA256_FILE))} is not a map of file name to "
                                   "64-hex sha256; refusing the version's files")
     return sums

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,13 +12,12 @@ import torch
 
 from faceclf.config import ModelConfig
 from faceclf.store.objects import Store
-from faceclf.store.registry import verify_bytes, version_key
+from faceclf.store.registry import VERSION_RE, verify_bytes, version_key
 from faceclf.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-VERSION = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")   # 20261124T020000Z-3fa2c1
 
 
 def fetch_checkpoint(store: Store, version: str, dest: Path) -> Path:
@@ -38,7 +36,7 @@ def resolve_init(source: str, store: Store | None, run_dir: Path) -> Path:
     path = Path(source)
     if path.is_file():
         return path
-    if VERSION.match(source):
+    if VERSION_RE.fullmatch(source):
         if store is None:
             raise ValueError(f"--init-from {source!r} names a model version: pass --bucket (or set FACECLF_BUCKET)")
         return fetch_checkpoint(store, source, run_dir / "init.pt")
