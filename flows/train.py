@@ -37,7 +37,7 @@ from faceclf.nightly.gate import Decision, decide, with_approval
 from faceclf.nightly.lock import bucket_lease, night_lock
 from faceclf.serving.export import ExportReport
 from faceclf.store.local_paths import allowed_roots, confine
-from faceclf.store.objects import LocalStore, open_store
+from faceclf.store.objects import open_store
 from faceclf.store.registry import ChampionRef, champion_ref, read_latest, version_key
 from faceclf.training.fit import TrainingDiverged, new_version
 from faceclf.training.metrics import RunMetrics
@@ -287,7 +287,7 @@ def check_local_paths(location: str, face_dir: str, runs_dir: str) -> None:
     roots = allowed_roots()
     confine(face_dir, roots, "face_dir")
     confine(runs_dir, roots, "runs_dir")
-    if isinstance(open_store(location), LocalStore):
+    if not location.startswith("s3://"):  # a local bucket folder (open_store's rule)
         confine(location, roots, "bucket")
 
 
