@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import signal
 import threading
@@ -165,7 +166,8 @@ def local_stack(out: Path, bucket: str = BUCKET, ui: bool = False) -> Iterator[L
         s3_client().create_bucket(Bucket=bucket)
         worker_env = {**LOCAL_S3_ENV, "AWS_ENDPOINT_URL": s3, "FACECLF_BUCKET": bucket, "FACECLF_ROOT": str(root),
                       "PREFECT_LOGGING_EXTRA_LOGGERS": "faceclf",
-                      ALLOW_PATHS_ENV: str(out)}  # the flows run in root; their face/, runs/ and outputs are in out
+                      # the flows run in root; their face/, runs/ and outputs are in out (and where the caller allows)
+                      ALLOW_PATHS_ENV: os.pathsep.join(filter(None, [os.environ.get(ALLOW_PATHS_ENV), str(out)]))}
         prefect_cli(["work-pool", "create", POOL, "--type", "process"], api, home, cwd=root)
         prefect_cli(["deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], api, home, cwd=root,
                     env={"FACECLF_ROOT": str(root)})
