@@ -220,6 +220,21 @@ def test_a_night_on_another_host_is_refused_by_the_bucket_lease(prefect_api, buc
     assert lease["expires_at"] == 0.0 and "train night" in lease["holder"]  # the failed night released it
 
 
+WRITER = """
+import sys, torch, json
+from faceclf.training.checkpoint import save_checkpoint
+from faceclf.store.objects import LocalStore
+path, store_root = sys.argv[1], sys.argv[2]
+store = LocalStore(store_root)
+i = 0
+print("ready", flush=True)
+while True:  # rewrite a 20 MB checkpoint and a manifest as fast as possible until killed
+    i += 1
+    save_checkpoint(path, {"format_version": 1, "i": i, "w": torch.full((5_000_000,), float(i))})
+    store.put_bytes("datasets/face/manifest.jsonl", "".join(json.dumps({"row": r, "i": i}) + "\\n" for r in range(20000)).encode())
+"""
+
+
 @pytest.mark.parametrize("delay", [0.3, 0.7, 1.3])
 def test_killed_during_a_write_leaves_the_previous_file_whole(tmp_path: Path, delay: float) -> None:
     """SIGKILL a process mid-way through checkpoint and manifest rewrites: the final paths always load."""
