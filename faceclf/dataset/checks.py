@@ -93,14 +93,20 @@ def webp_canvas(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _check_header(fmt: str, w: int, h: int, cfg: IngestConfig) -> None:
-    """Refused unless the format is allowed and w x h passes the pixel-count and side limits."""
+def check_header(fmt: str, w: int, h: int, cfg: IngestConfig) -> None:
+    """Refused unless the format is allowed and w x h passes the pixel-count and side limits (ingest's check, and
+    scoring's before it decodes: faceclf.serving.stream)."""
     if fmt not in cfg.allowed_formats:
         raise Refused(f"format {fmt} not allowed ({', '.join(cfg.allowed_formats)})")
     if w * h > cfg.max_pixels:
         raise Refused(f"image {w}x{h} is over the {cfg.max_pixels}-pixel limit (decompression bomb guard)")
     if not (cfg.min_side <= w <= cfg.max_side and cfg.min_side <= h <= cfg.max_side):
         raise Refused(f"image {w}x{h} has a side outside [{cfg.min_side}, {cfg.max_side}] pixels")
+
+
+def bomb_reason(cfg: IngestConfig, e: Image.DecompressionBombError) -> str:
+    """The refusal of an image Pillow's own guard stopped from its header (more pixels than it allows)."""
+    return f"image is over the {cfg.max_pixels}-pixel limit (decompression bomb guard): {e}"
 
 
 def check_image(data: bytes, cfg: IngestConfig) -> Checked:
@@ -112,17 +118,17 @@ def check_image(data: bytes, cfg: IngestConfig) -> Checked:
     header before Pillow opens it: opening one already allocates the decoder's whole canvas.
     """
     if canvas := webp_canvas(data):
-        _check_header("WEBP", *canvas, cfg)
+        check_header("WEBP", *canvas, cfg)
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = FORMAT_ALIASES.get(img.format or "", img.format or "unknown")
             w, h = img.size
-            _check_header(fmt, w, h, cfg)
+            check_header(fmt, w, h, cfg)
             img.load()
     except Refused:
         raise
     except Image.DecompressionBombError as e:  # PIL's own guard, raised by open() from the header
-        raise Refused(f"image is over the {cfg.max_pixels}-pixel limit (decompression bomb guard): {e}") from None
+        raise Refused(bomb_reason(cfg, e)) from None
     except Image.UnidentifiedImageError:
         raise Refused("not an image: cannot identify image file") from None
     except Exception as e:  # noqa: BLE001 - untrusted bytes: any decoder error means a bad file, not a bad night

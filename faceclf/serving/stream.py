@@ -29,7 +29,7 @@ from PIL import Image
 
 from faceclf.config import IngestConfig, ScoreConfig, json_ready
 from faceclf.dataset import jpeg
-from faceclf.dataset.checks import FORMAT_ALIASES, Refused, _check_header, webp_canvas
+from faceclf.dataset.checks import FORMAT_ALIASES, Refused, bomb_reason, check_header, webp_canvas
 from faceclf.dataset.layout import sha256_file
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
@@ -96,11 +96,11 @@ def header_problem(data: bytes, limits: IngestConfig) -> str | None:
     that. Bytes whose header cannot be read give None, so the decoder's message names what is wrong.
     """
     try:
-        _check_header(*image_header(data), limits)
+        check_header(*image_header(data), limits)
     except Refused as e:
         return str(e)
     except Image.DecompressionBombError as e:  # PIL's own guard, from the header
-        return f"image is over the {limits.max_pixels}-pixel limit (decompression bomb guard): {e}"
+        return bomb_reason(limits, e)
     except Exception:  # noqa: BLE001 - untrusted bytes: the decode below reports them in its own words
         return None
     return None
