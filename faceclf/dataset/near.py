@@ -1,0 +1,112 @@
+"""Near-duplicates: a perceptual signature per image, and an index that finds an image's nearest twin.
+
+Exact duplicates share a sha256; augmented copies of one photo (noise, a resize, a small rotation, a
+re-encode) share nothing byte-wise, yet a model trained on one has as good as seen the other. Placed in
+different splits they leak: the test set measures memory. Each image gets a 64-bit perceptual hash (pHash:
+the signs of the low-frequency DCT of a 32x32 grey thumbnail, imagehash's), and two images whose hashes differ
+in at most ``distance`` bits are twins (``SplitConfig.near_distance``, chosen by `python3 -m benchmarks --only
+neardup`: how many augmented copies it catches against how many distinct faces it merges).
+
+The index is multi-index hashing: the 64 bits are cut into ``distance + 1`` chunks; two hashes within
+``distance`` bits agree exactly on at least one chunk (pigeonhole), so a lookup only compares the entries
+that share a chunk with the query, never every pair. Adding and looking up cost what is new.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import defaultdict
+from typing import Generic, Hashable, Iterator, TypeVar
+
+from PIL import Image
+
+SIGNATURE_BITS = 64
+DRAFT_SIDE = 128     # a JPEG is decoded at the smallest 1/2^k scale with both sides >= this (libjpeg's DCT
+                     # scaling): 10-50x less work than a full decode, and the signature reads a 32x32 thumbnail
+K = TypeVar("K", bound=Hashable)
+
+
+def signature_of(img: Image.Image) -> int:
+    """The 64-bit pHash of an opened (not yet loaded) image, as an int. Always computed the same way: a JPEG
+    is draft-decoded in grey at >= DRAFT_SIDE pixels (the same for the bytes at ingest and a file on disk)."""
+    import imagehash
+
+    img.draft("L", (DRAFT_SIDE, DRAFT_SIDE))  # no-op for formats without DCT scaling (PNG, WebP)
+    bits = imagehash.phash(img.convert("L")).hash.reshape(-1)  # (64,) bool, row-major
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def signature_bytes(data: bytes) -> int:
+    """``signature_of`` the image encoded in ``data``."""
+    with Image.open(io.BytesIO(data)) as img:
+        return signature_of(img)
+
+
+def signature_file(path: str | os.PathLike[str]) -> int:
+    """``signature_of`` the image file at ``path``."""
+    with Image.open(path) as img:
+        return signature_of(img)
+
+
+def to_hex(sig: int) -> str:
+    """A signature as the manifest stores it: 16 lowercase hex digits."""
+    return f"{sig:016x}"
+
+
+def from_hex(text: str) -> int:
+    """A signature from its 16 hex digits; ValueError for anything else (the manifest is read back as input)."""
+    if not isinstance(text, str) or len(text) != SIGNATURE_BITS // 4 or text.strip("0123456789abcdef"):
+        raise ValueError(f"signature {text!r} is not {SIGNATURE_BITS // 4} lowercase hex digits")
+    return int(text, 16)
+
+
+def hamming(a: int, b: int) -> int:
+    """Bits in which two signatures differ."""
+    return (a ^ b).bit_count()
+
+
+def chunk_masks(distance: int, bits: int = SIGNATURE_BITS) -> list[tuple[int, int]]:
+    """(shift, mask) of each of the ``distance + 1`` chunks the signature is cut into (as even as can be)."""
+    n = distance + 1
+    if not 1 <= n <= bits:
+        raise ValueError(f"distance must be in [0, {bits - 1}], got {distance}")
+    edges = [round(i * bits / n) for i in range(n + 1)]
+    return [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
+
+
+class NearIndex(Generic[K]):
+    """Signatures with a key each; finds those within ``distance`` bits of a query without comparing every pair."""
+
+    def __init__(self, distance: int) -> None:
+        self.distance = distance
+        self._chunks = chunk_masks(distance)
+        self._tables: list[defaultdict[int, list[int]]] = [defaultdict(list) for _ in self._chunks]
+        self._sigs: list[int] = []
+        self._keys: list[K] = []
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, sig: int, key: K) -> None:
+        """Index ``sig`` under ``key`` (a key may be added with several signatures, a signature under several keys)."""
+        i = len(self._sigs)
+        self._sigs.append(sig)
+        self._keys.append(key)
+        for table, (shift, mask) in zip(self._tables, self._chunks):
+            table[(sig >> shift) & mask].append(i)
+
+    def within(self, sig: int) -> Iterator[tuple[int, K]]:
+        """(distance, key) of every entry within ``distance`` bits of ``sig``, each once, in the order added."""
+        seen: set[int] = set()
+        for table, (shift, mask) in zip(self._tables, self._chunks):
+            seen.update(table.get((sig >> shift) & mask, ()))
+        for i in sorted(seen):
+            d = hamming(sig, self._sigs[i])
+            if d <= self.distance:
+                yield d, self._keys[i]
+
+    def nearest(self, sig: int) -> tuple[int, K] | None:
+        """(distance, key) of the closest entry within ``distance`` bits (the earliest added among equals); None
+        if there is none."""
+        return min(self.within(sig), key=lambda hit: hit[0], default=None)
