@@ -19,6 +19,10 @@ IMAGE_SIZE = "auto"                   # square side fed to the CNN (every image 
                                       # faces it matched 96 px's accuracy in 0.44x the time (README); face-mask: 96
 AUTO_MAX_SIZE = 96                    # "auto" never upsamples past this; also the model's size before data sets it
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)     # train / val / test share of the content-hash space
+NEAR_DISTANCE = 4                     # images whose 64-bit pHashes differ in at most this many bits are twins (an
+                                      # augmented copy: noise, resize, small rotation, re-encode): a new image joins
+                                      # its nearest placed twin's split (faceclf.dataset.placement). Chosen by
+                                      # `python3 -m benchmarks --only neardup` (README); 0: exact pHash matches only
 MEAN = (0.485, 0.456, 0.406)          # per-channel normalisation (ImageNet statistics)
 STD = (0.229, 0.224, 0.225)
 MAX_ROTATION_DEG = 10.0               # training-only augmentation: rotation in [-10, 10] degrees
@@ -184,6 +188,13 @@ def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, flo
     return values  # type: ignore[return-value]
 
 
+def check_near_distance(distance: int) -> int:
+    """``distance`` if it is a twin distance the index supports (0-16 of 64 bits), else ValueError."""
+    if type(distance) is not int or not 0 <= distance <= 16:
+        raise ValueError(f"near_distance must be a whole number of bits in [0, 16], got {distance!r}")
+    return distance
+
+
 @dataclass
 class DataConfig:
     """How images are found, split and preprocessed."""
@@ -193,6 +204,8 @@ class DataConfig:
                                    parse=size_or_auto)
     split_fractions: tuple[float, float, float] = option(SPLIT_FRACTIONS, "train / val / test shares of a folder "
                                                          "of class folders", flag="--split")
+    near_distance: int = option(NEAR_DISTANCE, "images whose perceptual hashes differ in at most this many of 64 "
+                                "bits are twins and share a split")
     mean: tuple[float, float, float] = MEAN
     std: tuple[float, float, float] = STD
     max_rotation_deg: float = option(MAX_ROTATION_DEG, "training augmentation: rotation up to this many degrees")
@@ -203,6 +216,7 @@ class DataConfig:
         if self.image_size != "auto" and (not isinstance(self.image_size, int) or self.image_size < 16):
             raise ValueError(f"image_size must be an integer >= 16 or 'auto', got {self.image_size!r}")
         self.split_fractions = check_split_fractions(self.split_fractions)
+        check_near_distance(self.near_distance)
         self.mean = tuple(self.mean)  # type: ignore[assignment]
         self.std = tuple(self.std)  # type: ignore[assignment]
 
@@ -354,6 +368,7 @@ class IngestConfig:
     max_pixels: int = MAX_PIXELS
     allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
     split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS
+    near_distance: int = NEAR_DISTANCE
     # A new class is a decision, not an accident of an upload: without this, an image under incoming/<class>/
     # of a class neither the manifest nor the champion has is quarantined (retried once this is set).
     allow_new_classes: bool = option(False, "take images of a class that neither the manifest nor the champion "
@@ -370,6 +385,7 @@ class IngestConfig:
             raise ValueError(f"allowed_formats must be some of {ALLOWED_FORMATS} (the formats ingest names its "
                              f"files for), got {self.allowed_formats}")
         self.split_fractions = check_split_fractions(self.split_fractions)
+        check_near_distance(self.near_distance)
 
 
 @dataclass

@@ -18,6 +18,8 @@ from PIL import Image, WebPImagePlugin
 from faceclf.config import IngestConfig
 from faceclf.dataset.discover import discover
 from faceclf.dataset.ingest import IngestReport, ingest
+from faceclf.dataset.near import from_hex
+from faceclf.dataset.placement import Placement
 from faceclf.dataset.layout import SPLITS, list_images, split_of
 from faceclf.dataset.manifest import (
     MANIFEST_KEY,
@@ -92,15 +94,19 @@ def dest_files(dest: Path) -> dict[str, str]:
 
 
 def assert_dest_matches_manifest(store: Store, dest: Path, cfg: IngestConfig = CFG) -> list[dict]:
-    """Every "ok" row has its file, named by its content hash, in the split its hash gives; nothing else is there."""
+    """Every "ok" row has its file, named by its content hash, in the split placement gives (its nearest earlier
+    twin's, else its hash's: replayed in manifest order); nothing else is there."""
     rows = read_manifest(store)
     ok = [r for r in rows if r["status"] == "ok"]
     files = dest_files(dest)
     assert sorted(files) == sorted(r["path"] for r in ok)
+    replay = Placement(cfg.split_fractions, cfg.near_distance)
     for r in ok:
         split, cls, name = r["path"].split("/")
         assert files[r["path"]] == r["sha256"] == name.rsplit(".", 1)[0]
-        assert split == r["split"] == split_of(r["sha256"], cfg.split_fractions) and cls == r["class"]
+        placed = replay.place(r["sha256"], from_hex(r["phash"]))
+        assert split == r["split"] == placed.split and cls == r["class"]
+        assert placed.twin is not None or split == split_of(r["sha256"], cfg.split_fractions)
         assert name.endswith({"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}[r["format"]])
         assert {"key", "etag", "size", "width", "height", "ingested_at"} <= r.keys()
     shas = [r["sha256"] for r in ok]

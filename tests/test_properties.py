@@ -408,7 +408,7 @@ def test_every_path_ingest_writes_has_the_legal_form(cls: str, sha: str, fmt: st
     from faceclf.dataset.tree import image_path
     from faceclf.store.objects import ObjectInfo
 
-    rel = image_path(sha, cls, fmt, IngestConfig(split_fractions=fractions))
+    rel = image_path(sha, cls, fmt, split_of(sha, IngestConfig(split_fractions=fractions).split_fractions))
     row = manifest_row(ObjectInfo(f"incoming/{cls}/x", "e", 10), cls, Checked(b"", sha, fmt, 40, 40), rel, "now")
     if class_problem(cls) is None:
         assert parse_image_path(rel) == (split_of(sha, fractions), cls, sha, rel.rsplit(".", 1)[1])

@@ -649,7 +649,7 @@ def test_generated_keys(key: str, size: int) -> None:
     assert 1 <= size <= CFG.max_bytes
     assert cls not in ("", ".", "..") and not set(cls) & {"/", "\\", "\x00"} and len(cls) <= 64
     for fmt in ("JPEG", "PNG", "WEBP"):
-        rel = image_path("0" * 64, cls, fmt, CFG)
+        rel = image_path("0" * 64, cls, fmt, split_of("0" * 64, CFG.split_fractions))
         assert os.path.normpath(dest / rel).startswith(f"{dest}/") and ".." not in PurePosixPath(rel).parts
     assert os.path.normpath(dest.joinpath(*key.split("/"))).startswith(f"{dest}/")  # as LocalStore reads it
 

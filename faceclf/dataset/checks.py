@@ -21,6 +21,7 @@ from PIL import Image
 from faceclf.config import MAX_NAME_BYTES, IngestConfig
 from faceclf.dataset.layout import legal_class
 from faceclf.dataset.manifest import INCOMING
+from faceclf.dataset.near import signature_of
 from faceclf.store.objects import ObjectInfo, Store, safe_key
 
 FORMAT_ALIASES = {"MPO": "JPEG"}      # phone cameras' multi-picture JPEGs open as MPO; the file is a JPEG
@@ -39,6 +40,7 @@ class Checked:
     format: str
     width: int
     height: int
+    signature: int | None = None  # 64-bit pHash (faceclf.dataset.near): what places a twin in its twin's split
 
 
 def class_of(info: ObjectInfo, cfg: IngestConfig) -> str:
@@ -125,6 +127,7 @@ def check_image(data: bytes, cfg: IngestConfig) -> Checked:
             w, h = img.size
             check_header(fmt, w, h, cfg)
             img.load()
+            signature = signature_of(img)
     except Refused:
         raise
     except Image.DecompressionBombError as e:  # PIL's own guard, raised by open() from the header
@@ -133,7 +136,7 @@ def check_image(data: bytes, cfg: IngestConfig) -> Checked:
         raise Refused("not an image: cannot identify image file") from None
     except Exception as e:  # noqa: BLE001 - untrusted bytes: any decoder error means a bad file, not a bad night
         raise Refused(f"truncated or corrupt image data: {type(e).__name__}: {e}") from None
-    return Checked(data, hashlib.sha256(data).hexdigest(), fmt, w, h)
+    return Checked(data, hashlib.sha256(data).hexdigest(), fmt, w, h, signature)
 
 
 def fetch_and_check(store: Store, info: ObjectInfo, cfg: IngestConfig) -> Checked | Refused | Exception:

@@ -5,7 +5,8 @@
          refuse bad keys and sizes and classes the pipeline does not know from the listing, download the
          rest in parallel, validate in memory (JPEG, PNG or WebP, judged from the bytes), hash (sha256),
          drop exact duplicates, quarantine what is refused (with a reason)
-    dest/{train,val,test}/<class>/<sha256>.<jpg|png|webp>   split by content hash: never moves between nights
+    dest/{train,val,test}/<class>/<sha256>.<jpg|png|webp>   the split of the image's nearest placed twin (pHash),
+                                     else by content hash (faceclf.dataset.placement): never moves by itself
     datasets/face/manifest.jsonl     one row per ingested object, rewritten whole at the end of a run
     datasets/face/quarantine.jsonl   one row per refused object, this run's rows appended at the end
 
@@ -55,9 +56,12 @@ from faceclf.dataset.manifest import (
     quarantine_row,
     read_manifest,
     read_quarantine,
+    signature_of_row,
     write_manifest,
     write_quarantine,
 )
+from faceclf.dataset.near import signature_file, to_hex
+from faceclf.dataset.placement import Placement, twin_counts
 from faceclf.dataset.tree import (
     image_path,
     local_path,
@@ -88,6 +92,10 @@ class IngestReport:
     quarantined: int = 0              # refused this run (see ``quarantine``)
     failed: int = 0                   # download errors; retried next run (see ``failures``)
     restored: int = 0                 # manifest images missing from dest, downloaded again
+    joined_twins: int = 0             # new images placed in the split of a near-duplicate already held
+    signed: int = 0                   # manifest images given their perceptual signature this run (older rows)
+    # val / test images with a near-duplicate in train (after this run): a leak `faceclf resplit` removes
+    twins: dict[str, int] = field(default_factory=lambda: {"val": 0, "test": 0})
     missing: int = 0                  # manifest images missing from dest whose object is gone or changed
     quarantine: list[Row] = field(default_factory=list)
     failures: list[Row] = field(default_factory=list)
@@ -122,6 +130,7 @@ class Ledger:
     conflicted: set[str] = field(default_factory=set)     # shas held out of training as label conflicts
     conflicts: dict[str, str | None] = field(default_factory=dict)  # sha met in a conflict this run ->
                                                                     # dest path withdrawn this run
+    placement: Placement | None = None   # where new images go (set by ``place_from``, before any download)
 
     @classmethod
     def read(cls, store: Store, now: str) -> Ledger:
@@ -144,6 +153,13 @@ class Ledger:
         """The manifest as it stands now: the rows read, then this run's."""
         return self.rows + self.new_rows
 
+    def place_from(self, cfg: IngestConfig) -> None:
+        """Start placing new images: every "ok" row read, with its signature and split, is a possible twin."""
+        self.placement = Placement(cfg.split_fractions, cfg.near_distance)
+        for r in self.rows:
+            if r.get("status", "ok") == "ok":
+                self.placement.add(r["sha256"], signature_of_row(r), r["split"])
+
     def refuse(self, info: ObjectInfo, reason: str) -> None:
         self.report.quarantine.append(quarantine_row(info, reason, self.now))
 
@@ -159,7 +175,14 @@ class Ledger:
                                   "status": "duplicate", "duplicate_of": first["key"]})
             self.report.duplicates += 1
             return None
-        row = manifest_row(info, cls, img, image_path(sha, cls, img.format, cfg), self.now)
+        if self.placement is None:
+            raise RuntimeError("Ledger.place_from must run before images are taken")
+        placed = self.placement.place(sha, img.signature)
+        if placed.twin:
+            self.report.joined_twins += 1
+            log.info("%s goes to %s: its near-duplicate %s (%d bits apart) is there", info.key, placed.split,
+                     placed.twin[:12], placed.distance)
+        row = manifest_row(info, cls, img, image_path(sha, cls, img.format, placed.split), self.now)
         self.owner[sha] = row
         self.new_rows.append(row)
         self.report.new += 1
@@ -291,6 +314,28 @@ def download_new(store: Store, dest: Path, todo: list[tuple[ObjectInfo, str]], l
         w.result()  # a failed local write (disk full) stops the run before the manifest claims the file
 
 
+def sign_rows(dest: Path, rows: list[Row], pool: ThreadPoolExecutor) -> int:
+    """Give every "ok" row without a perceptual signature (written before signatures existed) the one of its
+    file in ``dest``, in place; rows whose file is missing stay unsigned (never a twin) until it is restored.
+    Returns how many were signed. Done once per row: the signature is then kept in the manifest."""
+    todo = [r for r in rows if r.get("status", "ok") == "ok" and "phash" not in r
+            and local_path(dest, r["path"]).is_file()]
+
+    def sign(row: Row) -> str | None:
+        try:
+            return to_hex(signature_file(local_path(dest, row["path"])))
+        except Exception as e:  # noqa: BLE001 - a file that no longer decodes stays unsigned; training reports it
+            log.warning("cannot sign %s: %s", row["path"], e)
+            return None
+
+    signed = 0
+    for row, sig in progress(zip(todo, pool.map(sign, todo)), total=len(todo), desc="sign", unit="img"):
+        if sig is not None:
+            row["phash"] = sig
+            signed += 1
+    return signed
+
+
 def save(store: Store, dest: Path, ledger: Ledger) -> None:
     """Withdraw conflicting files from dest, then write the manifest and quarantine log if they changed."""
     report = ledger.report
@@ -301,8 +346,8 @@ def save(store: Store, dest: Path, ledger: Ledger) -> None:
     report.quarantined, report.failed = len(report.quarantine), len(report.failures)
     report.conflicts = [conflict_summary(sha, ledger.manifest(), ledger.quarantine_log + report.quarantine, path)
                         for sha, path in ledger.conflicts.items()]
-    if ledger.new_rows or any(ledger.conflicts.values()):  # new rows, or rows just marked "conflict"
-        write_manifest(store, ledger.manifest())
+    if ledger.new_rows or any(ledger.conflicts.values()) or report.signed:  # new rows, rows just marked
+        write_manifest(store, ledger.manifest())                            # "conflict", or just signed
     if report.quarantine:
         write_quarantine(store, ledger.quarantine_log + report.quarantine)
 
@@ -341,18 +386,27 @@ def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None 
     with ThreadPoolExecutor(cfg.workers, thread_name_prefix="ingest") as pool:
         report.restored, missing = restore_missing(store, dest, ledger.rows, listed, pool, cfg)
         report.missing = len(missing)
+        report.signed = sign_rows(dest, ledger.rows, pool)
+        ledger.place_from(cfg)
         download_new(store, dest, todo, ledger, pool, cfg)
     save(store, dest, ledger)
+    ok = [r for r in ledger.manifest() if r.get("status", "ok") == "ok"]
+    report.twins = twin_counts(((r["split"], signature_of_row(r)) for r in ok), cfg.near_distance)
     log_refusals(dest, report)
     report.classes = class_counts(ledger.manifest())
     make_tree(dest, report.classes)
     report.manifest_rows = len(ledger.manifest())
     report.faceset = from_manifest(ledger.manifest(), dest, missing)
     report.new_sha256 = [r["sha256"] for r in ledger.new_rows if r.get("status", "ok") == "ok"]
-    log.info("ingest %s -> %s: listed %d, new %d, skipped %d, duplicates %d, quarantined %d, failed %d, "
-             "restored %d, missing %d; manifest %d rows, images per class %s", store.uri(INCOMING.rstrip("/")), dest,
-             report.listed, report.new, report.skipped, report.duplicates, report.quarantined, report.failed,
-             report.restored, report.missing, report.manifest_rows, report.classes)
+    log.info("ingest %s -> %s: listed %d, new %d (%d joined a near-duplicate's split), skipped %d, duplicates %d, "
+             "quarantined %d, failed %d, restored %d, missing %d; manifest %d rows, images per class %s",
+             store.uri(INCOMING.rstrip("/")), dest, report.listed, report.new, report.joined_twins, report.skipped,
+             report.duplicates, report.quarantined, report.failed, report.restored, report.missing,
+             report.manifest_rows, report.classes)
+    if report.twins.get("test"):
+        log.warning("%d test image(s) have a near-duplicate in train (placed before near-duplicates decided the "
+                    "split): the test accuracy partly measures memory; `faceclf resplit` moves them",
+                    report.twins["test"])
     return report
 
 

@@ -31,6 +31,7 @@ import json
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from faceclf.dataset.layout import FILE_EXTENSIONS, SHA256_HEX, SPLITS, legal_class, parse_image_path
+from faceclf.dataset.near import from_hex, to_hex
 from faceclf.store.objects import ObjectInfo, Store
 
 if TYPE_CHECKING:
@@ -119,6 +120,11 @@ def row_problem(row: dict[str, Any]) -> str | None:
     for k in ("width", "height"):
         if k in row and (type(row[k]) is not int or row[k] < 0):
             return f"{k} {row[k]!r} is not a whole number of pixels"
+    if "phash" in row:
+        try:
+            from_hex(row["phash"])
+        except ValueError as e:
+            return str(e)
     return None
 
 
@@ -174,10 +180,19 @@ def class_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
 
 
 def manifest_row(info: ObjectInfo, cls: str, img: Checked, path: str, now: str) -> dict[str, Any]:
-    """The "ok" manifest row of an image written to dest at ``path`` (dest-relative, split first)."""
-    return {"key": info.key, "etag": info.etag, "size": info.size, "sha256": img.sha256, "class": cls,
-            "split": path.split("/", 1)[0], "path": path, "format": img.format, "width": img.width,
-            "height": img.height, "ingested_at": now, "status": "ok"}
+    """The "ok" manifest row of an image written to dest at ``path`` (dest-relative, split first); ``phash``: its
+    perceptual signature (faceclf.dataset.near), which places later twins in its split."""
+    row = {"key": info.key, "etag": info.etag, "size": info.size, "sha256": img.sha256, "class": cls,
+           "split": path.split("/", 1)[0], "path": path, "format": img.format, "width": img.width,
+           "height": img.height, "ingested_at": now, "status": "ok"}
+    if img.signature is not None:
+        row["phash"] = to_hex(img.signature)
+    return row
+
+
+def signature_of_row(row: dict[str, Any]) -> int | None:
+    """A manifest row's perceptual signature (None: a row written before signatures, not yet backfilled)."""
+    return from_hex(row["phash"]) if "phash" in row else None
 
 
 def quarantine_row(info: ObjectInfo, reason: str, now: str) -> dict[str, Any]:

@@ -22,17 +22,14 @@ from typing import Generic, Hashable, Iterator, TypeVar
 from PIL import Image
 
 SIGNATURE_BITS = 64
-DRAFT_SIDE = 128     # a JPEG is decoded at the smallest 1/2^k scale with both sides >= this (libjpeg's DCT
-                     # scaling): 10-50x less work than a full decode, and the signature reads a 32x32 thumbnail
 K = TypeVar("K", bound=Hashable)
 
 
 def signature_of(img: Image.Image) -> int:
-    """The 64-bit pHash of an opened (not yet loaded) image, as an int. Always computed the same way: a JPEG
-    is draft-decoded in grey at >= DRAFT_SIDE pixels (the same for the bytes at ingest and a file on disk)."""
+    """The 64-bit pHash of an image, as an int: from its full decode, so ingest takes it from the image it has
+    just decoded to check it, and a file on disk gives the same bits (a reduced JPEG decode would differ)."""
     import imagehash
 
-    img.draft("L", (DRAFT_SIDE, DRAFT_SIDE))  # no-op for formats without DCT scaling (PNG, WebP)
     bits = imagehash.phash(img.convert("L")).hash.reshape(-1)  # (64,) bool, row-major
     return int("".join("1" if b else "0" for b in bits), 2)
 

@@ -1,7 +1,8 @@
 """The ImageFolder tree ingest writes: dest/{train,val,test}/<class>/<sha256>.<jpg|png|webp>.
 
-A file is named by its content hash and the extension of its decoded format, and its split comes from
-the hash alone, so an image never moves between splits or nights. Files are written atomically; the
+A file is named by its content hash and the extension of its decoded format; its split is its nearest
+placed twin's, else the hash's (faceclf.dataset.placement), so an image never moves between splits by itself
+(only `faceclf resplit` moves one: ``move_image``). Files are written atomically; the
 files of label conflicts are withdrawn. A path read back from the manifest is used only in that one legal
 form (``faceclf.dataset.layout.parse_image_path``): nothing else below or beside dest is written or removed.
 """
@@ -12,15 +13,14 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterable
 
-from faceclf.config import IngestConfig
-from faceclf.dataset.layout import FILE_EXTENSIONS, SPLITS, legal_class, parse_image_path, split_of
+from faceclf.dataset.layout import FILE_EXTENSIONS, SPLITS, legal_class, parse_image_path
 from faceclf.store.atomic import write_atomic
 
 
-def image_path(sha256: str, cls: str, fmt: str, cfg: IngestConfig) -> str:
-    """dest-relative POSIX path: <split>/<class>/<sha256>.<ext>; the split depends on the content only.
+def image_path(sha256: str, cls: str, fmt: str, split: str) -> str:
+    """dest-relative POSIX path: <split>/<class>/<sha256>.<ext> (the split from faceclf.dataset.placement).
     ``fmt`` is a decoded format IngestConfig allows (each has its extension in FILE_EXTENSIONS)."""
-    return f"{split_of(sha256, cfg.split_fractions)}/{cls}/{sha256}.{FILE_EXTENSIONS[fmt]}"
+    return f"{split}/{cls}/{sha256}.{FILE_EXTENSIONS[fmt]}"
 
 
 def local_path(dest: Path, rel: str) -> Path:

@@ -22,7 +22,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], data: str | os.PathL
     """
     ckpt = load_checkpoint(checkpoint)
     data_cfg = DataConfig(**ckpt["data_config"])
-    faceset = discover(data, data_cfg.split_fractions, data_cfg.decode_workers)
+    faceset = discover(data, data_cfg.split_fractions, data_cfg.decode_workers, data_cfg.near_distance)
     if list(faceset.classes) != list(ckpt["classes"]):
         raise ValueError(f"the data's classes {list(faceset.classes)} differ from the checkpoint's {list(ckpt['classes'])}")
     faceset.require_every_class([split])

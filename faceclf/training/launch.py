@@ -95,7 +95,8 @@ def train_processes(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunCon
         return train_run(data, run_dir, cfg, resume=resume, version=version, cache=cache, store=store,
                          on_epoch=on_epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
-    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
+    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers,
+                                                              cfg.data.near_distance)
     faceset.require_every_class()
     cfg = resolve_image_size(cfg, faceset)
     preset = Preprocess.from_config(cfg.data)

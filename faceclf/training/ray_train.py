@@ -86,7 +86,8 @@ def train_on_ray(address: str, data: FaceSet | str | Path, run_dir: str | Path, 
     ray = connect(address)  # first: an address that does not answer fails before any work
     run_dir = Path(run_dir).resolve()
     cfg = cfg or RunConfig()
-    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
+    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers,
+                                                              cfg.data.near_distance)
     faceset.require_every_class()
     cfg = resolve_image_size(cfg, faceset)
     preset = Preprocess.from_config(cfg.data)

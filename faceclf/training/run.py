@@ -109,7 +109,8 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
         for p in remove_stale_temps(run_dir):
             log.warning("removed %s, left by an interrupted write", p)
     cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
-    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
+    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers,
+                                                              cfg.data.near_distance)
     faceset.require_every_class()
     cfg = resolve_image_size(cfg, faceset)
     cfg.model.num_classes = len(faceset.classes)
