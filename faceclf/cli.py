@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("dest", help="local ImageFolder root, e.g. face/")
     add_config_options(ing, IngestConfig)
 
+    rs = sub.add_parser("resplit", help="move near-duplicates that straddle train/val/test (twins of train images "
+                        "leave test for train), re-score the champion, record it in champion.json's history")
+    rs.add_argument("source", help="s3://BUCKET, or a local folder with the bucket layout")
+    rs.add_argument("dest", help="the local ImageFolder root ingest writes, e.g. face/")
+    rs.add_argument("--dry-run", action="store_true", help="say what would move; move nothing")
+    add_config_options(rs, IngestConfig)
+
     mo = sub.add_parser("models", help="the model registry: list versions, promote one (manual rollback)")
     mo_sub = mo.add_subparsers(dest="models_command", required=True)
     ml = mo_sub.add_parser("list", help="every model version, oldest first, with its gate result")
@@ -231,6 +238,18 @@ def cmd_ingest(a: argparse.Namespace) -> None:
     print(json.dumps(report.to_dict(), indent=2))
 
 
+def cmd_resplit(a: argparse.Namespace) -> None:
+    from faceclf.dataset.resplit import resplit
+    from faceclf.nightly.lock import bucket_lease
+    from faceclf.store.objects import open_store
+
+    store = open_store(a.source)
+    with bucket_lease(store, "faceclf resplit"):  # never while a night (or an ingest) reads or writes the manifest
+        report = resplit(store, Path(a.dest), config_from_args(IngestConfig, a), dry_run=a.dry_run)
+    print(report.summary())
+    print(json.dumps(dataclasses.asdict(report), indent=2))
+
+
 def cmd_models(a: argparse.Namespace) -> None:
     from faceclf.nightly.night import resolve_location
     from faceclf.nightly.stuck import stuck_reasons
@@ -277,7 +296,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "score": cmd_score,
-            "sample": cmd_sample, "demo": cmd_demo, "ingest": cmd_ingest, "models": cmd_models}
+            "sample": cmd_sample, "demo": cmd_demo, "ingest": cmd_ingest, "resplit": cmd_resplit,
+            "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

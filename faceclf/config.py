@@ -368,7 +368,8 @@ class IngestConfig:
     max_pixels: int = MAX_PIXELS
     allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
     split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS
-    near_distance: int = NEAR_DISTANCE
+    near_distance: int = option(NEAR_DISTANCE, "images whose perceptual hashes differ in at most this many of 64 bits "
+                                "are twins: a new one joins its placed twin's split")
     # A new class is a decision, not an accident of an upload: without this, an image under incoming/<class>/
     # of a class neither the manifest nor the champion has is quarantined (retried once this is set).
     allow_new_classes: bool = option(False, "take images of a class that neither the manifest nor the champion "

@@ -147,3 +147,27 @@ def onnx_accuracy(model_path: Path, folder: Path) -> float:
     return float(np.mean([classes[k] == p.parent.name for k, p in zip(pred, paths)]))
 
 
+
+
+TWIN_KINDS = ("noise", "resize", "rotate", "reencode")
+
+
+def twin_images(src: Path, seed: int = 0) -> dict[str, bytes]:
+    """Augmented copies of an image file, as people upload them: added noise (sigma 8, PNG), a 1.5x resize, a
+    5-degree rotation and a JPEG re-encode at quality 50; each is new bytes (a new sha256) of the same photo."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(src).convert("RGB")
+    pixels = np.asarray(img).astype(np.int16)
+    noisy = Image.fromarray((pixels + np.random.default_rng(seed).normal(0, 8, pixels.shape).round()).clip(0, 255)
+                            .astype(np.uint8))
+
+    def encoded(im: "Image.Image", fmt: str = "JPEG", quality: int = 92) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, quality=quality)
+        return buf.getvalue()
+
+    return {"noise": encoded(noisy, "PNG"), "resize": encoded(img.resize((img.width * 3 // 2, img.height * 3 // 2))),
+            "rotate": encoded(img.rotate(5, resample=Image.Resampling.BICUBIC)), "reencode": encoded(img, quality=50)}

@@ -21,7 +21,7 @@ from PIL import Image
 from faceclf.config import MAX_NAME_BYTES, IngestConfig
 from faceclf.dataset.layout import legal_class
 from faceclf.dataset.manifest import INCOMING
-from faceclf.dataset.near import signature_of
+from faceclf.dataset.near import Signature, signature_of
 from faceclf.store.objects import ObjectInfo, Store, safe_key
 
 FORMAT_ALIASES = {"MPO": "JPEG"}      # phone cameras' multi-picture JPEGs open as MPO; the file is a JPEG
@@ -40,7 +40,7 @@ class Checked:
     format: str
     width: int
     height: int
-    signature: int | None = None  # 64-bit pHash (faceclf.dataset.near): what places a twin in its twin's split
+    signature: Signature | None = None  # perceptual (faceclf.dataset.near): what places a twin in its twin's split
 
 
 def class_of(info: ObjectInfo, cfg: IngestConfig) -> str:

@@ -27,7 +27,7 @@ from faceclf.dataset.layout import (
     list_images,
     sha256_file,
 )
-from faceclf.dataset.near import signature_file
+from faceclf.dataset.near import Signature, signature_file
 from faceclf.dataset.placement import Placement, twin_counts
 from faceclf.progress import progress
 
@@ -62,10 +62,10 @@ def short_side(path: Path) -> int:
         return 0
 
 
-def signatures(root: Path, images: Sequence[FaceImage], workers: int) -> list[int | None]:
+def signatures(root: Path, images: Sequence[FaceImage], workers: int) -> list[Signature | None]:
     """The perceptual signature of each image (faceclf.dataset.near), in parallel threads; None for a file that
     does not decode (it is reported when training decodes it, and is never anyone's twin)."""
-    def sign(image: FaceImage) -> int | None:
+    def sign(image: FaceImage) -> Signature | None:
         try:
             return signature_file(root / image.path)
         except Exception:  # noqa: BLE001 - a bad file is reported by the decoder later; here it has no twin

@@ -323,7 +323,7 @@ def sign_rows(dest: Path, rows: list[Row], pool: ThreadPoolExecutor) -> int:
 
     def sign(row: Row) -> str | None:
         try:
-            return to_hex(signature_file(local_path(dest, row["path"])))
+            return to_hex(signature_file(local_path(dest, row["path"])).value)
         except Exception as e:  # noqa: BLE001 - a file that no longer decodes stays unsigned; training reports it
             log.warning("cannot sign %s: %s", row["path"], e)
             return None

@@ -186,7 +186,7 @@ def manifest_row(info: ObjectInfo, cls: str, img: Checked, path: str, now: str) 
            "split": path.split("/", 1)[0], "path": path, "format": img.format, "width": img.width,
            "height": img.height, "ingested_at": now, "status": "ok"}
     if img.signature is not None:
-        row["phash"] = to_hex(img.signature)
+        row["phash"] = to_hex(img.signature.value)
     return row
 
 

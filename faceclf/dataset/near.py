@@ -2,10 +2,15 @@
 
 Exact duplicates share a sha256; augmented copies of one photo (noise, a resize, a small rotation, a
 re-encode) share nothing byte-wise, yet a model trained on one has as good as seen the other. Placed in
-different splits they leak: the test set measures memory. Each image gets a 64-bit perceptual hash (pHash:
-the signs of the low-frequency DCT of a 32x32 grey thumbnail, imagehash's), and two images whose hashes differ
-in at most ``distance`` bits are twins (``SplitConfig.near_distance``, chosen by `python3 -m benchmarks --only
-neardup`: how many augmented copies it catches against how many distinct faces it merges).
+different splits they leak: the test set measures memory.
+
+The signature: a grey thumbnail (THUMB_SIDE px on its longer side), its centre (CENTRE_SHARE of each side), and
+imagehash's 64-bit pHash of that (the signs of the low-frequency DCT of a 32x32 resize). Two images whose
+hashes differ in at most ``distance`` bits are twins (``near_distance`` in faceclf.config, chosen by `python3 -m
+benchmarks --only neardup`: how many augmented copies it catches against how many distinct faces it merges).
+pHash alone misses rotations (5 degrees moved it ~10 bits on face-mask, as far as distinct faces), so a new image
+is also looked up rotated by each of PROBE_DEGREES: one of them undoes a twin's rotation, and the centre crop
+keeps the rotation's empty corners out of the hash. Only the upright hash is stored (the manifest's ``phash``).
 
 The index is multi-index hashing: the 64 bits are cut into ``distance + 1`` chunks; two hashes within
 ``distance`` bits agree exactly on at least one chunk (pigeonhole), so a lookup only compares the entries
@@ -17,33 +22,69 @@ from __future__ import annotations
 import io
 import os
 from collections import defaultdict
-from typing import Generic, Hashable, Iterator, TypeVar
+from dataclasses import dataclass
+from typing import Generic, Hashable, Iterable, Iterator, TypeVar
 
 from PIL import Image
 
 SIGNATURE_BITS = 64
+THUMB_SIDE = 64                        # px, the longer side of the grey thumbnail everything is hashed from
+CENTRE_SHARE = 0.7                     # of each side: a 10-degree rotation's empty corners stay outside it
+PROBE_DEGREES = tuple(range(-10, 11, 2))  # a new image is looked up rotated by each: 1-2 degrees off still match
 K = TypeVar("K", bound=Hashable)
 
 
-def signature_of(img: Image.Image) -> int:
-    """The 64-bit pHash of an image, as an int: from its full decode, so ingest takes it from the image it has
-    just decoded to check it, and a file on disk gives the same bits (a reduced JPEG decode would differ)."""
+@dataclass(frozen=True)
+class Signature:
+    """An image's upright hash (``value``, what the manifest stores) and its hashes rotated by each of
+    PROBE_DEGREES (``probes``, ``value`` among them), with which a new image is looked up."""
+
+    value: int
+    probes: tuple[int, ...]
+
+
+def _hash(img: Image.Image) -> int:
+    """imagehash's 64-bit pHash of the centre of a grey image, as an int."""
     import imagehash
 
-    bits = imagehash.phash(img.convert("L")).hash.reshape(-1)  # (64,) bool, row-major
+    w, h = img.size
+    box = (round(w * (1 - CENTRE_SHARE) / 2), round(h * (1 - CENTRE_SHARE) / 2),
+           round(w * (1 + CENTRE_SHARE) / 2), round(h * (1 + CENTRE_SHARE) / 2))
+    bits = imagehash.phash(img.crop(box)).hash.reshape(-1)  # (64,) bool, row-major
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def signature_bytes(data: bytes) -> int:
+def thumbnail(img: Image.Image) -> Image.Image:
+    """The grey thumbnail of an image, THUMB_SIDE px on its longer side (never enlarged): the same whether ``img``
+    was fully decoded already (ingest checks every pixel) or is a file just opened."""
+    grey = img.convert("L")
+    grey.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR)
+    return grey
+
+
+def signature_of(img: Image.Image) -> Signature:
+    """The signature of an image: its upright hash and its rotated probes."""
+    thumb = thumbnail(img)
+    probes = tuple(_hash(thumb.rotate(d, resample=Image.Resampling.BILINEAR)) if d else _hash(thumb)
+                   for d in PROBE_DEGREES)
+    return Signature(probes[PROBE_DEGREES.index(0)], probes)
+
+
+def signature_bytes(data: bytes) -> Signature:
     """``signature_of`` the image encoded in ``data``."""
     with Image.open(io.BytesIO(data)) as img:
         return signature_of(img)
 
 
-def signature_file(path: str | os.PathLike[str]) -> int:
+def signature_file(path: str | os.PathLike[str]) -> Signature:
     """``signature_of`` the image file at ``path``."""
     with Image.open(path) as img:
         return signature_of(img)
+
+
+def queries(sig: Signature | int) -> Iterable[int]:
+    """The hashes to look an image up with: its probes, or its stored hash alone (a manifest row's)."""
+    return sig.probes if isinstance(sig, Signature) else (sig,)
 
 
 def to_hex(sig: int) -> str:
@@ -107,3 +148,9 @@ class NearIndex(Generic[K]):
         """(distance, key) of the closest entry within ``distance`` bits (the earliest added among equals); None
         if there is none."""
         return min(self.within(sig), key=lambda hit: hit[0], default=None)
+
+    def nearest_of(self, sig: Signature | int) -> tuple[int, K] | None:
+        """``nearest`` over every hash ``queries`` gives (a new image's rotated probes): the closest hit of any
+        (among equals, that of the first probe that has one)."""
+        hits = [hit for q in queries(sig) if (hit := self.nearest(q)) is not None]
+        return min(hits, key=lambda hit: hit[0], default=None)

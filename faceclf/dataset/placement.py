@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from faceclf.dataset.layout import SPLITS, split_of
-from faceclf.dataset.near import NearIndex
+from faceclf.dataset.near import NearIndex, Signature, queries
+
+Sig = Signature | int | None   # a new image's full signature, a stored hash (manifest), or none known
 
 
 @dataclass(frozen=True)
@@ -41,30 +43,38 @@ class Placement:
         if signature is not None:
             self.index.add(signature, (sha256, split))
 
-    def place(self, sha256: str, signature: int | None) -> Placed:
-        """The split of a new image (its nearest placed twin's, else by hash), recorded for later ones."""
-        hit = self.index.nearest(signature) if signature is not None else None
+    def place(self, sha256: str, signature: Sig) -> Placed:
+        """The split of a new image (its nearest placed twin's, looked up with every rotated probe, else by hash),
+        recorded for later ones."""
+        hit = self.index.nearest_of(signature) if signature is not None else None
         placed = Placed(hit[1][1], hit[1][0], hit[0]) if hit else Placed(split_of(sha256, self.fractions))
-        self.add(sha256, signature, placed.split)
+        self.add(sha256, value(signature), placed.split)
         return placed
 
 
-def twin_counts(images: Iterable[tuple[str, int | None]], distance: int) -> dict[str, int]:
-    """How many val and test images have a train twin: ``images`` are (split, signature) pairs (signature None:
-    not known, never a twin). Keys "val" and "test"; the night reports "test" as its leak."""
+def value(signature: Sig) -> int | None:
+    """The stored (upright) hash of a signature."""
+    return signature.value if isinstance(signature, Signature) else signature
+
+
+def twin_counts(images: Iterable[tuple[str, Sig]], distance: int) -> dict[str, int]:
+    """How many val and test images have a train twin: ``images`` are (split, signature) pairs (None: not known,
+    never a twin). Keys "val" and "test"; the night reports "test" as its leak. With stored hashes alone (the
+    manifest's, as a night counts) a twin rotated by more than a degree or two is not seen; full signatures
+    (resplit's, from the files) look up every rotated probe."""
     images = list(images)
     train: NearIndex[int] = NearIndex(distance)
     for i, (split, sig) in enumerate(images):
         if split == "train" and sig is not None:
-            train.add(sig, i)
+            train.add(value(sig), i)
     counts = {"val": 0, "test": 0}
     for split, sig in images:
-        if split in counts and sig is not None and next(train.within(sig), None) is not None:
+        if split in counts and sig is not None and train.nearest_of(sig) is not None:
             counts[split] += 1
     return counts
 
 
-def twin_groups(signatures: Sequence[int | None], distance: int) -> list[int]:
+def twin_groups(signatures: Sequence[Sig], distance: int) -> list[int]:
     """The group of each image (the index of its group's first image): images joined by chains of twins share
     one. Union-find over the index's hits, each image compared only with those sharing a chunk."""
     parent = list(range(len(signatures)))
@@ -79,15 +89,16 @@ def twin_groups(signatures: Sequence[int | None], distance: int) -> list[int]:
     for i, sig in enumerate(signatures):
         if sig is None:
             continue
-        for _, j in index.within(sig):
-            a, b = root(i), root(j)
-            if a != b:
-                parent[max(a, b)] = min(a, b)   # the smaller index roots: the group's first image
-        index.add(sig, i)
+        for q in queries(sig):
+            for _, j in index.within(q):
+                a, b = root(i), root(j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)   # the smaller index roots: the group's first image
+        index.add(value(sig), i)
     return [root(i) for i in range(len(signatures))]
 
 
-def resplit_moves(splits: Sequence[str], signatures: Sequence[int | None], distance: int) -> dict[int, str]:
+def resplit_moves(splits: Sequence[str], signatures: Sequence[Sig], distance: int) -> dict[int, str]:
     """{image index: new split} for every image of a twin group that straddles splits: the group goes to the first
     of SPLITS (train, val, test) that one of its members is in. Images already there, and groups in one split,
     are not listed."""
