@@ -268,3 +268,173 @@ def test_stuck_counts_rejections_back_to_the_last_promotion() -> None:
                                            "0.6 is below 0.9"]
     assert len(stuck_reasons(rows, "b", 2)) == 2 and stuck_reasons(rows[:2], "b", 1) == []
     assert stuck_reasons([], None, 1) == [] and stuck_reasons(rows + [row("e", True)], "e", 1) == []
+
+
+# --- power (issue 25): the smallest accuracy difference a night's test set detects ---
+
+import numpy as np  # noqa: E402
+
+from faceclf.nightly.report import render_report  # noqa: E402
+from faceclf.nightly.stats import (  # noqa: E402
+    POWER_TOL,
+    Z95,
+    connor_difference,
+    critical_counts,
+    discordant_share,
+    mcnemar_power,
+    min_detectable_difference,
+    wilson_half_width,
+)
+
+
+def test_min_detectable_difference_matches_known_values() -> None:
+    """Six images, no churn: only all six discordant and one way is significant (2/64 < 0.05), so the power at a
+    difference d is d^6 and 80% needs d = 0.8^(1/6); five images can never be significant (2/32 > 0.05). Then
+    the values the report quotes (n = 111 and 1000), pinned."""
+    assert min_detectable_difference(6, 0.0, 0.05) == pytest.approx(0.8 ** (1 / 6), abs=POWER_TOL)
+    assert min_detectable_difference(5, 0.0, 0.05) is None and min_detectable_difference(0, 0.1, 0.05) is None
+    pinned = {(111, 0.02): 0.0879, (111, 0.05): 0.1071, (111, 0.10): 0.1320, (1000, 0.05): 0.0249,
+              (10_000, 0.05): 0.0068}
+    for (n, share), value in pinned.items():
+        assert min_detectable_difference(n, share, 0.05) == pytest.approx(value, abs=1e-4), (n, share)
+
+
+def brute_power(n: int, discordant: float, difference: float, alpha: float) -> float:
+    """mcnemar_power by summing the multinomial over every (b, c) with the gate's own p-value (binom_cdf)."""
+    p10, p01 = discordant / 2 + difference, discordant / 2
+    total = 0.0
+    for b in range(n + 1):
+        for c in range(min(b, n - b + 1)):               # c < b: the better model ahead
+            if min(1.0, 2 * binom_cdf(c, b + c)) < alpha:
+                ways = math.factorial(n) // (math.factorial(b) * math.factorial(c) * math.factorial(n - b - c))
+                total += ways * p10 ** b * p01 ** c * (1 - p10 - p01) ** (n - b - c)
+    return total
+
+
+@pytest.mark.parametrize("n, discordant, difference, alpha", [
+    (30, 0.1, 0.2, 0.05), (50, 0.05, 0.1, 0.05), (40, 0.0, 0.15, 0.05), (60, 0.3, 0.2, 0.01), (25, 0.5, 0.5, 0.2),
+    (12, 0.0, 1.0, 0.05), (7, 0.4, 0.0, 0.125),
+])
+def test_mcnemar_power_equals_the_sum_over_every_outcome(n: int, discordant: float, difference: float,
+                                                         alpha: float) -> None:
+    expected = brute_power(n, discordant, difference, alpha)
+    assert mcnemar_power(n, discordant, difference, alpha) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.01, 0.1, 0.0625, 0.125])  # 0.0625 and 0.125: ties (2/32 at d=5, 16/128 at 7)
+def test_critical_counts_are_the_gates_test(alpha: float) -> None:
+    """For every d to beyond the integer walk, the critical count c is significant and c + 1 is not, by the very
+    floats ``mcnemar`` compares; far beyond (the floating-point walk) the same by an independent log-space sum."""
+    table = critical_counts(alpha, 32_768)
+    for d in range(1, 460):
+        k = int(table[d])
+        assert k < 0 or min(1.0, 2 * binom_cdf(k, d)) < alpha, (d, k)
+        assert min(1.0, 2 * binom_cdf(k + 1, d)) >= alpha, (d, k)
+
+    def cdf(k: int, d: int) -> float:
+        return math.fsum(math.exp(math.lgamma(d + 1) - math.lgamma(i + 1) - math.lgamma(d - i + 1) - d * math.log(2))
+                         for i in range(k + 1))
+
+    for d in (1_000, 5_001, 20_000, 32_768):
+        k = int(table[d])
+        assert 2 * cdf(k, d) < alpha <= 2 * cdf(k + 1, d), (d, k)
+
+
+def test_the_exact_answer_is_close_to_connors_normal_approximation() -> None:
+    """Connor (1987) is within 6% wherever there is churn (>= 1% discordant) and within 1.5% at n = 10^4 with
+    5% or more; with no churn at all the count of discordant images is Poisson-like and the normal
+    approximation is off by ~12% however many images there are: the exact computation is the one to use."""
+    for n in (200, 500, 2000):
+        for share in (0.01, 0.05, 0.2, 0.5):
+            for alpha in (0.01, 0.05):
+                exact, normal = min_detectable_difference(n, share, alpha), connor_difference(n, share, alpha)
+                assert abs(exact - normal) / normal < 0.06, (n, share, alpha)
+    for share in (0.05, 0.2):
+        assert abs(min_detectable_difference(10_000, share, 0.05) / connor_difference(10_000, share, 0.05) - 1) < 0.015
+    assert abs(min_detectable_difference(2000, 0.0, 0.01) / connor_difference(2000, 0.0, 0.01) - 1) > 0.1
+
+
+def test_simulated_nights_detect_the_returned_difference() -> None:
+    """20,000 simulated nights of 111 test images, judged by the gate's own McNemar test: at the returned difference
+    at least 80% come out significant (less 3 standard errors); at 80% of it, clearly fewer."""
+    n, share, alpha = 111, 0.04, 0.05
+    found = min_detectable_difference(n, share, alpha)
+    rng = np.random.default_rng(0)
+
+    def detected(difference: float, nights: int = 20_000) -> float:
+        counts = rng.multinomial(n, [share / 2 + difference, share / 2, 1 - share - difference], size=nights)
+        p = {}
+        hits = 0
+        for b, c in counts[:, :2].tolist():
+            if (b, c) not in p:
+                p[(b, c)] = mcnemar([True] * b + [False] * c, [False] * b + [True] * c).p_value
+            hits += b > c and p[(b, c)] < alpha
+        return hits / nights
+
+    se = math.sqrt(0.8 * 0.2 / 20_000)
+    assert detected(found) >= 0.8 - 3 * se
+    assert detected(0.8 * found) < 0.8 - 10 * se
+
+
+def test_the_exact_test_is_not_monotone_in_n_at_the_edge() -> None:
+    """Why the property tests double n rather than add one image: an exact test's power saws up and down with n.
+    At half the images discordant by chance, 30 images detect a difference just under the 0.5 possible, and 31
+    detect none (odd d loses a rejectable split)."""
+    assert min_detectable_difference(30, 0.5, 0.05) == pytest.approx(0.4991, abs=1e-4)
+    assert min_detectable_difference(31, 0.5, 0.05) is None
+    assert min_detectable_difference(60, 0.5, 0.05) < 0.4991
+
+
+def test_power_functions_refuse_arguments_out_of_range() -> None:
+    for bad, match in [((-1, 0.1, 0.05), "n must be"), ((10, 1.5, 0.05), "discordant must be"),
+                       ((10, 0.1, 0.0), "alpha must be"), ((10, 0.1, 0.05, 1.0), "power must be")]:
+        with pytest.raises(ValueError, match=match):
+            min_detectable_difference(*bad)
+    with pytest.raises(ValueError, match="difference must be in"):
+        mcnemar_power(10, 0.5, 0.6, 0.05)
+
+
+def test_a_night_on_which_the_models_agree_everywhere_gets_a_finite_answer() -> None:
+    """0 discordant in 111 is planned as the Wilson 95% upper bound z^2 / (n + z^2) = 3.3%, never as 0 churn."""
+    assert discordant_share(0, 111) == pytest.approx(Z95 ** 2 / (111 + Z95 ** 2)) == pytest.approx(0.0335, abs=1e-4)
+    assert discordant_share(9, 111) == 9 / 111
+    labels = [0] * 60 + [1] * 51
+    same = outcomes(111, 111)
+    c, ch = scored(same, same, labels)
+    d = decide(c, GateConfig(), ch, "v1", mcnemar(same, same))
+    assert d.detectable["discordant_images"] == 0 and d.detectable["discordant"] == discordant_share(0, 111)
+    assert d.detectable["difference"] == min_detectable_difference(111, discordant_share(0, 111), 0.05)
+    assert 0.09 < d.detectable["difference"] < 0.11
+
+
+def report_of(decision: dict) -> str:
+    test = {"loss": 0.1, "accuracy": 1.0, "n": 111, "confusion_matrix": [[60, 0], [0, 51]]}
+    return render_report("v2", CLASSES, {"test": test}, decision, {"test images": 111})
+
+
+def test_the_decision_and_the_report_say_what_the_test_set_can_detect() -> None:
+    labels = [0] * 60 + [1] * 51
+    cand, champ = outcomes(111, 111), [True] * 107 + [False] * 4       # 4 discordant of 111: 3.6%
+    c, ch = scored(cand, champ, labels)
+    d = decide(c, GateConfig(), ch, "v1", mcnemar(cand, champ)).to_dict()
+    det = d["detectable"]
+    assert (det["method"], det["n"], det["discordant_images"], det["alpha"], det["power"]) == ("exact McNemar", 111, 4,
+                                                                                               0.05, 0.8)
+    assert det["discordant"] == det["discordant_observed"] == 4 / 111
+    assert det["difference"] == pytest.approx(min_detectable_difference(111, 4 / 111, 0.05))
+    report = report_of(d)
+    line = (f"This test set (n=111, 3.6% discordant) detects a difference of {100 * det['difference']:.1f} points at "
+            "alpha 0.05 with 80% power (exact McNemar test); a smaller real difference reads as 'not significant'.")
+    assert line in report and report.index("exact McNemar p =") < report.index(line)
+
+    first = decide(c, GateConfig(alpha=0.01)).to_dict()                  # no champion: the Wilson half-width
+    det = first["detectable"]
+    assert (det["method"], det["power"], det["alpha"]) == ("Wilson half-width", None, 0.01)
+    assert det["difference"] == pytest.approx(wilson_half_width(111, 111, 0.01)) and 0.02 < det["difference"] < 0.04
+    assert "No paired comparison: on these n=111 test images the candidate's accuracy is known to within ±" in \
+        report_of(first)
+    c5, ch5 = scored([True] * 5, [False] * 5, [0, 0, 1, 1, 1])
+    tiny = decide(c5, GateConfig(), ch5, "v1", mcnemar([True] * 5, [False] * 5)).to_dict()
+    assert tiny["detectable"]["difference"] is None and "cannot detect any accuracy difference" in report_of(tiny)
+    diverged = {**metrics(None, {"with_mask": None, "without_mask": None}, loss=None), "diverged": "x"}
+    assert decide(diverged, GateConfig()).detectable is None

@@ -454,3 +454,85 @@ def test_any_accepted_path_stays_three_levels_inside_dest(rel: str) -> None:
     assert rel == f"{split}/{cls}/{sha}.{ext}" and split in SPLITS and ext in FILE_EXTENSIONS.values()
     assert legal_class(cls) == cls and int(sha, 16) >= 0 and sha == sha.lower() and len(sha) == 64
     assert _inside_dest(rel)
+
+
+# --- power of the exact McNemar test: the smallest difference a test set detects (issue 25) ---
+
+from faceclf.nightly.stats import (  # noqa: E402
+    POWER_TOL,
+    critical_counts,
+    discordant_share,
+    mcnemar_power,
+    min_detectable_difference,
+)
+
+POWER_SIZES = st.integers(1, 400)
+SHARES = st.floats(0.0, 0.9)
+ALPHAS = st.floats(1e-3, 0.5)
+POWERS = st.floats(0.05, 0.99)
+
+
+def at_most(a: float | None, b: float | None) -> bool:
+    """a <= b among detectable differences, None (nothing detectable) being the largest; up to POWER_TOL."""
+    return b is None or (a is not None and a <= b + POWER_TOL)
+
+
+@FEW
+@given(POWER_SIZES, st.data(), SHARES, ALPHAS, POWERS)
+def test_min_detectable_difference_shrinks_with_twice_the_images(n: int, data: st.DataObject, share: float,
+                                                                 alpha: float, power: float) -> None:
+    """Two to four times the images never detect less (one more image may: the exact test's sawtooth, see
+    test_gate.test_the_exact_test_is_not_monotone_in_n_at_the_edge)."""
+    more = data.draw(st.integers(2 * n, 4 * n))
+    assert at_most(min_detectable_difference(more, share, alpha, power),
+                   min_detectable_difference(n, share, alpha, power))
+
+
+@FEW
+@given(POWER_SIZES, SHARES, ALPHAS, POWERS, POWERS)
+def test_min_detectable_difference_grows_with_the_power_asked(n: int, share: float, alpha: float, p1: float,
+                                                              p2: float) -> None:
+    low, high = sorted((p1, p2))
+    assert at_most(min_detectable_difference(n, share, alpha, low), min_detectable_difference(n, share, alpha, high))
+
+
+@FEW
+@given(POWER_SIZES, SHARES, ALPHAS, ALPHAS, POWERS)
+def test_min_detectable_difference_shrinks_as_alpha_grows(n: int, share: float, a1: float, a2: float,
+                                                          power: float) -> None:
+    strict, loose = sorted((a1, a2))
+    assert at_most(min_detectable_difference(n, share, loose, power),
+                   min_detectable_difference(n, share, strict, power))
+
+
+@MANY
+@given(POWER_SIZES, SHARES, ALPHAS, POWERS)
+def test_min_detectable_difference_is_the_smallest_with_the_power_asked(n: int, share: float, alpha: float,
+                                                                        power: float) -> None:
+    """In (0, 1 - share] (1 - share: the better model right on every image the churn leaves), with at least the
+    power asked (exactly computed), and POWER_TOL less has less; None exactly when even the largest possible
+    difference falls short."""
+    found = min_detectable_difference(n, share, alpha, power)
+    if found is None:
+        assert mcnemar_power(n, share, 1.0 - share, alpha) < power
+        return
+    assert 0.0 < found <= 1.0 - share
+    assert mcnemar_power(n, share, found, alpha) >= power
+    assert found <= POWER_TOL or mcnemar_power(n, share, found - POWER_TOL, alpha) < power
+
+
+@MANY
+@given(st.integers(1, 600), st.floats(1e-6, 0.999))
+def test_critical_counts_reject_exactly_where_the_gates_mcnemar_does(d: int, alpha: float) -> None:
+    """The critical count c of d discordant images: c against d - c is significant by mcnemar, c + 1 is not."""
+    k = int(critical_counts(alpha, 1024)[d])
+    assert k < 0 or p_of(d - k, k) < alpha
+    assert k + 1 > d - k - 1 or p_of(d - k - 1, k + 1) >= alpha
+
+
+@MANY
+@given(st.integers(1, 100_000), st.data())
+def test_discordant_share_is_the_observed_share_at_least_the_floor(n: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(0, n))
+    share = discordant_share(k, n)
+    assert share >= k / n and share >= wilson(0, n)[1] and share == max(k / n, wilson(0, n)[1]) and share <= 1.0

@@ -1,6 +1,7 @@
 """The promotion gate: absolute accuracy bars, then a paired comparison with the champion on the same test
 images (exact McNemar test overall; per class, F1 compared by a paired permutation test), every accuracy with
-its Wilson 95% interval and n. A champion that itself fails the bars on tonight's test images is stale: it
+its Wilson 95% interval and n, and the smallest difference the test set can detect (so that "not significant" is
+read for what it is). A champion that itself fails the bars on tonight's test images is stale: it
 cannot veto, and a candidate replaces it by clearing the bars and being better overall on the same images."""
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from faceclf.config import GateConfig
-from faceclf.nightly.stats import ClassComparison, McNemar, wilson
+from faceclf.nightly.stats import (
+    ClassComparison,
+    McNemar,
+    discordant_share,
+    min_detectable_difference,
+    wilson,
+    wilson_half_width,
+)
+
+DETECT_POWER = 0.8  # the power at which decision.json and the report state the difference the test set detects
 
 
 def gate_failures(metrics: dict[str, Any], min_accuracy: float, min_class_accuracy: float) -> list[str]:
@@ -76,6 +86,7 @@ class Decision:
     champion_stale: list[str] = field(default_factory=list)  # why the champion fails the bars on tonight's test set
     why: str = ""
     approval: dict[str, Any] | None = None      # a person's answer when the night asked for one
+    detectable: dict[str, Any] | None = None    # the smallest difference tonight's test set resolves (detectable())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (decision.json)."""
@@ -128,6 +139,28 @@ def recall_regressions(candidate: dict[str, Any], champion: dict[str, Any], vers
             reasons.append(f"class {cls!r} accuracy {value:.4f} is worse than champion {version}'s {other:.4f} by "
                            f"{other - value:.4f} (class_tolerance {cfg.class_tolerance})")
     return reasons
+
+
+def detectable(paired: McNemar | None, candidate: dict[str, Any], alpha: float,
+               power: float = DETECT_POWER) -> dict[str, Any] | None:
+    """The smallest accuracy difference tonight's test set can resolve, as decision.json and the report give it.
+
+    With a paired comparison: the difference the gate's exact McNemar test at ``alpha`` detects with ``power``
+    (stats.min_detectable_difference; ``difference`` None: none at all), planned with the night's discordant
+    share floored (stats.discordant_share). Without one (no champion, or a run without per-image predictions):
+    the Wilson half-width at the candidate's accuracy, the distance from a fixed accuracy the test set can
+    resolve, with no power attached (``power`` None). None when the candidate's accuracy was not measured."""
+    if paired is not None and paired.n:
+        share = discordant_share(paired.discordant, paired.n)
+        return {"method": "exact McNemar", "n": paired.n, "discordant_images": paired.discordant,
+                "discordant_observed": paired.discordant / paired.n, "discordant": share, "alpha": alpha,
+                "power": power, "difference": min_detectable_difference(paired.n, share, alpha, power)}
+    acc, n = candidate.get("accuracy"), candidate.get("n")
+    if not _finite(acc) or not n:
+        return None
+    right = min(n, max(0, round(acc * n)))
+    return {"method": "Wilson half-width", "n": n, "accuracy": acc, "alpha": alpha, "power": None,
+            "difference": wilson_half_width(right, n, alpha)}
 
 
 def better(paired: McNemar | None) -> bool:
@@ -227,7 +260,8 @@ def decide(candidate: dict[str, Any], cfg: GateConfig, champion: dict[str, Any] 
     stale = stale_champion(champion, champion_version, cfg)
     evidence = dict(candidate=accuracies(candidate), champion=accuracies(champion),
                     paired={"n": paired.n, **asdict(paired)} if paired else None,
-                    classes=[asdict(c) for c in classes] if classes is not None else None, champion_stale=stale)
+                    classes=[asdict(c) for c in classes] if classes is not None else None, champion_stale=stale,
+                    detectable=detectable(paired, candidate, cfg.alpha))
     if candidate.get("diverged"):  # nothing was measured: the one reason says why
         reasons = [f"training diverged: {candidate['diverged']}"]
         return Decision(False, reasons, None, champion_version, champ_acc if _finite(champ_acc) else None, asdict(cfg),

@@ -38,6 +38,34 @@ def paired_lines(paired: dict[str, Any] | None, champion_version: str | None) ->
             f"(exact McNemar p = {paired['p_value']:.3g}).", ""]
 
 
+def points(x: float) -> str:
+    """An accuracy difference in percentage points: '6.1', or '0.35' below one point (never a bare '0.0')."""
+    return f"{100 * x:.1f}" if 100 * x >= 1 else f"{100 * x:.2g}"
+
+
+def detectable_lines(detectable: dict[str, Any] | None) -> list[str]:
+    """One sentence: the smallest difference tonight's test set resolves (gate.detectable), so that a
+    'not significant' is read as 'smaller than this, or absent', not as 'the same'."""
+    if not detectable:
+        return []
+    n, alpha, diff = detectable["n"], detectable["alpha"], detectable["difference"]
+    if detectable["method"] != "exact McNemar":
+        return [f"No paired comparison: on these n={n} test images the candidate's accuracy is known to within "
+                f"±{points(diff)} points (Wilson interval at alpha {alpha:g}, no power attached); a difference from "
+                "any fixed accuracy smaller than that cannot be told apart.", ""]
+    share = f"{points(detectable['discordant'])}% discordant"
+    if detectable["discordant"] > detectable["discordant_observed"]:  # floored (stats.discordant_share)
+        k = detectable["discordant_images"]
+        share = (f"{k} discordant image{'s' if k != 1 else ''}, taken as {share}: the Wilson 95% upper bound "
+                 f"of none in {n}")
+    power = f"{100 * detectable['power']:.0f}% power"
+    if diff is None:
+        return [f"This test set (n={n}, {share}) cannot detect any accuracy difference at alpha {alpha:g} with "
+                f"{power}: too few images, so every comparison on it reads as 'not significant'.", ""]
+    return [f"This test set (n={n}, {share}) detects a difference of {points(diff)} points at alpha {alpha:g} with "
+            f"{power} (exact McNemar test); a smaller real difference reads as 'not significant'.", ""]
+
+
 def class_lines(classes: list[dict[str, Any]] | None, champion_version: str | None) -> list[str]:
     """Each class, both models on the same test images: precision, recall, F1, and the permutation test's
     p-value that the candidate's F1 is lower by chance (nothing without a champion to pair with)."""
@@ -114,6 +142,7 @@ def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any],
         *interval_rows(classes, decision.get("candidate"), decision.get("champion")),
         "",
         *paired_lines(decision.get("paired"), decision.get("champion_version")),
+        *detectable_lines(decision.get("detectable")),
         *class_lines(decision.get("classes"), decision.get("champion_version")),
         "## Confusion matrix (test)",
         "",
