@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--only train,score,ingest,night,gpu,imbalance] [--json OUT]`.
+"""`python -m benchmarks [--quick] [--only train,score,ingest,night,gpu,imbalance,audit] [--json OUT]`.
 
 Runs each benchmark in turn (never two at once: they would skew each other's timings), prints every
 figure next to its baseline from the same run, and optionally saves all rows as JSON.
@@ -18,7 +18,8 @@ MODULES = {"train": "benchmarks.train_bench", "score": "benchmarks.score_bench",
            "ingest": "benchmarks.ingest_bench", "night": "benchmarks.night_bench", "gpu": "benchmarks.gpu_bench",
            "imbalance": "benchmarks.imbalance_bench", "warmstart": "benchmarks.warmstart_bench",
            "growth": "benchmarks.growth_bench", "imagesize": "benchmarks.imagesize_bench",
-           "ddp": "benchmarks.ddp_bench"}
+           "ddp": "benchmarks.ddp_bench",
+           "audit": "benchmarks.audit_bench"}
 
 
 def machine() -> str:
