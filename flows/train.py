@@ -206,13 +206,15 @@ def export_model(run: runs.NightRun, int8: bool, int8_cfg: Int8Config) -> Export
 @task(cache_policy=NONE, **IO_RETRIES)
 def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunMetrics, data: dict[str, Any],
             champion: ChampionRef | None, faceset: FaceSet, drift: DriftReport | None, night_cfg: NightConfig,
-            warnings: list[str]) -> night.Published:
-    """Upload the version (report, decision, checkpoint, model if promoted); move champion.json, then latest.json.
-    ``warnings``: the informing steps that failed so far, for the top of report.md."""
+            warnings: list[str], score: night.ChampionScore | None = None) -> night.Published:
+    """Upload the version (report, decision, checkpoint, model if promoted, the test images candidate and champion
+    disagree on); move champion.json, then latest.json. ``warnings``: the informing steps that failed so far, for
+    the top of report.md."""
     store = open_store(location)
     informed = Warnings(warnings)
+    changed = night.what_changed(run.run_dir, score, faceset, run.version, informed)
     files, body, stuck = night.night_files(run.run_dir, decision, metrics.to_dict(), data, store, champion, night_cfg,
-                                           drift, informed)
+                                           drift, informed, [changed])
     result = night.publish(store, files, decision, metrics.to_dict(), champion, faceset, body)
     runs.mark_published(run.run_dir, result.version, result.promoted)
     return dataclasses.replace(result, warnings=informed.items, stuck=stuck)
@@ -252,7 +254,8 @@ def publish_plots(location: str, result: night.Published, warnings: Warnings, li
     which no browser can reach, gets their paths."""
     store = open_store(location)
     titles = {"history.png": "learning curves", "confusion_matrix.png": "confusion matrix (test)",
-              "versions.png": "test accuracy across the last versions"}
+              "versions.png": "test accuracy across the last versions",
+              "disagreements.png": "test images the candidate and the champion disagree on"}
     links = {name: warnings.attempt(f"presigned link to {name}", store.link, version_key(result.version, name),
                                       link_seconds)
              for name in night.PLOTS if name in result.uris}
@@ -381,7 +384,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         lease.ensure()  # a worker whose lease was taken over publishes nothing (champion.json is swapped anyway)
         result = publish(location, run, decision, metrics,
                          {**night.report_counts(report.to_dict(), metrics.to_dict()), "training start": begin.summary()},
-                         champion, report.faceset, drift, night_cfg, [*informed.items, *metrics.warnings])
+                         champion, report.faceset, drift, night_cfg, [*informed.items, *metrics.warnings], score)
     informed = Warnings(result.warnings)  # every warning so far, the publish task's own included
     publish_artifacts(location, result, metrics, decision, score, informed, night_cfg.link_seconds)
     if informed.items != result.warnings:  # report.md went up before these: publish it again with them

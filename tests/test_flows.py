@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, LENIENT, onnx_accuracy, put_local_faces, tree, upload_faces
+from PIL import Image
+from conftest import FAST, LENIENT, onnx_accuracy, put_local_faces, tree, twin_images, upload_faces
 
+from faceclf.dataset.manifest import read_manifest
 from faceclf.devtools.sample import generate_sample_faces
 from faceclf.store import registry
 from faceclf.store.objects import open_store
@@ -83,12 +86,32 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
     # of 1e-7, i.e. its random initialisation: ~50%) is worse than the champion re-scored on the
     # same test set, and is rejected with that reason even with the absolute bars at 0; the
     # champion stays. (Shuffled labels made this flaky: a noisy test set can tie the champion.)
+    # Night 3 also brings augmented copies of night 1's images: each lands in its original's split.
     upload_faces(bucket, tmp_path / "night3", per_class=40, seed=33)
+    originals = [p for cls in ("with_mask", "without_mask") for p in sorted((tmp_path / "night1" / cls).glob("*.*"))[:4]]
+    twins = {}
+    for src in originals:
+        for kind, data in twin_images(src).items():
+            twins[f"incoming/{src.parent.name}/twin-{kind}-{src.name}"] = f"incoming/{src.parent.name}/s11-{src.name}"
+            s3_client().put_object(Bucket=bucket, Key=f"incoming/{src.parent.name}/twin-{kind}-{src.name}", Body=data)
     n3 = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0,
                **{**FAST, "epochs": 1, "learning_rate": 1e-7})
     assert not n3["promoted"]
     assert any("worse than champion" in r for r in n3["reasons"]), n3["reasons"]
-    assert "**Decision: REJECTED**" in night_artifacts()["face-night-report"].data
+    rows = {r["key"]: r for r in read_manifest(store)}
+    assert all(rows[t]["split"] == rows[o]["split"] for t, o in twins.items())
+    assert n3["ingest"]["joined_twins"] == len(twins) and n3["ingest"]["twins"]["test"] == 0
+    artifacts = night_artifacts()
+    report = artifacts["face-night-report"].data
+    assert "**Decision: REJECTED**" in report
+    # The approver sees what changed: the disagreements per class and direction, their gallery, and what the
+    # test set can detect at all.
+    assert "## What changed on the test set" in report and "champion right" in report
+    assert "detects a difference of" in report or "cannot detect" in report
+    with urllib.request.urlopen(artifacts["face-disagreements"].data, timeout=30) as reply:
+        gallery = Image.open(io.BytesIO(reply.read()))
+        gallery.verify()
+    assert store.exists(registry.version_key(n3["version"], "disagreements.png"))
     assert registry.read_champion(store) == champion_after_2
     decision = json.loads(store.get_bytes(registry.version_key(n3["version"], "decision.json")))
     assert decision["promote"] is False and decision["reasons"] == n3["reasons"]

@@ -55,11 +55,13 @@ def _hash(img: Image.Image) -> int:
 
 
 def thumbnail(img: Image.Image) -> Image.Image:
-    """The grey thumbnail of an image, THUMB_SIDE px on its longer side (never enlarged): the same whether ``img``
-    was fully decoded already (ingest checks every pixel) or is a file just opened."""
+    """The grey thumbnail of an image, THUMB_SIDE px on its longer side, small images enlarged too (a 48 px face
+    and its 72 px resize then hash alike): the same whether ``img`` was fully decoded already (ingest checks every
+    pixel) or is a file just opened."""
     grey = img.convert("L")
-    grey.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR)
-    return grey
+    scale = THUMB_SIDE / max(grey.size)
+    size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
+    return grey.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0 if scale < 0.5 else None)
 
 
 def signature_of(img: Image.Image) -> Signature:

@@ -30,6 +30,7 @@ from faceclf.dataset.cache import CacheReport, DecodedCache, cache_folder, updat
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.inform import Warnings, with_warnings
+from faceclf.nightly import disagree
 from faceclf.nightly.drift import DriftReport, measure, new_mask, spread
 from faceclf.nightly.drift import markdown as drift_markdown
 from faceclf.nightly.gate import Decision
@@ -65,8 +66,9 @@ log = logging.getLogger(__name__)
 BUCKET_ENV = "FACECLF_BUCKET"
 DRIFT_FILE = "drift.json"  # the drift checks of a night (faceclf.nightly.drift), published with the version
 PUBLISHED_FILES = ("checkpoint.pt", "metrics.json", "report.md", DECISION_FILE, "history.csv", "config.json",
-                   "history.png", "confusion_matrix.png", TEST_PREDICTIONS, "versions.png", DRIFT_FILE)
-PLOTS = ("history.png", "confusion_matrix.png", "versions.png")  # published; the night's image artifacts
+                   "history.png", "confusion_matrix.png", TEST_PREDICTIONS, "versions.png", DRIFT_FILE,
+                   disagree.GALLERY_FILE)
+PLOTS = ("history.png", "confusion_matrix.png", "versions.png", disagree.GALLERY_FILE)  # the image artifacts
 RECENT_VERSIONS = 20  # versions.png: tonight's candidate and the versions before it
 CHAMPION_DIR = ".champion"  # under runs/: the champion's model (sha256-checked), fetched once for the re-score
                             # before training and the drift check, and kept while it stays the champion
@@ -157,6 +159,7 @@ def nothing_new(faceset: FaceSet, latest: dict[str, Any] | None, min_new_images:
 def skipped_report(reason: str, ingest: dict[str, Any], champion: ChampionRef | None) -> str:
     """report.md of a night that ended after ingest: why, what ingest saw, the champion left as it was."""
     rows = [f"| ingest: {k} | {ingest.get(k)} |" for k in ("listed", "new", "skipped", "duplicates", "quarantined")]
+    rows += [f"| {k} | {v} |" for k, v in twin_lines(ingest).items()]
     return "\n".join([
         "# faceclf night: nothing new", "", "**Decision: SKIPPED**", "", f"- {reason}",
         f"- Champion: {champion.version if champion else 'none'} (unchanged)", "",
@@ -311,13 +314,29 @@ def recent_versions(store: Store, version: str, decision: Decision) -> list[dict
     return rows
 
 
+def what_changed(run_dir: Path, score: ChampionScore | None, faceset: FaceSet, version: str,
+                 warnings: Warnings) -> str:
+    """The report section on the test images candidate and champion disagree on (per class, both directions) and
+    their gallery, run_dir/disagreements.png; "" without a champion scored image by image. Only informs."""
+    if score is None or not score.predicted or not (run_dir / TEST_PREDICTIONS).is_file():
+        return ""
+    rows = warnings.attempt("test disagreements", disagree.disagreements, run_dir / TEST_PREDICTIONS,
+                            score.predicted, faceset)
+    if rows is None:
+        return ""
+    warnings.attempt("disagreement gallery (disagreements.png)", disagree.disagreement_gallery, rows,
+                     run_dir / disagree.GALLERY_FILE)
+    return warnings.attempt("disagreement section of the report", disagree.disagreement_markdown, rows, version,
+                            score.version) or ""
+
+
 def night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data: dict[str, Any], store: Store,
                 champion: ChampionRef | None, cfg: NightConfig, drift: DriftReport | None = None,
-                warnings: Warnings | None = None) -> tuple[dict[str, Path], str, list[str]]:
-    """Write decision.json, versions.png and report.md (stuck pipeline and drift sections, when they apply, and
-    a block of ``warnings`` under its title) next to the run's outputs; return every file to publish, the report
-    without its warnings block, and why the pipeline is stuck (faceclf.nightly.stuck). The versions plot, the
-    stuck check and the drift section only inform: their failures join ``warnings``."""
+                warnings: Warnings | None = None, sections: Sequence[str] = ()) -> tuple[dict[str, Path], str, list[str]]:
+    """Write decision.json, versions.png and report.md (stuck pipeline and drift sections, when they apply, then
+    ``sections``, and a block of ``warnings`` under its title) next to the run's outputs; return every file to
+    publish, the report without its warnings block, and why the pipeline is stuck (faceclf.nightly.stuck). The
+    versions plot, the stuck check and the drift section only inform: their failures join ``warnings``."""
     warnings = warnings if warnings is not None else Warnings()
     version = metrics["version"]
     write_json_atomic(run_dir / DECISION_FILE, decision.to_dict())
@@ -329,6 +348,7 @@ def night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data
     body = render_report(version, metrics["classes"], metrics, decision.to_dict(), data, stuck)
     if drift is not None:
         body += "\n" + (warnings.attempt("drift section of the report", drift_markdown, drift) or "")
+    body += "".join("\n" + s for s in sections if s)
     write_text_atomic(run_dir / "report.md", with_warnings(body, warnings.items))
     files = {name: run_dir / name for name in PUBLISHED_FILES}
     if decision.promote:
@@ -377,8 +397,19 @@ def amend_report(store: Store, run_dir: Path, published: Published, warnings: Wa
     return report
 
 
+def twin_lines(ingest: dict[str, Any]) -> dict[str, Any]:
+    """The near-duplicate counts of a night's data table: new images placed with a twin, and the test images that
+    still have a train twin (placed before near-duplicates decided the split; `faceclf resplit` moves them)."""
+    twins = ingest.get("twins") or {}
+    leak = twins.get("test", 0)
+    return {"ingest: joined a near-duplicate's split": ingest.get("joined_twins", 0),
+            "test images with a near-duplicate in train": (f"{leak} (the test accuracy partly measures memory: "
+                                                            "run `faceclf resplit`)" if leak else 0)}
+
+
 def report_counts(ingest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """The counts the report's data table shows: what ingest did tonight, and the images per split used."""
     counts = {f"ingest: {k}": ingest.get(k) for k in ("listed", "new", "skipped", "duplicates", "quarantined")}
+    counts.update(twin_lines(ingest))
     counts.update({f"{s} images": n for s, n in metrics["data"]["counts"].items()})
     return counts
