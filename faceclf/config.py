@@ -121,6 +121,13 @@ LEASE_SECONDS = 900                   # the bucket lease (models/face/lease.json
                                       # `models promote` holds lasts this long unless renewed (every third of it):
                                       # a worker that dies blocks the next one for at most this long. Hosts' clocks
                                       # must agree to well within it (NTP does)
+LABEL_AUDITS = ("report", "exclude", "off")
+LABEL_AUDIT = "report"                # the champion audits the labels of each night's new images (confident learning,
+                                      # faceclf.nightly.audit): "report" lists the suspects (label_audit.csv, gallery,
+                                      # report), "exclude" also leaves every recorded suspect out of train and val
+                                      # (never test: filtering test by a model's opinion flatters that model),
+                                      # "off" skips it. `python3 -m benchmarks --only audit` (README): precision 1.00,
+                                      # recall 0.83-0.92 on face-mask with 5-20% of the labels flipped
 LINK_SECONDS = 24 * 3600              # presigned links in a night's artifacts work this long: the morning's readers
                                       # have them, the next night publishes fresh ones, a leaked one soon dies
 
@@ -453,9 +460,12 @@ class NightConfig:
     warm_max_new_share: float = WARM_MAX_NEW_SHARE
     lease_seconds: int = LEASE_SECONDS
     link_seconds: int = LINK_SECONDS
+    label_audit: str = LABEL_AUDIT    # one of LABEL_AUDITS
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "stuck_after")
+        if self.label_audit not in LABEL_AUDITS:
+            raise ValueError(f"label_audit must be one of {LABEL_AUDITS}, got {self.label_audit!r}")
         require_at_least(self, 3, "lease_seconds")
         if not 1 <= self.link_seconds <= 7 * 24 * 3600:  # SigV4 presigned URLs live at most 7 days
             raise ValueError(f"link_seconds must be in [1, 604800] (7 days), got {self.link_seconds}")

@@ -123,6 +123,21 @@ def check_drift(location: str, report: IngestReport, face_dir: str, cfg: dict[st
                              RunConfig.from_dict(cfg).data, champion, run.run_dir, drift_cfg)
 
 
+@task(cache_policy=NONE, **IO_RETRIES)
+def audit_labels(location: str, report: IngestReport, champion: ChampionRef | None, runs_dir: str,
+                 mode: str) -> night.LabelAudit:
+    """The champion's audit of tonight's new labels (confident learning); suspects recorded in the bucket."""
+    return night.audit_new_labels(open_store(location), report.faceset, report.new_sha256, report.new_keys, champion,
+                                  Path(runs_dir), mode)
+
+
+@task(cache_policy=NONE, **IO_RETRIES)
+def leave_out_suspects(location: str, faceset: FaceSet,
+                       labels: night.LabelAudit) -> tuple[FaceSet, night.LabelAudit]:
+    """label_audit=exclude: the face set without every train/val image an audit flagged (test keeps its images)."""
+    return night.without_suspects(open_store(location), faceset, labels)
+
+
 @task(cache_policy=NONE)
 def train_candidate(location: str, faceset: FaceSet, face_dir: str, run: runs.NightRun, cfg: dict[str, Any]) -> RunMetrics:
     """Train on the FaceSet's train/val from the decoded cache (or continue from last.pt), evaluate on test;
@@ -206,15 +221,17 @@ def export_model(run: runs.NightRun, int8: bool, int8_cfg: Int8Config) -> Export
 @task(cache_policy=NONE, **IO_RETRIES)
 def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunMetrics, data: dict[str, Any],
             champion: ChampionRef | None, faceset: FaceSet, drift: DriftReport | None, night_cfg: NightConfig,
-            warnings: list[str], score: night.ChampionScore | None = None) -> night.Published:
+            warnings: list[str], score: night.ChampionScore | None = None,
+            labels: night.LabelAudit | None = None) -> night.Published:
     """Upload the version (report, decision, checkpoint, model if promoted, the test images candidate and champion
     disagree on); move champion.json, then latest.json. ``warnings``: the informing steps that failed so far, for
     the top of report.md."""
     store = open_store(location)
     informed = Warnings(warnings)
+    audited = night.audit_section(run.run_dir, labels, informed)
     changed = night.what_changed(run.run_dir, score, faceset, run.version, informed)
     files, body, stuck = night.night_files(run.run_dir, decision, metrics.to_dict(), data, store, champion, night_cfg,
-                                           drift, informed, [changed])
+                                           drift, informed, [audited, changed])
     result = night.publish(store, files, decision, metrics.to_dict(), champion, faceset, body)
     runs.mark_published(run.run_dir, result.version, result.promoted)
     return dataclasses.replace(result, warnings=informed.items, stuck=stuck)
@@ -255,6 +272,7 @@ def publish_plots(location: str, result: night.Published, warnings: Warnings, li
     store = open_store(location)
     titles = {"history.png": "learning curves", "confusion_matrix.png": "confusion matrix (test)",
               "versions.png": "test accuracy across the last versions",
+              "label_audit.png": "new images whose label the champion contradicts",
               "disagreements.png": "test images the candidate and the champion disagree on"}
     links = {name: warnings.attempt(f"presigned link to {name}", store.link, version_key(result.version, name),
                                       link_seconds)
@@ -310,7 +328,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
           approval_timeout: int = _NIGHT.approval_timeout, fail_on_drift: bool = _DRIFT.fail_on_drift,
           drift_class_shift: float = _DRIFT.class_shift, drift_size_ks: float = _DRIFT.size_ks,
           drift_brightness_ks: float = _DRIFT.brightness_ks,
-          drift_accuracy_drop: float = _DRIFT.accuracy_drop) -> dict[str, Any]:
+          drift_accuracy_drop: float = _DRIFT.accuracy_drop, label_audit: str = _NIGHT.label_audit) -> dict[str, Any]:
     """One night: ingest new images, train a candidate, gate it against the champion, publish.
 
     ``bucket``: an S3 bucket name (default $FACECLF_BUCKET) or a local folder with the same layout.
@@ -331,6 +349,9 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     Before training, tonight's new images are compared with the train split already held (class balance,
     image size, brightness) and the champion is scored on them; what moved beyond the ``drift_*`` thresholds
     is flagged in the report, and ``fail_on_drift`` stops the night before training.
+    ``label_audit``: report (default) lists the new images whose label the champion contradicts (label_audit.csv,
+    a gallery, a report section; the suspects are recorded in datasets/face/label_suspects.jsonl), exclude also
+    leaves every recorded suspect out of train and val, off skips the audit.
     A failed, crashed or rejected night sends a notification (flows/notify.py: $FACECLF_NOTIFY_URL or the
     faceclf-notify block); a night with nothing new, or a promoted one, sends none.
     ``int8`` also publishes model.int8.onnx with a promoted model, where it agrees with the fp32 model on at
@@ -342,7 +363,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     drift_cfg = DriftConfig(drift_class_shift, drift_size_ks, drift_brightness_ks, drift_accuracy_drop,
                             fail_on_drift=fail_on_drift)
     night_cfg = NightConfig(min_new_images, force, allow_new_classes, warm_start, warm_epochs, int8, approval,
-                            approval_timeout, warm_max_new_share=warm_max_new_share)
+                            approval_timeout, warm_max_new_share=warm_max_new_share, label_audit=label_audit)
     run_cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
                              conv_channels=conv_channels, learning_rate=learning_rate, class_weighting=class_weighting,
                              workers=workers, ray_address=ray_address)
@@ -357,17 +378,24 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         if reason and runs.find_pending_run(Path(runs_dir), None, report.faceset.fingerprint()) is None:
             return skip_night(reason, report, champion, finished)  # nothing to resume either: no re-score
         score = rescore_champion(location, champion, report.faceset, runs_dir)  # for the start rule and the gate
+        faceset = report.faceset  # what trains: without the audit's suspects when label_audit=exclude
+        if night_cfg.label_audit == "exclude":  # then the audit decides the training set: its failure fails the night
+            labels = audit_labels(location, report, champion, runs_dir, night_cfg.label_audit)
+            faceset, labels = leave_out_suspects(location, faceset, labels)
+        else:
+            labels = informed.attempt("label audit", audit_labels, location, report, champion, runs_dir,
+                                      night_cfg.label_audit)
         begin = choose_start(location, night_cfg, gate, champion, report.faceset, score)
         if begin.warm:  # an "auto" size becomes the champion's: its weights fit that size only
-            run_cfg = night.warm_start(run_cfg, champion, report.faceset, night_cfg.warm_epochs, open_store(location))
-        run_cfg = resolve_image_size(run_cfg, report.faceset)  # "auto" (from scratch): tonight's train images
+            run_cfg = night.warm_start(run_cfg, champion, faceset, night_cfg.warm_epochs, open_store(location))
+        run_cfg = resolve_image_size(run_cfg, faceset)  # "auto" (from scratch): tonight's train images
         cfg = run_cfg.to_dict()
-        run = find_unfinished(runs_dir, report.faceset, cfg)  # the start is part of the config a rerun matches
+        run = find_unfinished(runs_dir, faceset, cfg)  # the start is part of the config a rerun matches
         if run is None:
             if reason:
                 return skip_night(reason, report, champion, finished)
-            run = start_run(runs_dir, report.faceset, cfg, begin)
-        cache = None if run.trained else refresh_cache(location, face_dir, report.faceset, cfg)
+            run = start_run(runs_dir, faceset, cfg, begin)
+        cache = None if run.trained else refresh_cache(location, face_dir, faceset, cfg)
         drift = None
         if not run.trained and drift_cfg.fail_on_drift:  # then the drift check decides: its failure fails the night
             drift = check_drift(location, report, face_dir, cfg, champion, run, drift_cfg)
@@ -375,7 +403,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
                 raise DriftDetected("the new images drifted (fail_on_drift=true, nothing trained): " + "; ".join(drift.flags))
         elif not run.trained:
             drift = informed.attempt("drift check", check_drift, location, report, face_dir, cfg, champion, run, drift_cfg)
-        metrics = train_candidate(location, report.faceset, face_dir, run, cfg)
+        metrics = train_candidate(location, faceset, face_dir, run, cfg)
         decision = gate_candidate(metrics, gate, score, run)
         if decision.promote and night_cfg.approval:
             decision = ask_approval(decision, run.version, night_cfg.approval_timeout)
@@ -384,7 +412,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         lease.ensure()  # a worker whose lease was taken over publishes nothing (champion.json is swapped anyway)
         result = publish(location, run, decision, metrics,
                          {**night.report_counts(report.to_dict(), metrics.to_dict()), "training start": begin.summary()},
-                         champion, report.faceset, drift, night_cfg, [*informed.items, *metrics.warnings], score)
+                         champion, faceset, drift, night_cfg, [*informed.items, *metrics.warnings], score, labels)
     informed = Warnings(result.warnings)  # every warning so far, the publish task's own included
     publish_artifacts(location, result, metrics, decision, score, informed, night_cfg.link_seconds)
     if informed.items != result.warnings:  # report.md went up before these: publish it again with them
@@ -399,7 +427,9 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
             "test_accuracy": metrics.test["accuracy"], "ingest": report.to_dict(), "uris": result.uris,
             "champion": result.champion, "resumed": run.resume, "skipped": False, "start": begin.to_dict(),
             "decoded_cache": dataclasses.asdict(cache) if cache else None,
-            "int8": exported.int8 if exported else None, "finished_publish": finished, "warnings": informed.items}
+            "int8": exported.int8 if exported else None, "finished_publish": finished, "warnings": informed.items,
+            "label_audit": ({"mode": labels.mode, "audited": labels.audited, "flagged": len(labels.rows),
+                             "excluded": labels.excluded, "skipped": labels.skipped} if labels else None)}
 
 
 if __name__ == "__main__":

@@ -94,7 +94,15 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
         for kind, data in twin_images(src).items():
             twins[f"incoming/{src.parent.name}/twin-{kind}-{src.name}"] = f"incoming/{src.parent.name}/s11-{src.name}"
             s3_client().put_object(Bucket=bucket, Key=f"incoming/{src.parent.name}/twin-{kind}-{src.name}", Body=data)
-    n3 = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0,
+    # ... and 8 faces uploaded under the wrong class, which the champion's label audit should list and, with
+    # label_audit=exclude, leave out of train and val.
+    generate_sample_faces(tmp_path / "flipped", per_class=4, size=48, seed=44)
+    flipped = {}
+    for p in sorted((tmp_path / "flipped").rglob("*.*")):
+        wrong = "without_mask" if p.parent.name == "with_mask" else "with_mask"
+        flipped[f"incoming/{wrong}/flipped-{p.name}"] = p.parent.name
+        s3_client().put_object(Bucket=bucket, Key=f"incoming/{wrong}/flipped-{p.name}", Body=p.read_bytes())
+    n3 = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0, label_audit="exclude",
                **{**FAST, "epochs": 1, "learning_rate": 1e-7})
     assert not n3["promoted"]
     assert any("worse than champion" in r for r in n3["reasons"]), n3["reasons"]
@@ -112,6 +120,19 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
         gallery = Image.open(io.BytesIO(reply.read()))
         gallery.verify()
     assert store.exists(registry.version_key(n3["version"], "disagreements.png"))
+    # The label audit: most flipped uploads listed with the class they really are, few others; the list is
+    # published, shown as a gallery, and its train/val images were left out of training.
+    audit_rows = list(csv.DictReader(io.StringIO(store.get_bytes(
+        registry.version_key(n3["version"], "label_audit.csv")).decode())))
+    found = [r for r in audit_rows if r["key"] in flipped]
+    assert len(found) >= 6 and len(audit_rows) - len(found) <= 2, audit_rows
+    assert all(r["suggested_class"] == flipped[r["key"]] for r in found)
+    assert n3["label_audit"]["audited"] == n3["ingest"]["new"] and n3["label_audit"]["flagged"] == len(audit_rows)
+    flagged_rows = [rows[r["key"]] for r in audit_rows]
+    assert n3["label_audit"]["excluded"] == sum(r["split"] != "test" for r in flagged_rows)
+    assert "## Label audit" in report
+    with urllib.request.urlopen(artifacts["face-label-audit"].data, timeout=30) as reply:
+        Image.open(io.BytesIO(reply.read())).verify()
     assert registry.read_champion(store) == champion_after_2
     decision = json.loads(store.get_bytes(registry.version_key(n3["version"], "decision.json")))
     assert decision["promote"] is False and decision["reasons"] == n3["reasons"]

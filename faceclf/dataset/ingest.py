@@ -107,11 +107,12 @@ class IngestReport:
     # the ingested face set, from the manifest (minus the missing files): what every later step takes
     faceset: FaceSet | None = field(default=None, repr=False, compare=False)
     new_sha256: list[str] = field(default_factory=list, repr=False, compare=False)  # this run's new images
+    new_keys: list[str] = field(default_factory=list, repr=False, compare=False)    # their objects, in that order
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-types view for JSON (the counts and rows; not the FaceSet nor the new images' digests)."""
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.name not in ("faceset", "new_sha256")}
+                if f.name not in ("faceset", "new_sha256", "new_keys")}
 
 
 @dataclass
@@ -397,7 +398,8 @@ def ingest(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None 
     make_tree(dest, report.classes)
     report.manifest_rows = len(ledger.manifest())
     report.faceset = from_manifest(ledger.manifest(), dest, missing)
-    report.new_sha256 = [r["sha256"] for r in ledger.new_rows if r.get("status", "ok") == "ok"]
+    fresh = [r for r in ledger.new_rows if r.get("status", "ok") == "ok"]
+    report.new_sha256, report.new_keys = [r["sha256"] for r in fresh], [r["key"] for r in fresh]
     log.info("ingest %s -> %s: listed %d, new %d (%d joined a near-duplicate's split), skipped %d, duplicates %d, "
              "quarantined %d, failed %d, restored %d, missing %d; manifest %d rows, images per class %s",
              store.uri(INCOMING.rstrip("/")), dest, report.listed, report.new, report.joined_twins, report.skipped,

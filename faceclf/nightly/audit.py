@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import warnings
@@ -30,9 +31,11 @@ from typing import Sequence
 import numpy as np
 
 from faceclf.config import ScoreConfig
+from faceclf.dataset.layout import SHA256_HEX
 from faceclf.nightly.gallery import CAPTION_CHARS, contact_sheet
 from faceclf.serving.score import OnnxModel, load_onnx_model, predict_files
 from faceclf.store.atomic import write_text_atomic
+from faceclf.store.objects import Store
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +178,56 @@ def audit_markdown(rows: Sequence[AuditRow], audited: int, limit: int = 20) -> s
              "| key | given | suggested | confidence |", "| --- | --- | --- | --- |"]
     lines += [f"| {_cell(r.key)} | {_cell(r.given)} | {_cell(r.suggested)} | {r.confidence:.2f} |" for r in shown]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The record in the bucket: every suspect ever flagged, which label_audit=exclude leaves out of training
+# ---------------------------------------------------------------------------------------------
+SUSPECTS_KEY = "datasets/face/label_suspects.jsonl"   # one JSON row per flagged image, oldest first
+
+
+def suspect_problem(row: object) -> str | None:
+    """Why a suspects row is not plain (sha256 as 64 lowercase hex; key, given, suggested as text; confidence a
+    number); None if it is. Read back from the bucket, so checked: only its sha256 is used to leave images out."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    if not isinstance(row.get("sha256"), str) or not SHA256_HEX.fullmatch(row["sha256"]):
+        return f"sha256 {row.get('sha256')!r} is not 64 lowercase hex digits"
+    if not all(isinstance(row.get(k), str) for k in ("key", "given", "suggested")):
+        return "key, given and suggested must be text"
+    if not isinstance(row.get("confidence"), (int, float)) or isinstance(row.get("confidence"), bool):
+        return f"confidence {row.get('confidence')!r} is not a number"
+    return None
+
+
+def read_suspects(store: Store) -> list[dict[str, object]]:
+    """Every recorded suspect ([] before the first); ValueError naming the line of a row not in its legal form."""
+    try:
+        text = store.get_bytes(SUSPECTS_KEY).decode("utf-8")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{store.uri(SUSPECTS_KEY)} line {n} is not valid JSON ({e}); fix or remove it") from None
+        if why := suspect_problem(row):
+            raise ValueError(f"{store.uri(SUSPECTS_KEY)} line {n}: {why}; fix or remove it")
+        rows.append(row)
+    return rows
+
+
+def record_suspects(store: Store, rows: Sequence[AuditRow], champion_version: str, now: str) -> int:
+    """Append the suspects not recorded yet (by sha256) with who judged them and when; how many were new. The
+    record is what label_audit=exclude leaves out on this and every later night."""
+    known = read_suspects(store)
+    seen = {r["sha256"] for r in known}
+    fresh = [{"sha256": r.sha256, "key": r.key, "given": r.given, "suggested": r.suggested,
+              "confidence": round(r.confidence, 4), "champion": champion_version, "at": now}
+             for r in rows if r.sha256 not in seen]
+    if fresh:
+        store.put_bytes(SUSPECTS_KEY, "".join(json.dumps(r, sort_keys=True) + "\n" for r in [*known, *fresh]).encode())
+    return len(fresh)

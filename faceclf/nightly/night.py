@@ -10,12 +10,16 @@ no step walks face/ or re-reads the champion pointer.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from faceclf.config import (
     CacheConfig,
@@ -30,7 +34,7 @@ from faceclf.dataset.cache import CacheReport, DecodedCache, cache_folder, updat
 from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.inform import Warnings, with_warnings
-from faceclf.nightly import disagree
+from faceclf.nightly import audit, disagree
 from faceclf.nightly.drift import DriftReport, measure, new_mask, spread
 from faceclf.nightly.drift import markdown as drift_markdown
 from faceclf.nightly.gate import Decision
@@ -67,8 +71,10 @@ BUCKET_ENV = "FACECLF_BUCKET"
 DRIFT_FILE = "drift.json"  # the drift checks of a night (faceclf.nightly.drift), published with the version
 PUBLISHED_FILES = ("checkpoint.pt", "metrics.json", "report.md", DECISION_FILE, "history.csv", "config.json",
                    "history.png", "confusion_matrix.png", TEST_PREDICTIONS, "versions.png", DRIFT_FILE,
-                   disagree.GALLERY_FILE)
-PLOTS = ("history.png", "confusion_matrix.png", "versions.png", disagree.GALLERY_FILE)  # the image artifacts
+                   disagree.GALLERY_FILE, "label_audit.csv", "label_audit.png")
+PLOTS = ("history.png", "confusion_matrix.png", "versions.png", disagree.GALLERY_FILE,  # the image artifacts
+         "label_audit.png")
+AUDIT_CSV, AUDIT_GALLERY = "label_audit.csv", "label_audit.png"  # the night's label audit, published with it
 RECENT_VERSIONS = 20  # versions.png: tonight's candidate and the versions before it
 CHAMPION_DIR = ".champion"  # under runs/: the champion's model (sha256-checked), fetched once for the re-score
                             # before training and the drift check, and kept while it stays the champion
@@ -235,6 +241,71 @@ def check_drift(store: Store, faceset: FaceSet, new_sha256: list[str], face_dir:
                      champion.pointer.get("test_accuracy") if champion else None)
     write_json_atomic(run_dir / DRIFT_FILE, report.to_dict())
     return report
+
+
+@dataclass(frozen=True)
+class LabelAudit:
+    """Tonight's label audit (faceclf.nightly.audit): the new images the champion says are mislabelled, how many
+    new images it judged, and how many train/val images label_audit=exclude left out (every recorded suspect)."""
+
+    mode: str                                  # NightConfig.label_audit
+    rows: tuple[audit.AuditRow, ...] = ()
+    audited: int = 0
+    excluded: int = 0
+    skipped: str | None = None                 # why no audit ran (no champion yet, nothing new, off)
+
+
+def audit_new_labels(store: Store, faceset: FaceSet, new_sha256: Sequence[str], new_keys: Sequence[str],
+                     champion: ChampionRef | None, runs_dir: Path, mode: str) -> LabelAudit:
+    """The champion's audit of tonight's new labels, thresholds from the val split with them; the suspects are
+    appended to the bucket's record (datasets/face/label_suspects.jsonl). The champion is the out-of-sample
+    judge: it never saw tonight's images. Before the first champion, or with nothing new, there is none."""
+    if mode == "off":
+        return LabelAudit(mode, skipped="label_audit=off")
+    if champion is None:
+        return LabelAudit(mode, skipped="no champion yet: no model that has not seen these images to judge them")
+    fresh = faceset.images.take(new_mask(faceset, new_sha256))
+    if not len(fresh):
+        return LabelAudit(mode, skipped="no new images")
+    key_of = dict(zip(new_sha256, new_keys))
+    _, path = fetch_champion(store, champion_dir(runs_dir) / "champion.onnx", champion)
+    rows = audit.audit_labels(path, [(key_of.get(i.sha256, i.path), i.sha256, faceset.file(i), i.label) for i in fresh],
+                              [(faceset.file(i), i.label) for i in faceset.split("val")],
+                              expected_sha256=champion.model_sha256)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    audit.record_suspects(store, rows, champion.version, now)
+    return LabelAudit(mode, tuple(rows), len(fresh))
+
+
+def without_suspects(store: Store, faceset: FaceSet, result: LabelAudit) -> tuple[FaceSet, LabelAudit]:
+    """label_audit=exclude: ``faceset`` without the train and val images any audit flagged (the bucket's record
+    and tonight's), and ``result`` counting them. Test keeps them: filtering the test split by a model's opinion
+    would flatter that model."""
+    shas = {str(r["sha256"]) for r in audit.read_suspects(store)} | {r.sha256 for r in result.rows}
+    flagged = np.isin(faceset.images.sha256s, np.array(sorted(shas), dtype="S64")) & ~faceset.images.split_mask("test")
+    if not flagged.any():
+        return faceset, result
+    log.warning("label_audit=exclude: %d train/val image(s) flagged as mislabelled are left out of training",
+                int(flagged.sum()))
+    kept = FaceSet(faceset.root, faceset.classes, faceset.images.take(~flagged), faceset.duplicates,
+                   faceset.conflicts, faceset.presplit)
+    return kept, dataclasses.replace(result, excluded=int(flagged.sum()))
+
+
+def audit_section(run_dir: Path, result: LabelAudit | None, warnings: Warnings) -> str:
+    """Write run_dir/label_audit.csv and its gallery (label_audit.png), and return the report section; "" without
+    an audit. Only informs: a failure joins ``warnings``."""
+    if result is None:
+        return ""
+    if result.skipped:
+        return f"## Label audit\n\nNot run: {result.skipped}.\n"
+    warnings.attempt("label audit file (label_audit.csv)", audit.write_audit_csv, result.rows, run_dir / AUDIT_CSV)
+    warnings.attempt("label audit gallery (label_audit.png)", audit.audit_gallery, result.rows, run_dir / AUDIT_GALLERY)
+    body = warnings.attempt("label audit section of the report", audit.audit_markdown, result.rows, result.audited) or ""
+    if result.mode == "exclude":
+        body += (f"\nlabel_audit=exclude: {result.excluded} train/val image(s) flagged tonight or on an earlier "
+                 "night were left out of training (test keeps its images).\n")
+    return body
 
 
 def champion_dir(runs_dir: Path) -> Path:
