@@ -48,11 +48,12 @@ _FILE_EXTS = frozenset(FILE_EXTENSIONS.values())
 # ---------------------------------------------------------------------------------------------
 # Reading and writing
 # ---------------------------------------------------------------------------------------------
-def _read_jsonl(store: Store, key: str, problem: Callable[[dict[str, Any]], str | None]) -> list[dict[str, Any]]:
+def read_jsonl(store: Store, key: str, problem: Callable[[dict[str, Any]], str | None],
+               required: tuple[str, ...] = ("key", "etag", "size"), writer: str = "ingest") -> list[dict[str, Any]]:
     """Rows of a JSON-lines object; [] if it does not exist. A bad line stops the run (never rewritten).
 
-    Every line must be a JSON object with key, etag and size (checked first, line by line); then the first
-    row for which ``problem`` gives a reason stops the run, naming its line.
+    Every line must be a JSON object with the ``required`` fields (checked first, line by line); then the first
+    row for which ``problem`` gives a reason stops the run, naming its line (only ``writer`` writes the object).
     """
     try:
         text = store.get_bytes(key).decode("utf-8")
@@ -66,13 +67,14 @@ def _read_jsonl(store: Store, key: str, problem: Callable[[dict[str, Any]], str 
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{store.uri(key)} line {n} is not valid JSON ({e}); fix or remove that line") from None
-        if not isinstance(row, dict) or not {"key", "etag", "size"} <= row.keys():
-            raise ValueError(f"{store.uri(key)} line {n} is not an object with key, etag and size: {line[:200]!r}")
+        if not isinstance(row, dict) or not set(required) <= row.keys():
+            raise ValueError(f"{store.uri(key)} line {n} is not an object with {', '.join(required[:-1])} and "
+                             f"{required[-1]}: {line[:200]!r}")
         if illegal is None and (why := problem(row)):
             illegal = n, why
         rows.append(row)
     if illegal:
-        raise ValueError(f"{store.uri(key)} line {illegal[0]}: {illegal[1]}. Only ingest writes this file, so a row "
+        raise ValueError(f"{store.uri(key)} line {illegal[0]}: {illegal[1]}. Only {writer} writes this file, so a row "
                          "in any other form means a mistaken or compromised writer; nothing was written or removed. "
                          "Fix or remove that line (or restore the file from a backup)")
     return rows
@@ -144,13 +146,13 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
 def read_manifest(store: Store) -> list[dict[str, Any]]:
     """All manifest rows ("ok" images, "duplicate" and "conflict" records), in ingest order; ValueError naming
     the line if one is not in its legal form (``row_problem``)."""
-    return _read_jsonl(store, MANIFEST_KEY, row_problem)
+    return read_jsonl(store, MANIFEST_KEY, row_problem)
 
 
 def read_quarantine(store: Store) -> list[dict[str, Any]]:
     """All quarantine rows (key, etag, size, reason, at; conflicts also sha256 and class; unknown classes
     ``kind`` "unknown_class"), oldest first."""
-    return _read_jsonl(store, QUARANTINE_KEY, quarantine_problem)
+    return read_jsonl(store, QUARANTINE_KEY, quarantine_problem)
 
 
 def write_manifest(store: Store, rows: Iterable[dict[str, Any]]) -> None:

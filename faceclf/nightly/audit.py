@@ -32,6 +32,7 @@ import numpy as np
 
 from faceclf.config import ScoreConfig
 from faceclf.dataset.layout import SHA256_HEX
+from faceclf.dataset.manifest import read_jsonl
 from faceclf.nightly.gallery import CAPTION_CHARS, contact_sheet
 from faceclf.serving.score import OnnxModel, load_onnx_model, predict_files
 from faceclf.store.atomic import write_text_atomic
@@ -202,22 +203,7 @@ def suspect_problem(row: object) -> str | None:
 
 def read_suspects(store: Store) -> list[dict[str, object]]:
     """Every recorded suspect ([] before the first); ValueError naming the line of a row not in its legal form."""
-    try:
-        text = store.get_bytes(SUSPECTS_KEY).decode("utf-8")
-    except FileNotFoundError:
-        return []
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{store.uri(SUSPECTS_KEY)} line {n} is not valid JSON ({e}); fix or remove it") from None
-        if why := suspect_problem(row):
-            raise ValueError(f"{store.uri(SUSPECTS_KEY)} line {n}: {why}; fix or remove it")
-        rows.append(row)
-    return rows
+    return read_jsonl(store, SUSPECTS_KEY, suspect_problem, ("sha256", "key"), "the night's label audit")
 
 
 def record_suspects(store: Store, rows: Sequence[AuditRow], champion_version: str, now: str) -> int:
