@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Generic, Hashable, Iterable, Iterator, TypeVar
 
+import numpy as np
 from PIL import Image
 
 SIGNATURE_BITS = 64
@@ -122,7 +123,7 @@ class NearIndex(Generic[K]):
         self.distance = distance
         self._chunks = chunk_masks(distance)
         self._tables: list[defaultdict[int, list[int]]] = [defaultdict(list) for _ in self._chunks]
-        self._sigs: list[int] = []
+        self._sigs = np.zeros(1024, dtype=np.uint64)   # (capacity,): entry i's hash at [i], doubled when full
         self._keys: list[K] = []
 
     def __len__(self) -> int:
@@ -130,21 +131,27 @@ class NearIndex(Generic[K]):
 
     def add(self, sig: int, key: K) -> None:
         """Index ``sig`` under ``key`` (a key may be added with several signatures, a signature under several keys)."""
-        i = len(self._sigs)
-        self._sigs.append(sig)
+        i = len(self._keys)
+        if i == len(self._sigs):
+            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
+        self._sigs[i] = sig
         self._keys.append(key)
         for table, (shift, mask) in zip(self._tables, self._chunks):
             table[(sig >> shift) & mask].append(i)
 
     def within(self, sig: int) -> Iterator[tuple[int, K]]:
-        """(distance, key) of every entry within ``distance`` bits of ``sig``, each once, in the order added."""
-        seen: set[int] = set()
-        for table, (shift, mask) in zip(self._tables, self._chunks):
-            seen.update(table.get((sig >> shift) & mask, ()))
-        for i in sorted(seen):
-            d = hamming(sig, self._sigs[i])
-            if d <= self.distance:
-                yield d, self._keys[i]
+        """(distance, key) of every entry within ``distance`` bits of ``sig``, each once, in the order added.
+
+        Face hashes cluster (at 100,000 generated faces ~240 entries share a chunk with a query, not the ~12 of
+        uniform hashes), so the candidates are compared in one numpy step, not one Python call each."""
+        buckets = [b for table, (shift, mask) in zip(self._tables, self._chunks)
+                   if (b := table.get((sig >> shift) & mask))]
+        if not buckets:
+            return
+        candidates = np.unique(np.concatenate([np.asarray(b, dtype=np.int64) for b in buckets]))  # sorted (M,)
+        dist = np.bitwise_count(self._sigs[candidates] ^ np.uint64(sig))                      # (M,) uint8
+        for i, d in zip(candidates[dist <= self.distance].tolist(), dist[dist <= self.distance].tolist()):
+            yield d, self._keys[i]
 
     def nearest(self, sig: int) -> tuple[int, K] | None:
         """(distance, key) of the closest entry within ``distance`` bits (the earliest added among equals); None
