@@ -19,7 +19,8 @@ MODULES = {"train": "benchmarks.train_bench", "score": "benchmarks.score_bench",
            "imbalance": "benchmarks.imbalance_bench", "warmstart": "benchmarks.warmstart_bench",
            "growth": "benchmarks.growth_bench", "imagesize": "benchmarks.imagesize_bench",
            "ddp": "benchmarks.ddp_bench",
-           "audit": "benchmarks.audit_bench"}
+           "audit": "benchmarks.audit_bench",
+           "neardup": "benchmarks.neardup_bench"}
 
 
 def machine() -> str:
