@@ -3,8 +3,9 @@
     python3 -m benchmarks --only neardup [--quick]
 
 Each candidate gives an image the hashes it is stored under and the probes it is looked up with on arrival:
-  ours             faceclf.dataset.near.signature_of as the tree has it: stores the upright ``value``, probes with
-                   ``probes`` (the centre-cropped pHash of a 64 px thumbnail, rotated by each of PROBE_DEGREES)
+  ours             faceclf.dataset.near.signature_of as the tree has it: stores the upright ``value`` (the pHash of
+                   the centre of a 64 px thumbnail) and probes with it within d, and with ``probes`` (rotated by
+                   each of PROBE_DEGREES, mirrored, centre crops at CROP_SHARES) within min(d, PROBE_DISTANCE)
   ours upright     the same ``value`` stored and probed alone: what the rotated probes add
   ours+mirror      ours, also probing with the mirror image's probes (a left-right flip moves pHash ~30 bits)
   phash            imagehash.phash of the full decode        dhash / whash / ahash   the same, other imagehash hashes
@@ -72,6 +73,15 @@ class Keyed:
     stored: tuple[int, ...]
     probes: tuple[int, ...]
     both_ways: bool = False
+    probe_limit: int | None = None   # probes after the first (the upright hash) count only within this many bits
+
+
+def probe_distance(k: Keyed, i: int, d: int | np.ndarray) -> int | np.ndarray:
+    """Probe ``i``'s distance ``d`` as the lookup counts it: beyond ``probe_limit`` (probes after the first) it
+    is no match at all (99), as near.lookups has it."""
+    if k.probe_limit is None or i == 0:
+        return d
+    return np.where(d <= k.probe_limit, d, 99) if isinstance(d, np.ndarray) else (d if d <= k.probe_limit else 99)
 
 
 def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
@@ -157,12 +167,14 @@ def variant_signatures(img: Image.Image) -> list[int]:
 
 def _ours(sha: str, img: Image.Image, candidates: Sequence[str]) -> dict[str, Keyed]:
     """The "ours" candidates among ``candidates`` from one ``signature_of`` (and the mirror's, if asked)."""
-    from faceclf.dataset.near import signature_of
+    from faceclf.dataset.near import PROBE_DISTANCE, signature_of
 
     sig = signature_of(img)
-    out = {"ours": Keyed(sha, (sig.value,), sig.probes), "ours upright": Keyed(sha, (sig.value,), (sig.value,))}
-    if "ours+mirror" in candidates:
-        out["ours+mirror"] = Keyed(sha, (sig.value,), (*sig.probes, *signature_of(_mirror(img)).probes))
+    out = {"ours": Keyed(sha, (sig.value,), (sig.value, *sig.probes), probe_limit=PROBE_DISTANCE),
+           "ours upright": Keyed(sha, (sig.value,), (sig.value,))}
+    if "ours+mirror" in candidates:   # the mirror's probes as well (near's probes hold one mirrored hash)
+        out["ours+mirror"] = Keyed(sha, (sig.value,), (sig.value, *sig.probes, *signature_of(_mirror(img)).probes),
+                                   probe_limit=PROBE_DISTANCE)
     return {c: k for c, k in out.items() if c in candidates}
 
 
@@ -193,7 +205,7 @@ def keyed(candidate: str, data: bytes) -> Keyed:
 
 def _one_way(later: Keyed, earlier: Keyed) -> int:
     """Bits between the later image's probes and the earlier one's stored hashes, at the closest."""
-    return min((p ^ s).bit_count() for p in later.probes for s in earlier.stored)
+    return min(probe_distance(later, i, (p ^ s).bit_count()) for i, p in enumerate(later.probes) for s in earlier.stored)
 
 
 def distance(a: Keyed, b: Keyed) -> int:
@@ -237,7 +249,8 @@ def pair_distances(items: Sequence[Keyed]) -> np.ndarray:
     probe_to = np.full((len(items), len(items)), 99, dtype=np.int64)   # [i, j]: i's probes against j's stored
     for p in range(probes.shape[1]):
         for s in range(stored.shape[1]):   # (N, N) at a time: at most N*N*8 bytes
-            probe_to = np.minimum(probe_to, np.bitwise_count(probes[:, p, None] ^ stored[None, :, s]))
+            d = np.bitwise_count(probes[:, p, None] ^ stored[None, :, s]).astype(np.int64)
+            probe_to = np.minimum(probe_to, probe_distance(items[0], p, d))
     rank = np.argsort(np.argsort([k.sha for k in items]))                  # (N,) ingest order
     dist = probe_to if items[0].both_ways else np.where(rank[:, None] > rank[None, :], probe_to, probe_to.T)
     dist = np.minimum(dist, dist.T) if items[0].both_ways else dist    # as ingest sees each pair, either index order
@@ -286,7 +299,7 @@ def write_sheets(paths: Sequence[Path], dist: np.ndarray, candidate: str, rng: r
 
 def index_faces(n: int, full: Callable[[int], bool], seed: int = 3) -> tuple[list[Keyed], list[Keyed]]:
     """("ours", "phash+variants") of ``n`` distinct generated 32 px faces. Where ``full(i)`` is false, "ours"
-    holds the stored value only (``near._hash(near.thumbnail(img))``: signature_of's value without its probes,
+    holds the stored value only (the thumbnail centre's pHash: signature_of's value without its probes,
     10x cheaper; checked equal on the first faces) and "phash+variants" is left out."""
     from faceclf.dataset import near
     from faceclf.devtools.sample import draw_face
@@ -298,11 +311,12 @@ def index_faces(n: int, full: Callable[[int], bool], seed: int = 3) -> tuple[lis
         sha = f"{i:08d}"   # arrival order: the order drawn
         if full(i) or i < 3:
             sig = near.signature_of(img)
-            if i < 3 and sig.value != near._hash(near.thumbnail(img)):
-                raise RuntimeError("near.signature_of's value is no longer _hash(thumbnail(img)): update index_faces")
-            ours.append(Keyed(sha, (sig.value,), sig.probes))
+            if i < 3 and sig.value != near.phashes([near.centre(near.thumbnail(img))])[0]:
+                raise RuntimeError("near.signature_of's value is no longer the thumbnail centre's pHash: update "
+                                   "index_faces")
+            ours.append(Keyed(sha, (sig.value,), (sig.value, *sig.probes), probe_limit=near.PROBE_DISTANCE))
         else:
-            value = near._hash(near.thumbnail(img))
+            value = near.phashes([near.centre(near.thumbnail(img))])[0]
             ours.append(Keyed(sha, (value,), (value,)))
         if full(i):
             v = tuple(variant_signatures(img))
@@ -375,7 +389,8 @@ def index_rows(label: str, images: Sequence[Keyed], misses: Sequence[Keyed], dis
     cand = candidates_compared(sigs, queries, dist)
     both = images[0].both_ways
     false_twins = statistics.mean(
-        any(index.nearest(p) is not None for p in m.probes)
+        any(index.nearest(p, m.probe_limit if i and m.probe_limit is not None else None) is not None
+            for i, p in enumerate(m.probes))
         or (both and any(plain for s in m.stored[1:] for _, (_, plain) in index.within(s))) for m in misses)
     adds = len(images[0].stored)
     lookups = len(misses[0].probes) + (adds - 1 if both else 0)

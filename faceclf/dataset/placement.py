@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from faceclf.dataset.layout import SPLITS, split_of
-from faceclf.dataset.near import NearIndex, Signature, queries
+from faceclf.dataset.near import NearIndex, Signature, lookups
 
 Sig = Signature | int | None   # a new image's full signature, a stored hash (manifest), or none known
 
@@ -89,8 +89,8 @@ def twin_groups(signatures: Sequence[Sig], distance: int) -> list[int]:
     for i, sig in enumerate(signatures):
         if sig is None:
             continue
-        for q in queries(sig):
-            for _, j in index.within(q):
+        for q, limit in lookups(sig, distance):
+            for _, j in index.within(q, limit):
                 a, b = root(i), root(j)
                 if a != b:
                     parent[max(a, b)] = min(a, b)   # the smaller index roots: the group's first image
