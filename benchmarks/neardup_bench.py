@@ -411,6 +411,47 @@ def index_rows(label: str, images: Sequence[Keyed], misses: Sequence[Keyed], dis
     ]
 
 
+def night_rows(held: Sequence[Keyed], new: Sequence[Keyed], sign_ms: float, decode_ms: float) -> list[dict]:
+    """What near-duplicate placement adds to a night that holds ``held`` images and ingests ``new``, through the
+    code a night runs (faceclf.dataset.placement): the placed images indexed from the manifest's stored hashes,
+    each new image placed (upright hash and every probe), the val/test images with a train twin counted; plus
+    signing each new image (``sign_ms``, measured above). Baseline: decoding the new images, which the night's
+    cache pays anyway (``decode_ms`` per image, PIL, the same 64 px JPEGs)."""
+    from faceclf.config import NEAR_DISTANCE, SPLIT_FRACTIONS
+    from faceclf.dataset.near import Signature
+    from faceclf.dataset.placement import Placement, twin_counts
+
+    placement = Placement(SPLIT_FRACTIONS, NEAR_DISTANCE)
+    splits = ("train", "train", "train", "train", "train", "train", "train", "train", "val", "test")
+    t0 = time.perf_counter()
+    for i, k in enumerate(held):
+        placement.add(k.sha, k.stored[0], splits[i % 10])
+    index_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for k in new:
+        placement.place(f"{int(k.sha):064x}", Signature(k.stored[0], k.probes[1:]))
+    place_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    twin_counts(((splits[i % 10], k.stored[0]) for i, k in enumerate(held)), NEAR_DISTANCE)
+    count_s = time.perf_counter() - t0
+    added = index_s + place_s + count_s + len(new) * sign_ms / 1e3
+    label = f"night: {len(held):,} held + {len(new):,} new"
+    return [
+        row(NAME, f"{label}: added", added, "s", "decoding the new images", len(new) * decode_ms / 1e3,
+            f"index {index_s:.2f} s + place {place_s:.2f} s ({place_s / len(new) * 1e6:.0f} us/img) + twin count "
+            f"{count_s:.2f} s + signing {len(new) * sign_ms / 1e3:.2f} s ({sign_ms:.2f} ms/img)"),
+    ]
+
+
+def decode_ms_per_image(datas: Sequence[bytes]) -> float:
+    """PIL decode of each image to RGB, ms per image (what a night's cache decode costs, at least)."""
+    t0 = time.perf_counter()
+    for d in datas:
+        with Image.open(io.BytesIO(d)) as img:
+            img.convert("RGB")
+    return (time.perf_counter() - t0) / len(datas) * 1e3
+
+
 def recommend(catch: dict[str, dict[str, list[float]]], false_share: dict[str, list[float]]) -> tuple[str, int, str]:
     """(candidate, distance, reason): the best mean catch over every copy among the settings whose false-twin
     share on distinct generated faces (worst size) is within FALSE_BUDGET; ties go to fewer false twins."""
@@ -516,6 +557,12 @@ def run(quick: bool = False) -> list[dict]:
         for d in sorted({best_d, 8}) if n == sizes[0] else (best_d,):  # d=8 for contrast: ~10% of entries compared
             rows += index_rows(f"index ours d={d} n={n}", ours[:n], misses[0], d, rng)
         rows += index_rows(f"index phash+variants d={best_d} n={n}", variants[: n // per_var], misses[1], best_d, rng)
+    # d. a night's added cost at each size, 1% new (the faces with probes: the first ones are new to the night)
+    for n in sizes:
+        fresh = ours[: max(1, n // 100)]
+        rows += night_rows(ours[len(fresh): len(fresh) + n], fresh, gen_secs["ours"] * 1e3, decode_ms_per_image(gen[64]))
+    big = sizes[-1] // 10  # a first night of 10% of the largest size, everything new
+    rows += night_rows([], ours[:min(big, n_var)], gen_secs["ours"] * 1e3, decode_ms_per_image(gen[64]))
     rows.append(row(NAME, "recommended", f"{cand} d<={best_d}", "", note=reason))
     return rows
 
