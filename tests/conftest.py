@@ -84,9 +84,11 @@ def bucket(s3_endpoint: str) -> str:
 
 # Night settings for flow tests: tiny images and CNN so a night trains in seconds.
 # They train from scratch (warm_start false): each night's model depends on its data alone, which the
-# gate, resume and determinism tests rely on; tests/test_warmstart.py drives warm nights.
+# gate, resume and determinism tests rely on; tests/test_warmstart.py drives warm nights. The label audit
+# (seconds a night: cleanlab's import, the champion on new and val images) is off but where a test drives it
+# (tests/test_flows.py's third night); the demo and tests/test_e2e.py run it at its default.
 FAST = {"epochs": 12, "image_size": 32, "batch_size": 16, "conv_channels": [8, 16], "learning_rate": 5e-3,
-        "warm_start": False}
+        "warm_start": False, "label_audit": "off"}
 LENIENT = {"min_accuracy": 0.75, "min_class_accuracy": 0.6}  # small test sets: ~20 images
 
 

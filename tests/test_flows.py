@@ -102,8 +102,8 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
         wrong = "without_mask" if p.parent.name == "with_mask" else "with_mask"
         flipped[f"incoming/{wrong}/flipped-{p.name}"] = p.parent.name
         s3_client().put_object(Bucket=bucket, Key=f"incoming/{wrong}/flipped-{p.name}", Body=p.read_bytes())
-    n3 = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0, label_audit="exclude",
-               **{**FAST, "epochs": 1, "learning_rate": 1e-7})
+    n3 = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0,
+               **{**FAST, "epochs": 1, "learning_rate": 1e-7, "label_audit": "exclude"})
     assert not n3["promoted"]
     assert any("worse than champion" in r for r in n3["reasons"]), n3["reasons"]
     rows = {r["key"]: r for r in read_manifest(store)}

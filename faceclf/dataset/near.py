@@ -31,7 +31,8 @@ from PIL import Image, ImageOps
 SIGNATURE_BITS = 64
 THUMB_SIDE = 64                        # px, the longer side of the grey thumbnail every hash is taken from
 CENTRE_SHARE = 0.7                     # of each side: a 10-degree rotation's empty corners stay outside it
-PROBE_DEGREES = (-10, -8, -6, -4, -2, 2, 4, 6, 8, 10)  # a new image is also looked up rotated by each
+PROBE_DEGREES = tuple(d for d in range(-10, 11) if d)  # a new image is also looked up rotated by each (every
+                                       # degree: at 2-degree steps 4-9% of 3-7 degree turns stayed 4 bits off)
 CROP_SHARES = (0.63, 0.78)             # ... and at these centre shares: a 5% border crop either way round
                                        # (the crop's centre 70% is the original's 63%; the original's 78% is the
                                        # crop's 70%), and mirrored (training flips faces: a mirror twin is a leak)
