@@ -138,7 +138,7 @@ def unlink_old(dest: Path, paths: dict[str, str]) -> None:
             local_path(dest, old).unlink(missing_ok=True)
 
 
-def test_split_counts(rows: list[Row], sigs: list[Sig], distance: int) -> tuple[int, dict[str, int]]:
+def split_counts(rows: list[Row], sigs: list[Sig], distance: int) -> tuple[int, dict[str, int]]:
     """(test images, val/test images with a train twin) of manifest rows with their signatures."""
     ok = [(r["split"], s) for r, s in zip(rows, sigs) if r.get("status", "ok") == "ok"]
     return sum(split == "test" for split, _ in ok), twin_counts(ok, distance)
@@ -193,8 +193,8 @@ def resplit(store: Store, dest: str | os.PathLike[str], cfg: IngestConfig | None
     report.signed = unsigned - sum(r.get("status", "ok") == "ok" and "phash" not in r for r in rows)
     new_rows, paths = plan(rows, sigs, cfg.near_distance, now)
     report.images = sum(r.get("status", "ok") == "ok" for r in rows)
-    report.test_before, report.twins_before = test_split_counts(rows, sigs, cfg.near_distance)
-    report.test_after, report.twins_after = test_split_counts(new_rows, sigs, cfg.near_distance)
+    report.test_before, report.twins_before = split_counts(rows, sigs, cfg.near_distance)
+    report.test_after, report.twins_after = split_counts(new_rows, sigs, cfg.near_distance)
     report.moved = dict(collections.Counter(f"{old.split('/', 1)[0]}->{new.split('/', 1)[0]}" for old, new in paths.items()))
     if dry_run:
         log.info("resplit (dry run): %s", report.summary())
