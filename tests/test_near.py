@@ -206,3 +206,17 @@ def test_batched_phash_has_imagehash_bits() -> None:
     images = [draw_face(("with_mask", "without_mask")[k % 2], 64 + 8 * k, rng).convert("L") for k in range(6)]
     expected = [int(str(imagehash.phash(img)), 16) for img in images]
     assert phashes(images) == expected
+
+
+def test_the_rotated_centre_is_pils_rotation_cropped() -> None:
+    """near.rotated_centre samples only the centre, with PIL's own rotation matrix: the very pixels of rotating the
+    whole thumbnail and cropping its centre (so the hashes are those the benchmark measured)."""
+    from faceclf.dataset.near import centre, rotated_centre, thumbnail
+    from faceclf.devtools.sample import draw_face
+
+    rng = random.Random(4)
+    for k, side in enumerate((48, 64, 90, 130)):
+        thumb = thumbnail(draw_face("with_mask", side, rng).resize((side, side * 3 // 4)))   # not square either
+        for degrees in PROBE_DEGREES:
+            expected = centre(thumb.rotate(degrees, resample=Image.Resampling.BILINEAR))
+            assert rotated_centre(thumb, degrees).tobytes() == expected.tobytes(), (side, degrees)
