@@ -104,7 +104,7 @@ def assert_dest_matches_manifest(store: Store, dest: Path, cfg: IngestConfig = C
     for r in ok:
         split, cls, name = r["path"].split("/")
         assert files[r["path"]] == r["sha256"] == name.rsplit(".", 1)[0]
-        placed = replay.place(r["sha256"], from_hex(r["phash"]))
+        placed = replay.place(r["sha256"], from_hex(r["phash"]) if "phash" in r else None)  # flat: none
         assert split == r["split"] == placed.split and cls == r["class"]
         assert placed.twin is not None or split == split_of(r["sha256"], cfg.split_fractions)
         assert name.endswith({"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}[r["format"]])

@@ -220,3 +220,13 @@ def test_the_rotated_centre_is_pils_rotation_cropped() -> None:
         for degrees in PROBE_DEGREES:
             expected = centre(thumb.rotate(degrees, resample=Image.Resampling.BILINEAR))
             assert rotated_centre(thumb, degrees).tobytes() == expected.tobytes(), (side, degrees)
+
+
+def test_a_flat_image_has_no_signature_and_twins_nothing() -> None:
+    """Every one-colour image would hash alike (a degenerate pHash): none gets a signature, so two of them are no
+    twins and each is placed by its own hash; a face beside them still gets one."""
+    from faceclf.devtools.sample import draw_face
+
+    assert signature_of(Image.new("RGB", (40, 40), (200, 10, 10))) is None
+    assert signature_of(Image.new("L", (64, 48), 7)) is None
+    assert signature_of(draw_face("with_mask", 64, random.Random(1))) is not None

@@ -324,7 +324,8 @@ def sign_rows(dest: Path, rows: list[Row], pool: ThreadPoolExecutor) -> int:
 
     def sign(row: Row) -> str | None:
         try:
-            return to_hex(signature_file(local_path(dest, row["path"])).value)
+            sig = signature_file(local_path(dest, row["path"]))
+            return to_hex(sig.value) if sig else None   # a flat image has none (and is tried again next night)
         except Exception as e:  # noqa: BLE001 - a file that no longer decodes stays unsigned; training reports it
             log.warning("cannot sign %s: %s", row["path"], e)
             return None

@@ -40,6 +40,8 @@ CROP_SHARES = (0.63, 0.78)             # ... and at these centre shares: a 5% bo
 PROBE_DISTANCE = 2                     # bits a probe may differ by: each probe is another chance of a false
                                        # twin, so probes match closer than the upright hash (near_distance)
 HASH_SIDE, LOW = 32, 8                 # imagehash.phash's: DCT of a 32x32 resize, its 8x8 lowest frequencies
+FLAT_RANGE = 2                         # grey levels: a centre spanning no more than this has no signature (a blank or
+                                       # one-colour image hashes like every other one: no twin of anything)
 K = TypeVar("K", bound=Hashable)
 
 
@@ -105,19 +107,29 @@ def phashes(images: Sequence[Image.Image]) -> list[int]:
     return [int(x) for x in (bits.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)]
 
 
-def signature_of(img: Image.Image) -> Signature:
-    """The signature of an image: its upright hash and its probes."""
-    hashes = phashes(views(thumbnail(img)))
+def flat(img: Image.Image) -> bool:
+    """True when a grey image has (next to) no structure: all its pixels within FLAT_RANGE grey levels. Its pHash
+    is degenerate (every flat image hashes alike), so it has no signature and is never anyone's twin."""
+    lo, hi = img.getextrema()
+    return hi - lo <= FLAT_RANGE
+
+
+def signature_of(img: Image.Image) -> Signature | None:
+    """The signature of an image: its upright hash and its probes; None for a flat image (see ``flat``)."""
+    thumb = thumbnail(img)
+    if flat(centre(thumb)):
+        return None
+    hashes = phashes(views(thumb))
     return Signature(hashes[0], tuple(hashes[1:]))
 
 
-def signature_bytes(data: bytes) -> Signature:
+def signature_bytes(data: bytes) -> Signature | None:
     """``signature_of`` the image encoded in ``data``."""
     with Image.open(io.BytesIO(data)) as img:
         return signature_of(img)
 
 
-def signature_file(path: str | os.PathLike[str]) -> Signature:
+def signature_file(path: str | os.PathLike[str]) -> Signature | None:
     """``signature_of`` the image file at ``path``."""
     with Image.open(path) as img:
         return signature_of(img)
