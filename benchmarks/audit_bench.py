@@ -49,7 +49,7 @@ def champion(data: Path, run: Path, epochs: int | None) -> tuple[Any, Path, floa
 
     cfg = RunConfig()
     if epochs:
-        cfg.train.epochs = epochs
+        cfg.training.epochs = epochs
     faceset = discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
     metrics = train(faceset, run, cfg)
     model = export_onnx(run / "checkpoint.pt", run / "model.onnx").path

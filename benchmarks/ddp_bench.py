@@ -54,8 +54,8 @@ def _steps(rank: int, world: int, init_file: str, out: dict[str, Any]) -> None:
     tr = make_trainer(cfg, STEPS * 2 + WARMUP * 2, torch.device("cpu"), Rank(rank, world))
     start_ranks_together(tr)
     g = torch.Generator().manual_seed(rank)
-    x = torch.randint(0, 256, (cfg.train.batch_size, 3, 64, 64), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 2, (cfg.train.batch_size,), generator=g)
+    x = torch.randint(0, 256, (cfg.training.batch_size, 3, 64, 64), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 2, (cfg.training.batch_size,), generator=g)
 
     def step() -> None:
         with tr.autocast():

@@ -55,7 +55,7 @@ def train_rows(device: torch.device, n_images: int, reps: int) -> list[dict[str,
         faceset, train, _ = _load_train(faces, 64)
         _symlink_tree(tree, faceset, train.records)
         amp_cfg, fp32_cfg = _config(64, len(faceset.classes)), _config(64, len(faceset.classes))
-        fp32_cfg.train.amp = False
+        fp32_cfg.training.amp = False
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         runs = {"faceclf AMP": _faceclf_epoch(amp_cfg, train, device),
                 "faceclf fp32": _faceclf_epoch(fp32_cfg, train, device),

@@ -41,10 +41,10 @@ def run(quick: bool = False) -> list[dict]:
         for seed in seeds:
             for setting in results:
                 cfg = RunConfig()
-                cfg.train.seed = seed
+                cfg.training.seed = seed
                 cfg.data.image_size = 96 if setting == "96" else "auto"
                 if epochs:
-                    cfg.train.epochs = epochs
+                    cfg.training.epochs = epochs
                 t0 = time.perf_counter()
                 m = train_run(data, Path(tmp) / f"{setting}-{seed}", cfg)
                 results[setting].append((m["test"]["accuracy"], time.perf_counter() - t0, m["test"]["n"]))

@@ -56,9 +56,9 @@ def train_once(faceset, weighting: str, seed: int, epochs: int | None) -> dict[s
     from faceclf.training.run import train_run
 
     cfg = RunConfig()
-    cfg.train.seed, cfg.train.class_weighting = seed, weighting
+    cfg.training.seed, cfg.training.class_weighting = seed, weighting
     if epochs:
-        cfg.train.epochs = epochs
+        cfg.training.epochs = epochs
     with tempfile.TemporaryDirectory(prefix="faceclf-imbalance-run-") as run:
         t0 = time.perf_counter()
         m = train_run(faceset, run, cfg)

@@ -89,8 +89,8 @@ def _faceclf_epoch(cfg, train, device: torch.device = torch.device("cpu")) -> Ca
     from faceclf.training.fit import seed_everything
     from faceclf.training.loop import make_trainer, split_on_device, train_one_epoch
 
-    generator = seed_everything(cfg.train.seed)
-    steps = math.ceil(len(train.labels) / cfg.train.batch_size)
+    generator = seed_everything(cfg.training.seed)
+    steps = math.ceil(len(train.labels) / cfg.training.batch_size)
     tr = make_trainer(cfg, steps, device)
     train = split_on_device(train, device)
 
@@ -124,9 +124,9 @@ def _seed_epoch(cfg, folder: Path, batch_size: int = 64, device: torch.device = 
     ds = datasets.ImageFolder(str(folder), transform=_seed_transforms(cfg, train=True))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     loss_fn = nn.NLLLoss()
 
     def epoch() -> None:
@@ -149,10 +149,10 @@ def _floor_epoch(cfg, n: int, batch_size: int, channels_last: bool = False, bf16
     from faceclf.training.model import build_model
 
     s = cfg.data.image_size
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.training.seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(cfg.model).to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     forward = torch.compile(model) if compile_model else model
     loss_fn = nn.NLLLoss()
     sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
@@ -180,7 +180,7 @@ def _faceclf_arithmetic(cfg) -> tuple[bool, bool]:
     """(channels_last, bf16 autocast) as faceclf's Trainer resolves them on this CPU."""
     from faceclf.training.loop import amp_dtype_for
 
-    return cfg.train.channels_last, amp_dtype_for(torch.device("cpu"), cfg.train.amp) is not None
+    return cfg.training.channels_last, amp_dtype_for(torch.device("cpu"), cfg.training.amp) is not None
 
 
 def _bf16_works(cfg) -> tuple[bool, str]:
@@ -227,9 +227,9 @@ def bench_dataset(label: str, root: Path, image_size: int, reps: int, extra_reps
     where = f"{label}, {n} train imgs @{image_size}px"
     with tempfile.TemporaryDirectory(prefix="faceclf-seedtree-") as tmp:
         _symlink_tree(Path(tmp), faceset, train.records)
-        seed_run, n_seed = _seed_epoch(cfg, Path(tmp), cfg.train.batch_size)
+        seed_run, n_seed = _seed_epoch(cfg, Path(tmp), cfg.training.batch_size)
         faceclf_run = _faceclf_epoch(cfg, train)
-        floor_run = _floor_epoch(cfg, n, cfg.train.batch_size, channels_last, bf16)
+        floor_run = _floor_epoch(cfg, n, cfg.training.batch_size, channels_last, bf16)
         # one warm-up of each (allocator, thread pools, OS page cache for the seed's files), not counted
         for f in (faceclf_run, seed_run, floor_run):
             f()
@@ -300,7 +300,7 @@ def _seed_transforms(cfg, train: bool):
 
 
 def seed_fit_accuracy(cfg, trees: dict[str, Path]) -> float:
-    """Train the seed pipeline for cfg.train.epochs (faceclf's optimiser and one-cycle schedule, fp32),
+    """Train the seed pipeline for cfg.training.epochs (faceclf's optimiser and one-cycle schedule, fp32),
     keep the weights with the best validation loss, and return their test accuracy."""
     from torchvision import datasets
 
@@ -308,7 +308,7 @@ def seed_fit_accuracy(cfg, trees: dict[str, Path]) -> float:
 
     def loader(split: str, train: bool) -> torch.utils.data.DataLoader:
         ds = datasets.ImageFolder(str(trees[split]), transform=_seed_transforms(cfg, train))
-        return torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=train, num_workers=2)
+        return torch.utils.data.DataLoader(ds, batch_size=cfg.training.batch_size, shuffle=train, num_workers=2)
 
     @torch.no_grad()
     def loss_and_accuracy(dl) -> tuple[float, float]:
@@ -321,14 +321,14 @@ def seed_fit_accuracy(cfg, trees: dict[str, Path]) -> float:
             seen += len(y)
         return loss / seen, right / seen
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.training.seed)
     train_dl, val_dl, test_dl = loader("train", True), loader("val", False), loader("test", False)
     model = build_model(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.learning_rate,
-                                                total_steps=cfg.train.epochs * len(train_dl), pct_start=0.2)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.training.learning_rate,
+                                                total_steps=cfg.training.epochs * len(train_dl), pct_start=0.2)
     best, best_state = math.inf, None
-    for _ in range(cfg.train.epochs):
+    for _ in range(cfg.training.epochs):
         model.train()
         for x, y in train_dl:
             opt.zero_grad(set_to_none=True)
@@ -350,7 +350,7 @@ def accuracy_rows(root: Path, epochs: int | None = None) -> list[dict[str, Any]]
 
     cfg = RunConfig()
     if epochs:
-        cfg.train.epochs = epochs
+        cfg.training.epochs = epochs
     faceset = discover(root, cfg.data.split_fractions, cfg.data.decode_workers)  # the split train_run makes
     with tempfile.TemporaryDirectory(prefix="faceclf-accbench-") as tmp:
         t0 = time.perf_counter()
@@ -362,12 +362,12 @@ def accuracy_rows(root: Path, epochs: int | None = None) -> list[dict[str, Any]]
             _symlink_tree(trees[split], faceset, faceset.split(split))
         resolved = json.loads((Path(tmp) / "run" / "config.json").read_text())["data"]["image_size"]  # "auto" -> px
         model_cfg = _config(resolved, len(faceset.classes))
-        model_cfg.train.epochs = cfg.train.epochs
+        model_cfg.training.epochs = cfg.training.epochs
         t0 = time.perf_counter()
         seed_acc = seed_fit_accuracy(model_cfg, trees)
         sd_s = time.perf_counter() - t0
     fc_acc, n_test = metrics["test"]["accuracy"], metrics["test"]["n"]
-    where = f"face-mask, {n_test} test imgs @{resolved}px, up to {cfg.train.epochs} epochs, best val loss weights"
+    where = f"face-mask, {n_test} test imgs @{resolved}px, up to {cfg.training.epochs} epochs, best val loss weights"
     return [
         row(NAME, "test accuracy: faceclf train_run", fc_acc, "", note=f"{where}; default RunConfig "
             f"(early stop at best epoch {metrics.get('best_epoch')}); whole run {fc_s:.0f} s incl. decode"),

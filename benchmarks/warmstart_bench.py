@@ -124,12 +124,12 @@ def night(data: Path, run: Path, seed: int, epochs: int | None, init_from: Path 
     from faceclf.training.run import train_run
 
     cfg = RunConfig()
-    cfg.train.seed = seed
+    cfg.training.seed = seed
     cfg.data.image_size = image_size
     if epochs:
-        cfg.train.epochs = epochs
+        cfg.training.epochs = epochs
     if init_from:
-        cfg.train.init_from = str(init_from)
+        cfg.training.init_from = str(init_from)
     t0 = time.perf_counter()
     m = train_run(data, run, cfg)
     size = json.loads((run / "config.json").read_text())["data"]["image_size"]

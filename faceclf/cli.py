@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from faceclf.config import (
     DEVICES,
+    is_option,
     DataConfig,
     IngestConfig,
     Int8Config,
@@ -46,7 +47,7 @@ def add_config_options(p: argparse.ArgumentParser, config: type) -> list[str]:
     """
     names = []
     for f in dataclasses.fields(config):
-        if "help" not in f.metadata:
+        if not is_option(f):
             continue
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
@@ -148,13 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     """Resolve the train subcommand's options into a RunConfig (validated by the dataclasses)."""
-    names = {f.name for c in (DataConfig, ModelConfig, TrainConfig) for f in dataclasses.fields(c) if "help" in f.metadata}
+    names = {f.name for c in (DataConfig, ModelConfig, TrainConfig) for f in dataclasses.fields(c) if is_option(f)}
     return with_overrides(RunConfig(), **{n: getattr(a, n) for n in names})
 
 
 def config_from_args(config: type, a: argparse.Namespace) -> Any:
     """An instance of ``config`` with the options ``add_config_options`` added, as parsed."""
-    return config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(config) if "help" in f.metadata})
+    return config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(config) if is_option(f)})
 
 
 def _gate(metrics: dict[str, Any], a: argparse.Namespace) -> None:
@@ -173,7 +174,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
     cfg = run_config_from_args(a)
     store = None
-    if cfg.train.init_from and not Path(cfg.train.init_from).is_file() and (a.bucket or os.environ.get("FACECLF_BUCKET")):
+    if cfg.training.init_from and not Path(cfg.training.init_from).is_file() and (a.bucket or os.environ.get("FACECLF_BUCKET")):
         from faceclf.nightly.night import resolve_location
         from faceclf.store.objects import open_store
 

@@ -148,13 +148,26 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def option(default: Any, help: str, flag: str | None = None, choices: Sequence[str] | None = None,
-           parse: Any = None) -> Any:
-    """A config field that is also a command-line option: its default, help text, (optional) flag name,
-    choices and parser of the option's text (default: the type of the default value).
+           parse: Any = None, cli: bool = True) -> Any:
+    """A config field with its help text; by default also a command-line option, with an (optional) flag name,
+    choices and parser of the option's text (default: the type of the default value). ``cli=False``: a setting
+    of flows and files only (described, but no flag).
 
-    ``faceclf.cli`` builds its options from these, so the CLI never holds a copy of a default.
+    ``faceclf.cli`` builds its options from these, the flows their parameter forms and the documentation its
+    configuration reference, so none of them holds a copy of a default or a help text.
     """
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "parse": parse})
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "parse": parse,
+                                            "cli": cli})
+
+
+def setting(default: Any, help: str) -> Any:
+    """A described config field that is not a command-line option (``option(..., cli=False)``)."""
+    return option(default, help, cli=False)
+
+
+def is_option(f: dataclasses.Field) -> bool:
+    """Whether the config field ``f`` is a command-line option (declared with ``option``, not ``setting``)."""
+    return "help" in f.metadata and f.metadata.get("cli", True)
 
 
 def size_or_auto(text: str) -> int | str:
@@ -213,8 +226,8 @@ class DataConfig:
                                                          "of class folders", flag="--split")
     near_distance: int = option(NEAR_DISTANCE, "images whose perceptual hashes differ in at most this many of 64 "
                                 "bits are twins and share a split")
-    mean: tuple[float, float, float] = MEAN
-    std: tuple[float, float, float] = STD
+    mean: tuple[float, float, float] = setting(MEAN, "per-channel normalisation mean (ImageNet statistics)")
+    std: tuple[float, float, float] = setting(STD, "per-channel normalisation standard deviation")
     max_rotation_deg: float = option(MAX_ROTATION_DEG, "training augmentation: rotation up to this many degrees")
     hflip_prob: float = option(HFLIP_PROB, "training augmentation: horizontal flip probability")
     decode_workers: int = option(DECODE_WORKERS, "image decoding threads", flag="--workers")
@@ -232,9 +245,10 @@ class DataConfig:
 class ModelConfig:
     """Shape of the custom CNN; stored in every checkpoint so the model can be rebuilt."""
 
-    num_classes: int = 2
-    image_size: int = AUTO_MAX_SIZE   # set from the data's resolved image_size by every run
-    in_channels: int = 3
+    num_classes: int = setting(2, "output classes (set from the data by every run)")
+    image_size: int = setting(AUTO_MAX_SIZE, "input side in pixels (set from the data's resolved image_size by "
+                              "every run)")
+    in_channels: int = setting(3, "input colour channels")
     conv_channels: tuple[int, ...] = option(CONV_CHANNELS, "conv block widths", flag="--channels")
     fc_hidden: int = option(FC_HIDDEN, "width of the hidden fully connected layer")
     dropout: float = option(DROPOUT, "dropout before each fully connected layer")
@@ -324,7 +338,7 @@ class RunConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-types view (lists, not tuples) for JSON and checkpoints."""
@@ -332,11 +346,15 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        """Rebuild from ``to_dict`` output; unknown keys are an error, not silently dropped."""
+        """Rebuild from ``to_dict`` output; unknown keys are an error, not silently dropped. A file written
+        before the training section was named ``training`` holds it under ``train``."""
+        unknown = set(d) - {"data", "model", "training", "train"}
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}: expected data, model, training")
         return cls(
             data=DataConfig(**d.get("data", {})),
             model=ModelConfig(**d.get("model", {})),
-            train=TrainConfig(**d.get("train", {})),
+            training=TrainConfig(**d.get("training", d.get("train", {}))),
         )
 
 
@@ -344,7 +362,7 @@ def with_overrides(cfg: RunConfig, **values: Any) -> RunConfig:
     """A copy of ``cfg`` with each named field set in every part that has it (``image_size`` is both the
     data's and the model's); None keeps the default. Flow parameters and CLI options arrive this way,
     by field name, so no list of fields is kept by hand."""
-    parts = {name: dataclasses.asdict(getattr(cfg, name)) for name in ("data", "model", "train")}
+    parts = {name: dataclasses.asdict(getattr(cfg, name)) for name in ("data", "model", "training")}
     for key, value in values.items():
         owners = [p for p in parts.values() if key in p]
         if not owners:
@@ -368,13 +386,16 @@ def json_ready(obj: Any) -> Any:
 class IngestConfig:
     """Limits and parallelism of one ingest run."""
 
-    workers: int = INGEST_WORKERS
-    max_bytes: int = MAX_BYTES
-    min_side: int = MIN_SIDE
-    max_side: int = MAX_SIDE
-    max_pixels: int = MAX_PIXELS
-    allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
-    split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS
+    workers: int = setting(INGEST_WORKERS, f"download threads (at most the S3 client's {S3_POOL} pooled connections)")
+    max_bytes: int = setting(MAX_BYTES, "larger objects are refused from the listing, never downloaded")
+    min_side: int = setting(MIN_SIDE, "images with a shorter side are quarantined (too little face to learn from)")
+    max_side: int = setting(MAX_SIDE, "images with a longer side are quarantined")
+    max_pixels: int = setting(MAX_PIXELS, "decompression-bomb guard: a header claiming more pixels is quarantined "
+                              "before decoding")
+    allowed_formats: tuple[str, ...] = setting(ALLOWED_FORMATS, "formats the bytes must be (judged from the bytes, "
+                                               "never the name)")
+    split_fractions: tuple[float, float, float] = setting(SPLIT_FRACTIONS, "train / val / test shares of the "
+                                                          "content-hash space")
     near_distance: int = option(NEAR_DISTANCE, "images whose perceptual hashes differ in at most this many of 64 bits "
                                 "are twins: a new one joins its placed twin's split")
     # A new class is a decision, not an accident of an upload: without this, an image under incoming/<class>/
@@ -404,7 +425,7 @@ class Int8Config:
                                   "predicted as the fp32 model does")
     calibration_images: int = option(INT8_CALIBRATION_IMAGES, "validation images that calibrate and judge it (at most)")
     reduce_range: bool = option(INT8_REDUCE_RANGE, "7-bit weights (for CPUs without VNNI int8 instructions)")
-    batch_size: int = SCORE_BATCH_SIZE
+    batch_size: int = setting(SCORE_BATCH_SIZE, "images per ONNX Runtime call while calibrating and judging")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_agreement <= 1.0:
@@ -416,9 +437,10 @@ class Int8Config:
 class CacheConfig:
     """How decoded images are kept: shard size and decoding threads (results never depend on them)."""
 
-    shard_images: int = SHARD_IMAGES
-    decode_workers: int = DECODE_WORKERS
-    decode_in_child_above: int = DECODE_IN_CHILD_ABOVE
+    shard_images: int = setting(SHARD_IMAGES, "images per shard file")
+    decode_workers: int = setting(DECODE_WORKERS, "image decoding threads (one per usable core)")
+    decode_in_child_above: int = setting(DECODE_IN_CHILD_ABOVE, "decode this many new images or more in a fresh "
+                                         "child process, so its heap stays out of training (0: never)")
 
     def __post_init__(self) -> None:
         require_at_least(self, 0, "decode_in_child_above")
@@ -429,12 +451,16 @@ class CacheConfig:
 class DriftConfig:
     """Thresholds of the drift checks on arrival, and whether a drift stops the night before training."""
 
-    class_shift: float = DRIFT_CLASS_SHIFT
-    size_ks: float = DRIFT_SIZE_KS
-    brightness_ks: float = DRIFT_BRIGHTNESS_KS
-    accuracy_drop: float = DRIFT_ACCURACY_DROP
-    sample: int = DRIFT_SAMPLE
-    fail_on_drift: bool = False
+    class_shift: float = setting(DRIFT_CLASS_SHIFT, "flag a class whose share among the new images differs from "
+                                 "the train split's by more than this")
+    size_ks: float = setting(DRIFT_SIZE_KS, "flag image short sides whose two-sample Kolmogorov-Smirnov statistic "
+                             "exceeds this")
+    brightness_ks: float = setting(DRIFT_BRIGHTNESS_KS, "flag mean pixel values whose KS statistic exceeds this")
+    accuracy_drop: float = setting(DRIFT_ACCURACY_DROP, "flag the champion's accuracy on the new images falling "
+                                   "below its test accuracy minus this")
+    sample: int = setting(DRIFT_SAMPLE, "images per side read for brightness (evenly spread)")
+    fail_on_drift: bool = setting(False, "stop the night before training when anything drifted (default: flag it "
+                                  "in the report and train)")
 
     def __post_init__(self) -> None:
         for name in ("class_shift", "size_ks", "brightness_ks", "accuracy_drop"):
@@ -448,19 +474,26 @@ class DriftConfig:
 class NightConfig:
     """When a night trains at all."""
 
-    min_new_images: int = MIN_NEW_IMAGES
-    force: bool = False               # train even when nothing is new
-    allow_new_classes: bool = False   # a class appearing or vanishing is a deliberate change, not an accident
-    warm_start: bool | str = WARM_START  # "auto", True or False (also "true"/"false", as flow parameters arrive)
-    warm_epochs: int = WARM_EPOCHS
-    int8: bool = False                # also publish model.int8.onnx with a promoted model, where it agrees with fp32
-    approval: bool = False            # after the gate passes, wait for a person to approve before promoting
-    approval_timeout: int = APPROVAL_TIMEOUT_S
-    stuck_after: int = STUCK_AFTER
-    warm_max_new_share: float = WARM_MAX_NEW_SHARE
-    lease_seconds: int = LEASE_SECONDS
-    link_seconds: int = LINK_SECONDS
-    label_audit: str = LABEL_AUDIT    # one of LABEL_AUDITS
+    min_new_images: int = setting(MIN_NEW_IMAGES, "fewer new images than this since the last published version "
+                                  "end the night after ingest (no training, no version, champion untouched)")
+    force: bool = setting(False, "train even when nothing is new")
+    allow_new_classes: bool = setting(False, "accept a class appearing or vanishing (a deliberate change, not an "
+                                      "accident of an upload)")
+    warm_start: bool | str = setting(WARM_START, "fine-tune the champion (true), train from scratch (false), or "
+                                     "auto: cold when the champion fails the gate's bars on tonight's test split or "
+                                     "more than warm_max_new_share of the images are new to it, else warm")
+    warm_epochs: int = setting(WARM_EPOCHS, "epochs of a warm-started night")
+    int8: bool = setting(False, "also publish model.int8.onnx with a promoted model, where it agrees with fp32")
+    approval: bool = setting(False, "after the gate passes, pause until a person approves or rejects the candidate")
+    approval_timeout: int = setting(APPROVAL_TIMEOUT_S, "seconds to wait for that answer; none rejects the candidate")
+    stuck_after: int = setting(STUCK_AFTER, "this many rejected nights in a row is a stuck pipeline (said in the "
+                               "report, the notification and `faceclf models list`)")
+    warm_max_new_share: float = setting(WARM_MAX_NEW_SHARE, "warm_start auto: above this share of images new to the "
+                                        "champion, train from scratch")
+    lease_seconds: int = setting(LEASE_SECONDS, "the bucket lease a night holds lasts this long unless renewed")
+    link_seconds: int = setting(LINK_SECONDS, "presigned links in the night's artifacts work this long")
+    label_audit: str = setting(LABEL_AUDIT, "report: list new images whose label the champion contradicts; exclude: "
+                               "also leave every recorded suspect out of train and val; off: no audit")
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "stuck_after")
@@ -484,13 +517,16 @@ class NightConfig:
 class GateConfig:
     """Thresholds of the promotion gate."""
 
-    min_accuracy: float = MIN_ACCURACY
-    min_class_accuracy: float = MIN_CLASS_ACCURACY
-    tolerance: float = TOLERANCE
-    alpha: float = ALPHA
-    class_tolerance: float = CLASS_TOLERANCE
-    require_improvement: bool = False  # promote only a candidate significantly better than the champion
-    permutations: int = GATE_PERMUTATIONS
+    min_accuracy: float = setting(MIN_ACCURACY, "overall test accuracy a candidate must reach")
+    min_class_accuracy: float = setting(MIN_CLASS_ACCURACY, "test accuracy every class must reach")
+    tolerance: float = setting(TOLERANCE, "the candidate's accuracy may trail the champion's (same test images) by "
+                               "at most this much")
+    alpha: float = setting(ALPHA, "significance level: significantly worse than the champion (exact McNemar, "
+                           "p < alpha) is rejected")
+    class_tolerance: float = setting(CLASS_TOLERANCE, "no class's F1 may trail the champion's by more than this, "
+                                     "significantly (paired permutation test)")
+    require_improvement: bool = setting(False, "promote only a candidate significantly better than the champion")
+    permutations: int = setting(GATE_PERMUTATIONS, "random swaps behind each class's permutation p-value (seeded)")
 
     def __post_init__(self) -> None:
         for name in ("min_accuracy", "min_class_accuracy"):

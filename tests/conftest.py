@@ -26,7 +26,7 @@ def tiny_config(epochs: int = 4, **train: object) -> RunConfig:
     return RunConfig(
         data=DataConfig(image_size=32, decode_workers=2),
         model=ModelConfig(image_size=32, conv_channels=(8, 16), fc_hidden=32, dropout=0.1),
-        train=TrainConfig(epochs=epochs, batch_size=16, learning_rate=5e-3, patience=10, **train),
+        training=TrainConfig(epochs=epochs, batch_size=16, learning_rate=5e-3, patience=10, **train),
     )
 
 

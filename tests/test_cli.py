@@ -255,6 +255,6 @@ def test_models_list_and_promote(trained_run: Path, tmp_path: Path) -> None:
 def test_class_weighting_option_reaches_the_run_config(faces: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     faceclf("train", str(faces), "--out", str(run), "--epochs", "1", *TINY, "--class-weighting", "balanced")
-    assert json.loads((run / "config.json").read_text())["train"]["class_weighting"] == "balanced"
+    assert json.loads((run / "config.json").read_text())["training"]["class_weighting"] == "balanced"
     bad = faceclf("train", str(faces), "--out", str(tmp_path / "bad"), "--class-weighting", "inverse", check=False)
     assert bad.returncode == 2 and "--class-weighting" in bad.stderr and "invalid choice" in bad.stderr

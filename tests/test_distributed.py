@@ -64,7 +64,7 @@ def test_two_gloo_processes_through_torchrun_train_like_one(faces: Path, tmp_pat
     assert {"checkpoint.pt", "last.pt", "history.csv", "metrics.json", "history.png"} <= {p.name for p in run.iterdir()}
     assert not (run / "decoded").exists()  # the run's own decoded shards are removed once it finished
     assert len((run / "history.csv").read_text().splitlines()) == 13  # rank 0 alone wrote one row per epoch
-    assert json.loads((run / "config.json").read_text())["train"]["workers"] == 2
+    assert json.loads((run / "config.json").read_text())["training"]["workers"] == 2
 
 
 # A caller without the __main__ guard: each run of its top level adds a line to the counter file. Under

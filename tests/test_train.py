@@ -155,9 +155,9 @@ def test_resume_without_a_run_is_a_clear_error(faces: Path, tmp_path: Path) -> N
 
 def test_early_stopping_ends_a_run_that_stopped_improving(faces: Path, tmp_path: Path) -> None:
     cfg = tiny_config(epochs=10)
-    cfg.train.learning_rate = 0.0  # nothing improves after the first epoch ...
+    cfg.training.learning_rate = 0.0  # nothing improves after the first epoch ...
     cfg.model.batch_norm = False   # ... not even batch-norm running statistics
-    cfg.train.patience = 2
+    cfg.training.patience = 2
     train_run(faces, tmp_path / "run", cfg)
     assert len(_history(tmp_path / "run")) == 3  # epoch 0 is best; epochs 1 and 2 exhaust patience
 
@@ -201,7 +201,7 @@ def test_balanced_class_weighting_trains_on_an_imbalanced_set(faces: Path, tmp_p
     losses = {}
     for weighting in ("none", "balanced"):
         m = train_run(tmp_path / "data", tmp_path / weighting, tiny_config(epochs=2, class_weighting=weighting))
-        assert json.loads((tmp_path / weighting / "config.json").read_text())["train"]["class_weighting"] == weighting
+        assert json.loads((tmp_path / weighting / "config.json").read_text())["training"]["class_weighting"] == weighting
         assert load_checkpoint(tmp_path / weighting / "checkpoint.pt")["train_config"]["class_weighting"] == weighting
         assert math.isfinite(m["test"]["loss"]) and m["data"]["counts"]["train"] == sum(counts["train"].values())
         losses[weighting] = [float(r["train_loss"]) for r in _history(tmp_path / weighting)]

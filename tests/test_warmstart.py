@@ -35,14 +35,14 @@ def test_incompatibility_names_what_differs(trained_run: Path) -> None:
 def test_a_warm_start_begins_from_the_given_weights(faces: Path, trained_run: Path, tmp_path: Path) -> None:
     """One warm epoch at a learning rate too small to move anything: the model is the one it started from."""
     cfg = tiny_config(epochs=1)
-    cfg.train.learning_rate, cfg.train.init_from = 1e-12, str(trained_run / "checkpoint.pt")
+    cfg.training.learning_rate, cfg.training.init_from = 1e-12, str(trained_run / "checkpoint.pt")
     warm = train_run(faces, tmp_path / "warm", cfg)
     start = load_checkpoint(trained_run / "checkpoint.pt")
     assert warm["test"]["accuracy"] == start["metrics"]["test"]["accuracy"] >= 0.8
     cold = tiny_config(epochs=1)
-    cold.train.learning_rate = 1e-12
+    cold.training.learning_rate = 1e-12
     assert train_run(faces, tmp_path / "cold", cold)["test"]["accuracy"] < 0.8      # a random start is not
-    assert json.loads((tmp_path / "warm" / "config.json").read_text())["train"]["init_from"] == cfg.train.init_from
+    assert json.loads((tmp_path / "warm" / "config.json").read_text())["training"]["init_from"] == cfg.training.init_from
 
 
 def test_the_cli_refuses_a_warm_start_from_other_classes_with_its_reason(trained_run: Path, tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_a_warm_night_fine_tunes_the_champion_and_the_cli_warm_starts_from_a_ver
     second = train(**{**params, "warm_start": True, "warm_epochs": 2})
     store = open_store(bucket)
     config = json.loads(store.get_bytes(registry.version_key(second["version"], "config.json")))
-    assert config["train"]["init_from"] == first["version"] and config["train"]["epochs"] == 2
+    assert config["training"]["init_from"] == first["version"] and config["training"]["epochs"] == 2
     history = store.get_bytes(registry.version_key(second["version"], "history.csv")).decode()
     assert history.count("\n") == 3                                  # a header and two warm epochs
     assert second["test_accuracy"] >= 0.75
@@ -110,9 +110,9 @@ def test_a_warm_night_keeps_the_champions_image_size_when_the_size_is_auto(faces
     faceset = discover(faces, (0.8, 0.1, 0.1), 2)                    # 48 px faces: auto alone would say 48
     champion = ChampionRef(version, None, faceset.classes, {"version": version})
     cfg = warm_start(RunConfig(), champion, faceset, 3, store)
-    assert (cfg.data.image_size, cfg.model.image_size, cfg.train.init_from, cfg.train.epochs) == (32, 32, version, 3)
+    assert (cfg.data.image_size, cfg.model.image_size, cfg.training.init_from, cfg.training.epochs) == (32, 32, version, 3)
     other = ChampionRef(version, None, ("a", "b"), {"version": version})
-    assert warm_start(RunConfig(), other, faceset, 3, store).train.init_from is None   # other classes: scratch
+    assert warm_start(RunConfig(), other, faceset, 3, store).training.init_from is None   # other classes: scratch
 
 
 # Warm or cold per night (issue 23): faceclf.nightly.start.
@@ -240,7 +240,7 @@ def test_auto_nights_fine_tune_after_a_small_addition_and_start_cold_when_the_lo
     assert begin["warm"] and begin["champion"] == first["version"], begin
     assert begin["new_share"] == pytest.approx(12 / 132) and begin["champion_accuracy"] >= LENIENT["min_accuracy"]
     config = json.loads(store.get_bytes(registry.version_key(second["version"], "config.json")))
-    assert config["train"]["init_from"] == first["version"] and config["train"]["epochs"] == 3
+    assert config["training"]["init_from"] == first["version"] and config["training"]["epochs"] == 3
     assert json.loads((runs / second["version"] / "night.json").read_text())["start"] == begin
     report = store.get_bytes(registry.version_key(second["version"], "report.md")).decode()
     assert f"| training start | warm: {begin['reason']} |" in report
@@ -258,6 +258,6 @@ def test_auto_nights_fine_tune_after_a_small_addition_and_start_cold_when_the_lo
         shifted
     assert shifted["champion_accuracy"] < begin["champion_accuracy"]
     config = json.loads(store.get_bytes(registry.version_key(third["version"], "config.json")))
-    assert config["train"]["init_from"] is None and config["train"]["epochs"] == FAST["epochs"]
+    assert config["training"]["init_from"] is None and config["training"]["epochs"] == FAST["epochs"]
     assert json.loads((runs / third["version"] / "night.json").read_text())["start"]["warm"] is False
     print("small addition:", begin["reason"], "\nshifted night:", shifted["reason"])

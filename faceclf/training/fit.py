@@ -75,7 +75,7 @@ def best_payload(tr: Trainer, cfg: RunConfig, classes: list[str], epoch: int, be
         "model_state": cpu_state(tr.model),
         "model_config": cfg.to_dict()["model"],
         "data_config": cfg.to_dict()["data"],
-        "train_config": cfg.to_dict()["train"],
+        "train_config": cfg.to_dict()["training"],  # the checkpoint format's key
         "classes": list(classes),
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
@@ -142,7 +142,7 @@ def _restore(tr: Trainer, last: dict[str, Any], generator: torch.Generator) -> N
 def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit, run_dir: Path, resume: bool = False,
         version: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
         on_epoch: EpochCallback | None = None) -> FitResult:
-    """Train until cfg.train.epochs or until val loss has not improved for cfg.train.patience epochs.
+    """Train until cfg.training.epochs or until val loss has not improved for cfg.training.patience epochs.
 
     Keeps the best-val-loss weights in run_dir/checkpoint.pt and the latest state in run_dir/last.pt;
     with ``resume`` it continues from last.pt and reaches the same result as an uninterrupted run.
@@ -153,12 +153,12 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
     Under torch.distributed (torchrun, Ray Train) every rank calls this with the same arguments: each
     trains on its part of every epoch, all agree on the validation figures, rank 0 alone writes files.
     """
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.training.device)
     part = current()
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
-    generator = seed_everything(cfg.train.seed)
-    steps = math.ceil(share(len(train.labels), part) / cfg.train.batch_size)
+    if cfg.training.num_threads > 0:
+        torch.set_num_threads(cfg.training.num_threads)
+    generator = seed_everything(cfg.training.seed)
+    steps = math.ceil(share(len(train.labels), part) / cfg.training.batch_size)
     tr = make_trainer(cfg, steps, device, part)
     if init_state is not None and not resume:  # a resumed run continues from last.pt's weights
         tr.model.load_state_dict(init_state)
@@ -173,11 +173,11 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
         log.info("resuming %s at epoch %d (best val loss %.4f at epoch %d)", run_dir, start, best_val_loss, best_epoch)
     start_ranks_together(tr)
     log.info("training on %s: %d train / %d val images, %d epochs max%s", device, len(train.labels), len(val.labels),
-             cfg.train.epochs, f"; rank {part.rank} of {part.world_size}" if part.distributed else "")
-    bar = progress(range(start, cfg.train.epochs), desc="epochs", unit="epoch", initial=start, total=cfg.train.epochs,
+             cfg.training.epochs, f"; rank {part.rank} of {part.world_size}" if part.distributed else "")
+    bar = progress(range(start, cfg.training.epochs), desc="epochs", unit="epoch", initial=start, total=cfg.training.epochs,
                    disable=not part.is_main or None)
     for epoch in bar:
-        if best_epoch >= 0 and epoch - best_epoch > cfg.train.patience:
+        if best_epoch >= 0 and epoch - best_epoch > cfg.training.patience:
             break  # a resumed run that had already stopped early
         t0 = time.perf_counter()
         train_loss = train_one_epoch(tr, train, generator)
@@ -197,12 +197,12 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
                                                               best_val_loss, best_epoch))
             write_history(run_dir / "history.csv", history)
         if on_epoch is not None and part.is_main:
-            on_epoch(epoch, cfg.train.epochs, row)
+            on_epoch(epoch, cfg.training.epochs, row)
         bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_metrics['loss']:.4f}", val_acc=f"{val_metrics['accuracy']:.3f}")
         log.info("epoch %d: train_loss %.4f val_loss %.4f val_acc %.4f (%.1fs)", epoch, train_loss,
                  val_metrics["loss"], val_metrics["accuracy"], row["seconds"])
-        if epoch - best_epoch >= cfg.train.patience:
-            log.info("early stop: val loss has not improved for %d epochs", cfg.train.patience)
+        if epoch - best_epoch >= cfg.training.patience:
+            log.info("early stop: val loss has not improved for %d epochs", cfg.training.patience)
             break
     bar.close()
     if best_epoch < 0:

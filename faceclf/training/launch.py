@@ -90,7 +90,7 @@ def train_processes(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunCon
     """
     run_dir = Path(run_dir)
     cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
-    n = resolve_workers(cfg.train.workers if resume else workers, resolve_device(cfg.train.device))
+    n = resolve_workers(cfg.training.workers if resume else workers, resolve_device(cfg.training.device))
     if n == 1:
         return train_run(data, run_dir, cfg, resume=resume, version=version, cache=cache, store=store,
                          on_epoch=on_epoch)
@@ -105,9 +105,9 @@ def train_processes(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunCon
         cache = DecodedCache(run_dir / RUN_CACHE / str(preset.image_size), preset)
         cache.verify()
         cache.add(faceset, cache.missing(faceset))
-    if cfg.train.init_from and not resume:
-        cfg = with_overrides(cfg, init_from=str(resolve_init(cfg.train.init_from, store, run_dir)))
-    if resolve_device(cfg.train.device).type == "cpu" and cfg.train.num_threads == 0:
+    if cfg.training.init_from and not resume:
+        cfg = with_overrides(cfg, init_from=str(resolve_init(cfg.training.init_from, store, run_dir)))
+    if resolve_device(cfg.training.device).type == "cpu" and cfg.training.num_threads == 0:
         cfg = with_overrides(cfg, num_threads=max(1, usable_cores() // n))
     version = version or new_version()
     result = launch(n, (faceset, str(run_dir), cfg.to_dict(), resume, version, str(cache.folder)), run_dir)
@@ -203,7 +203,7 @@ def rank_main(faceset: FaceSet, run_dir: str, cfg_dict: dict[str, Any], resume: 
     from faceclf.training.distributed import init_from_env
 
     cfg = RunConfig.from_dict(cfg_dict)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.training.device)
     part = init_from_env(device)
     logging.basicConfig(level=logging.INFO if part.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {part.rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -222,14 +222,14 @@ def train(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None
     """Train the way ``cfg.train`` asks: on a Ray cluster (ray_address, or $FACECLF_RAY_ADDRESS), in
     ``workers`` DDP processes here, or in this process; returns the metrics of metrics.json."""
     cfg = cfg or RunConfig()
-    address = cfg.train.ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
+    address = cfg.training.ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
     if address:
         if resume:
             raise ValueError("--resume is not supported with a Ray address: rerun the Ray training, or resume "
                              "it on one machine without --ray-address")
         from faceclf.training.ray_train import train_on_ray
 
-        return train_on_ray(address, data, run_dir, cfg, workers=cfg.train.workers, version=version, store=store,
+        return train_on_ray(address, data, run_dir, cfg, workers=cfg.training.workers, version=version, store=store,
                             cache=cache)
-    return train_processes(data, run_dir, cfg, cfg.train.workers, resume=resume, version=version, cache=cache,
+    return train_processes(data, run_dir, cfg, cfg.training.workers, resume=resume, version=version, cache=cache,
                            store=store, on_epoch=on_epoch)

@@ -157,18 +157,18 @@ def release_memory() -> bool:
 def make_trainer(cfg: RunConfig, steps_per_epoch: int, device: torch.device, part: Rank = Rank()) -> Trainer:
     """Build model, AdamW, one-cycle schedule and AMP/memory-layout settings for ``device``; across ranks
     the model is wrapped in DistributedDataParallel for the training steps."""
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.training.channels_last else torch.contiguous_format
     if device.type == "cpu":
         reuse_freed_memory()
     model = build_model(cfg.model).to(device, memory_format=memory_format)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.train.learning_rate, total_steps=cfg.train.epochs * steps_per_epoch, pct_start=0.2
+        opt, max_lr=cfg.training.learning_rate, total_steps=cfg.training.epochs * steps_per_epoch, pct_start=0.2
     )
-    amp_dtype = amp_dtype_for(device, cfg.train.amp)
+    amp_dtype = amp_dtype_for(device, cfg.training.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # fp16 gradients underflow
     return Trainer(model, opt, sched, Preprocess.from_config(cfg.data), cfg.data.max_rotation_deg, cfg.data.hflip_prob,
-                   device, cfg.train.batch_size, amp_dtype, scaler, memory_format, cfg.train.class_weighting,
+                   device, cfg.training.batch_size, amp_dtype, scaler, memory_format, cfg.training.class_weighting,
                    part, None)
 
 

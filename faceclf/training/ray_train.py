@@ -95,8 +95,8 @@ def train_on_ray(address: str, data: FaceSet | str | Path, run_dir: str | Path, 
     try:
         if cache is None:  # the bucket's mirror is filled first: the workers read it
             cache, _ = update_cache(faceset, scratch / "face", preset, store)
-        if cfg.train.init_from:
-            cfg = with_overrides(cfg, init_from=str(resolve_init(cfg.train.init_from, store, scratch)))
+        if cfg.training.init_from:
+            cfg = with_overrides(cfg, init_from=str(resolve_init(cfg.training.init_from, store, scratch)))
         from ray.train import RunConfig as RayRunConfig
         from ray.train import ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -105,7 +105,7 @@ def train_on_ray(address: str, data: FaceSet | str | Path, run_dir: str | Path, 
         version = version or new_version()
         loop_config = {"faceset": faceset, "cfg": cfg.to_dict(), "version": version, "cache_folder": str(cache.folder),
                        "store": store.uri("") if store is not None else None,
-                       "threads": cfg.train.num_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)}
+                       "threads": cfg.training.num_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)}
         trainer = TorchTrainer(rank_loop, train_loop_config=loop_config,
                                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                                run_config=RayRunConfig(name=f"faceclf-{version}",

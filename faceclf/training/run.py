@@ -94,7 +94,7 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
 
     ``data`` is a FaceSet (the night's, from ingest) or a folder, which is hashed once into one. With
     ``cache`` (holding the FaceSet's images at the run's size) images are read from its shards through
-    memory maps instead of being decoded into memory. ``cfg.train.init_from`` (a checkpoint file, or a model
+    memory maps instead of being decoded into memory. ``cfg.training.init_from`` (a checkpoint file, or a model
     version of ``store``'s registry) warm-starts the run from those weights.
     With ``resume`` the run continues from run_dir/last.pt with run_dir/config.json (``cfg`` is ignored).
     ``version`` names the model (default: a new time-sortable version). ``on_epoch``: see ``fit``.
@@ -123,8 +123,8 @@ def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | 
     n_rejected = write_rejected(run_dir / "rejected.csv", loaded) if part.is_main else 0
     classes = list(faceset.classes)
     init = None
-    if cfg.train.init_from and not resume:
-        init = init_weights(resolve_init(cfg.train.init_from, store, run_dir), classes, cfg.model)
+    if cfg.training.init_from and not resume:
+        init = init_weights(resolve_init(cfg.training.init_from, store, run_dir), classes, cfg.model)
     result = fit(cfg, classes, loaded["train"], loaded["val"], run_dir, resume=resume, version=version,
                  init_state=init, on_epoch=on_epoch)
     if not part.is_main:
@@ -170,17 +170,17 @@ def write_test_predictions(path: Path, split: TensorSplit, predicted: torch.Tens
 def finish_run(run_dir: Path, classes: list[str], loaded: dict[str, TensorSplit], best_epoch: int, device: str) -> dict[str, Any]:
     """Re-load the best weights, measure them on val and test, and store the metrics in checkpoint.pt."""
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    cfg = RunConfig.from_dict({"data": ckpt["data_config"], "model": ckpt["model_config"], "train": ckpt["train_config"]})
-    dev = resolve_device(cfg.train.device)
+    cfg = RunConfig.from_dict({"data": ckpt["data_config"], "model": ckpt["model_config"], "training": ckpt["train_config"]})
+    dev = resolve_device(cfg.training.device)
     model, preset = model_from_checkpoint(ckpt, dev), Preprocess.from_checkpoint(ckpt)
     test = loaded["test"]
-    test_log_probs = predict_split(model, test, preset, dev, batch_size=cfg.train.batch_size)  # (N, C)
+    test_log_probs = predict_split(model, test, preset, dev, batch_size=cfg.training.batch_size)  # (N, C)
     metrics = {
         "classes": classes,
         "best_epoch": best_epoch,
         "device": device,
         "version": ckpt["version"],
-        "val": evaluate(model, loaded["val"], classes, preset, dev, batch_size=cfg.train.batch_size),
+        "val": evaluate(model, loaded["val"], classes, preset, dev, batch_size=cfg.training.batch_size),
         "test": metrics_of(test_log_probs, test.labels, classes),
     }
     write_test_predictions(run_dir / TEST_PREDICTIONS, test, test_log_probs.argmax(dim=1), classes)

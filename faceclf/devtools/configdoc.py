@@ -1,0 +1,153 @@
+"""The configuration reference (docs/pages/reference/configuration.md), generated from faceclf.config.
+
+    render() -> markdown: per section of faceclf.config.SECTIONS, its dataclass's docstring, where it is set,
+                and one row per field: name, type, default, command-line flag (where it has one), help text
+
+The documentation build writes it into the site (docs/hooks.py), so the page cannot drift from the code: a
+field added, renamed or given a new default shows there at the next build. Nothing here is hand-kept but the
+fallback list of sections below, used only where faceclf.config has no SECTIONS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import types
+import typing
+from typing import Any
+
+from faceclf import config
+
+# Where each section is set, for a faceclf.config without SECTIONS (its name -> (dataclass, where-text)).
+_FALLBACK_SECTIONS: dict[str, tuple[str, str]] = {
+    "data": ("DataConfig", "`faceclf train` options; the train flow's `data` parameter; `data` in RUN/config.json"),
+    "model": ("ModelConfig", "`faceclf train` options; the train flow's `model` parameter; `model` in RUN/config.json"),
+    "training": ("TrainConfig", "`faceclf train` options; the train flow's `training` parameter; `training` in "
+                 "RUN/config.json"),
+    "scoring": ("ScoreConfig", "`faceclf score` options; the score flow's `scoring` parameter"),
+    "ingest": ("IngestConfig", "`faceclf ingest` and `faceclf resplit` options; a night's ingest"),
+    "int8": ("Int8Config", "`faceclf export --int8` options; the train flow's `int8` parameter"),
+    "cache": ("CacheConfig", "the decoded-image cache of a night (library only)"),
+    "drift": ("DriftConfig", "the train flow's `drift` parameter"),
+    "night": ("NightConfig", "the train flow's `night` parameter"),
+    "gate": ("GateConfig", "the train flow's `gate` parameter; `faceclf train --min-accuracy / "
+             "--min-class-accuracy` exit 1 below the first two"),
+}
+
+# Defaults computed on the machine that imports faceclf.config: said as such, with this machine's value.
+_MACHINE_DEFAULTS = {"decode_workers": "one per usable core"}
+
+
+def sections() -> dict[str, tuple[type, str]]:
+    """name -> (config dataclass, where it is set): faceclf.config.SECTIONS, or the fallback list above."""
+    found = getattr(config, "SECTIONS", None)
+    if found:
+        return dict(found)
+    return {name: (getattr(config, cls), where) for name, (cls, where) in _FALLBACK_SECTIONS.items()
+            if hasattr(config, cls)}
+
+
+def is_option(f: dataclasses.Field) -> bool:
+    """Whether ``faceclf.cli`` makes a flag of this field (faceclf.config.is_option where it exists)."""
+    rule = getattr(config, "is_option", None)
+    if rule is not None:
+        return bool(rule(f))
+    return "help" in f.metadata and f.metadata.get("cli", True)
+
+
+def cli_flag(f: dataclasses.Field) -> str | None:
+    """The flag ``faceclf.cli.add_config_options`` gives this field, or None: metadata "flag", else --name with
+    _ as -; a bool that defaults to True is turned off by --no-<flag>, one that defaults to False turned on."""
+    if not is_option(f):
+        return None
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    if isinstance(f.default, bool) and f.default:
+        flag = flag.replace("--", "--no-", 1)
+    return flag
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    """The field's default value (a default_factory called), or dataclasses.MISSING."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def format_default(value: Any) -> str:
+    """A default as JSON, the form RUN/config.json and flow parameters take (tuples as lists)."""
+    if value is dataclasses.MISSING:
+        return "required"
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return json.dumps(config.json_ready(value))
+
+
+def format_type(hint: Any) -> str:
+    """``int | str``, ``tuple[int, ...]``, ``str | None``: as written in faceclf.config."""
+    if hint is type(None):
+        return "None"
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " | ".join(format_type(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is not None:
+        args = ", ".join("..." if a is Ellipsis else format_type(a) for a in typing.get_args(hint))
+        return f"{typing.get_origin(hint).__name__}[{args}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def docstring(cls: type) -> str:
+    """The dataclass's own docstring (not the signature dataclasses writes when there is none)."""
+    doc = inspect.getdoc(cls) or ""
+    return "" if doc.startswith(cls.__name__ + "(") else doc
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def field_rows(cls: type) -> list[str]:
+    """One markdown table row per field of the dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = format_default(default_of(f))
+        if f.name in _MACHINE_DEFAULTS:
+            default = f"{_MACHINE_DEFAULTS[f.name]} ({default} where this page was built)"
+        flag = cli_flag(f)
+        rows.append(f"| `{f.name}` | `{_cell(format_type(hints.get(f.name, f.type)))}` | `{_cell(default)}` | "
+                    f"{'`' + flag + '`' if flag else ''} | {_cell(f.metadata.get('help') or '')} |")
+    return rows
+
+
+def render() -> str:
+    """The configuration reference page, as markdown."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `faceclf/config.py` when the site is built (`faceclf.devtools.configdoc`), so it lists "
+        "exactly what the code has. Defaults are written as JSON, the form `RUN/config.json` and the Prefect flows' "
+        "parameters take. A flag is shown where `faceclf` has one; a bool that defaults to true is turned off by "
+        "its `--no-` flag.",
+        "",
+        "A train flow parameter group replaces that group: fields left out keep the defaults below, e.g. "
+        "`prefect deployment run train/face --param gate='{\"min_accuracy\": 0.95}' "
+        "--param training='{\"epochs\": 5}'`.",
+        "",
+    ]
+    for name, (cls, where) in sections().items():
+        lines += [f"## {name}", "", f"`faceclf.config.{cls.__name__}`", ""]
+        doc = docstring(cls)
+        if doc:
+            lines += [doc, ""]
+        lines += [f"Set by: {where}", "",
+                  "| field | type | default | flag | what it does |",
+                  "| --- | --- | --- | --- | --- |",
+                  *field_rows(cls), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render())
