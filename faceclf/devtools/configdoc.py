@@ -104,8 +104,13 @@ def docstring(cls: type) -> str:
 
 
 def _cell(text: str) -> str:
-    """Text safe inside a markdown table cell."""
+    """Text safe inside a markdown table cell (MkDocs' tables: a | in plain text is escaped, see _code)."""
     return " ".join(text.split()).replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """Text as a code span in a table cell: MkDocs' tables leave a | between backticks alone."""
+    return f"`{' '.join(text.split())}`"
 
 
 def field_rows(cls: type) -> list[str]:
@@ -113,12 +118,12 @@ def field_rows(cls: type) -> list[str]:
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        default = format_default(default_of(f))
+        default = _code(format_default(default_of(f)))
         if f.name in _MACHINE_DEFAULTS:
-            default = f"{_MACHINE_DEFAULTS[f.name]} ({default} where this page was built)"
+            default += f" ({_MACHINE_DEFAULTS[f.name]} of the machine that built this page)"
         flag = cli_flag(f)
-        rows.append(f"| `{f.name}` | `{_cell(format_type(hints.get(f.name, f.type)))}` | `{_cell(default)}` | "
-                    f"{'`' + flag + '`' if flag else ''} | {_cell(f.metadata.get('help') or '')} |")
+        rows.append(f"| {_code(f.name)} | {_code(format_type(hints.get(f.name, f.type)))} | {default} | "
+                    f"{_code(flag) if flag else ''} | {_cell(f.metadata.get('help') or '')} |")
     return rows
 
 
