@@ -3,7 +3,7 @@
     python -m benchmarks --only audit [--quick]
 
 Per set, a FaceSet is built from a folder of class folders (faceclf.dataset.discover, split as `faceclf train`
-splits it) and a champion is trained on it with the project's entry point (faceclf.training.launch.train,
+splits it) and a champion is trained on it with the project's entry point (faceclf.training.launch.run_training,
 default config: it learns from train/, stops early on val/) and exported to ONNX (faceclf.serving.export).
 The test split then plays tonight's arriving images: for each fraction (5%, 10%, 20%) and seed (0, 1, 2) that
 share of its images, drawn at random, get another class as their label (binary: the other one); the val split
@@ -41,17 +41,17 @@ GENERATED = (600, 64)            # generated faces: per class, pixels (--quick: 
 
 def champion(data: Path, run: Path, epochs: int | None) -> tuple[Any, Path, float]:
     """(FaceSet, ONNX champion, its test accuracy): ``data`` split by discover, trained with the default config
-    through faceclf.training.launch.train, exported to run/model.onnx."""
+    through faceclf.training.launch.run_training, exported to run/model.onnx."""
     from faceclf.config import RunConfig
     from faceclf.dataset.discover import discover
     from faceclf.serving.export import export_onnx
-    from faceclf.training.launch import train
+    from faceclf.training.launch import run_training
 
     cfg = RunConfig()
     if epochs:
         cfg.training.epochs = epochs
     faceset = discover(data, cfg.data.split_fractions, cfg.data.decode_workers)
-    metrics = train(faceset, run, cfg)
+    metrics = run_training(faceset, run, cfg)
     model = export_onnx(run / "checkpoint.pt", run / "model.onnx").path
     return faceset, model, metrics["test"]["accuracy"]
 

@@ -3,7 +3,7 @@
     python -m benchmarks --only ddp [--quick]
 
 Epochs: the same generated 64 px face set (4,000 images; --quick: 600) trained for 3 epochs (--quick: 2)
-with the default config at image_size 64, once in one process (faceclf.training.run.train_run) and once
+with the default config at image_size 64, once in one process (faceclf.training.launch.run_training) and once
 in 2 DDP processes on this machine (faceclf.training.launch.train_processes: torch's elastic launcher,
 gloo, each process with half the cores). The epoch time is history.csv's median "seconds" (training
 steps plus the validation pass), so start-up and decoding are left out; the same images are seen per
@@ -98,7 +98,7 @@ def run(quick: bool = False) -> list[dict]:
     from faceclf.config import RunConfig, with_overrides
     from faceclf.devtools.sample import generate_sample_faces
     from faceclf.training.launch import train_processes
-    from faceclf.training.run import train_run
+    from faceclf.training.launch import run_training
 
     logging.getLogger("faceclf").setLevel(logging.WARNING)
     per_class, epochs = (300, 2) if quick else (2000, 3)
@@ -107,7 +107,7 @@ def run(quick: bool = False) -> list[dict]:
         data = Path(tmp) / "faces"
         generate_sample_faces(data, per_class=per_class, size=64, seed=3)
         t0 = time.perf_counter()
-        one = train_run(data, Path(tmp) / "one", cfg)
+        one = run_training(data, Path(tmp) / "one", cfg)
         wall_one = time.perf_counter() - t0
         t0 = time.perf_counter()
         two = train_processes(data, Path(tmp) / "two", cfg, workers=2)

@@ -15,7 +15,7 @@ Stages, as library calls in the flow's order (flows/train.py):
   nothing-new check  faceclf.nightly.night.nothing_new(faceset, registry.read_latest(store), 1, False)
   decode             faceclf.nightly.night.refresh_cache(store, face/, faceset, cfg.data): pull the bucket's
                      shards, verify every shard, decode what no shard holds, mirror new shards to the bucket
-  train              faceclf.training.launch.train(faceset, runs/<version>/, cfg, version=...,
+  train              faceclf.training.launch.run_training(faceset, runs/<version>/, cfg, version=...,
                      cache=night.open_cache(face/, cfg.data), store=store) (what the flow's task calls) with cfg = with_overrides(RunConfig(),
                      image_size=64, epochs=1) (includes the val/test evaluation of the best checkpoint and
                      the plots). One epoch keeps a 100,000-image night within a few minutes on 2 cores.
@@ -29,7 +29,7 @@ process, the largest RssAnon of one process of its tree (the training process; a
 child of its own) and the tree's sum, and keeps each stage's maximum (also at every stage's start and end). RssAnon leaves out file-backed
 pages, such as the memory-mapped cache shards training reads, which count in RSS (VmRSS / VmHWM).
 VmHWM (peak RSS) is read at the end of the night and, for training alone, after resetting it with
-/proc/self/clear_refs just before train_run (when the kernel allows it).
+/proc/self/clear_refs just before run_training (when the kernel allows it).
 
 Goals (issue 9): a later night decodes only its new images (night 2's decode stage at most 5% of night
 1's); training's peak anonymous memory grows less than 1.2x from 10,000 to 100,000 images; a nothing-new
@@ -215,7 +215,7 @@ def night_child(spec: dict[str, Any]) -> dict[str, Any]:
                      rebuilt=len(cache_report.rebuilt), rejected=len(cache_report.rejected))
         version = new_version()
         facts["train_hwm_reset"] = reset_peak_rss()
-        metrics = stage("train", lambda: launch_mod.train(faceset, Path(spec["runs"]) / version, cfg, version=version,
+        metrics = stage("train", lambda: launch_mod.run_training(faceset, Path(spec["runs"]) / version, cfg, version=version,
                                                           cache=night.open_cache(face, cfg.data), store=store))
         facts["train_vmhwm"] = proc_status().get("VmHWM") if facts["train_hwm_reset"] else None
         facts.update(split_counts=metrics["data"]["counts"], test_accuracy=metrics["test"]["accuracy"],

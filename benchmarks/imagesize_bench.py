@@ -30,7 +30,7 @@ def run(quick: bool = False) -> list[dict]:
 
     from faceclf.config import RunConfig
     from faceclf.devtools.sample import generate_sample_faces
-    from faceclf.training.run import train_run
+    from faceclf.training.launch import run_training
 
     logging.getLogger("faceclf").setLevel(logging.WARNING)
     seeds, epochs, per_class = ((0,), 5, 200) if quick else ((0, 1, 2), None, 1000)
@@ -46,7 +46,7 @@ def run(quick: bool = False) -> list[dict]:
                 if epochs:
                     cfg.training.epochs = epochs
                 t0 = time.perf_counter()
-                m = train_run(data, Path(tmp) / f"{setting}-{seed}", cfg)
+                m = run_training(data, Path(tmp) / f"{setting}-{seed}", cfg)
                 results[setting].append((m["test"]["accuracy"], time.perf_counter() - t0, m["test"]["n"]))
     rows = machine_rows(NAME)
     base = results["96"]

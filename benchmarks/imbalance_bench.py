@@ -6,7 +6,7 @@ The face-mask photos are split by content hash (faceclf.dataset.discover, as `fa
 written as a train/ val/ test/ tree of symlinks in a temp folder with the minority class (without_mask)
 cut to a quarter (and, in a full run, a tenth) of its images in train/ only (the lowest sha256 first: a
 fixed, content-defined choice). val/ and test/ stay as they are, so test accuracy is measured on the same
-images as on the full set. Each setting trains with faceclf.training.run.train_run and the default config
+images as on the full set. Each setting trains with faceclf.training.launch.run_training and the default config
 otherwise, for seeds 0, 1, 2 (--quick: seed 0, 5 epochs). The full (balanced) set is trained with both
 settings too, to check that "balanced" costs nothing when the classes are already balanced.
 
@@ -53,7 +53,7 @@ def imbalanced_tree(faceset, dst: Path, minority: str, keep: int) -> dict[str, d
 def train_once(faceset, weighting: str, seed: int, epochs: int | None) -> dict[str, Any]:
     """One default-config run on ``faceset`` (a temp run folder): test accuracies, best epoch, wall seconds."""
     from faceclf.config import RunConfig
-    from faceclf.training.run import train_run
+    from faceclf.training.launch import run_training
 
     cfg = RunConfig()
     cfg.training.seed, cfg.training.class_weighting = seed, weighting
@@ -61,7 +61,7 @@ def train_once(faceset, weighting: str, seed: int, epochs: int | None) -> dict[s
         cfg.training.epochs = epochs
     with tempfile.TemporaryDirectory(prefix="faceclf-imbalance-run-") as run:
         t0 = time.perf_counter()
-        m = train_run(faceset, run, cfg)
+        m = run_training(faceset, run, cfg)
         seconds = time.perf_counter() - t0
     test = m["test"]
     return {"accuracy": test["accuracy"], "per_class": test["per_class_accuracy"], "n": test["n"],
@@ -112,7 +112,7 @@ def run(quick: bool = False) -> list[dict]:
     for keep in keeps:
         with tempfile.TemporaryDirectory(prefix="faceclf-imbalance-") as tmp:
             counts = imbalanced_tree(full, Path(tmp), MINORITY, keep)
-            cut = discover(tmp, cfg.data.split_fractions, cfg.data.decode_workers)  # as train_run sees the tree
+            cut = discover(tmp, cfg.data.split_fractions, cfg.data.decode_workers)  # as run_training sees the tree
             rows.append(row(NAME, f"1:{keep} set: images per split", sum(counts["train"].values()), "train",
                             note="; ".join(f"{s} {c}" for s, c in counts.items())
                             + f" ({MINORITY} train cut to 1 in {keep}; val/test as in the full set)"))

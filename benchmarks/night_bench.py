@@ -9,7 +9,7 @@ flow (flows/train.py), each timed:
   check classes   faceclf.nightly.night.check_classes(faceset, champion, allow_new_classes=False)
   prepare run     what the flow's prepare_run does: faceset.fingerprint(), runs.find_pending_run,
                   runs.start_run(runs/, new_version(), config, fingerprint)
-  train           faceclf.training.run.train_run(faceset, runs/<version>/, RunConfig() with epochs=3;
+  train           faceclf.training.run.run_training(faceset, runs/<version>/, RunConfig() with epochs=3;
                   --quick: 1) (includes decoding all splits, val+test evaluation of the best
                   checkpoint and the plots)
   export          faceclf.nightly.night.export_candidate(run/) -> run/model.onnx (checker + parity test)
@@ -184,7 +184,7 @@ def run(quick: bool = False) -> list[dict]:
     )
     from faceclf.store.s3 import S3Store
     from faceclf.training.fit import new_version
-    from faceclf.training.run import train_run
+    from faceclf.training.launch import run_training
 
     n = 600 if quick else 10_000
     epochs = 1 if quick else 3
@@ -231,10 +231,10 @@ def run(quick: bool = False) -> list[dict]:
                 facts["prepare run"] = "FaceSet.fingerprint + find_pending_run + start_run (night.json)"
 
                 with stage("train"):
-                    metrics = train_run(faceset, run_.run_dir, RunConfig.from_dict(cfg),
+                    metrics = run_training(faceset, run_.run_dir, RunConfig.from_dict(cfg),
                                         resume=run_.resume, version=run_.version)
                 split_n = metrics["data"]["counts"]
-                facts["train"] = (f"train_run(faceset): {epochs} epoch(s) (default RunConfig otherwise), device "
+                facts["train"] = (f"run_training(faceset): {epochs} epoch(s) (default RunConfig otherwise), device "
                                   f"{metrics['device']}, train/val/test {split_n['train']}/{split_n['val']}/"
                                   f"{split_n['test']}, test acc {metrics['test']['accuracy']:.3f}; incl. decode + "
                                   "val/test eval + plots")

@@ -15,7 +15,7 @@ are measured in the same run, interleaved, on the same train images, same FaceCN
            faceclf/floor is the input pipeline's overhead. Extra rows show what moves the floor from
            the seed's fp32 NCHW arithmetic (channels_last, bf16 autocast, torch.compile, batch 32/128).
 
-Then, on the face-mask photos, test accuracy after full training (faceclf.training.run.train_run with the
+Then, on the face-mask photos, test accuracy after full training (faceclf.training.launch.run_training with the
 default config vs the seed pipeline with the same model, optimiser, schedule, epochs and best-val-loss
 weights), on the same content-hash test split.
 
@@ -346,15 +346,15 @@ def accuracy_rows(root: Path, epochs: int | None = None) -> list[dict[str, Any]]
     """Test accuracy of faceclf's full training vs the seed pipeline's, same splits/model/epochs."""
     from faceclf.config import RunConfig
     from faceclf.dataset.discover import discover
-    from faceclf.training.run import train_run
+    from faceclf.training.launch import run_training
 
     cfg = RunConfig()
     if epochs:
         cfg.training.epochs = epochs
-    faceset = discover(root, cfg.data.split_fractions, cfg.data.decode_workers)  # the split train_run makes
+    faceset = discover(root, cfg.data.split_fractions, cfg.data.decode_workers)  # the split run_training makes
     with tempfile.TemporaryDirectory(prefix="faceclf-accbench-") as tmp:
         t0 = time.perf_counter()
-        metrics = train_run(root, Path(tmp) / "run", cfg)  # from the folder, as `faceclf train DATA`: hashes it too
+        metrics = run_training(root, Path(tmp) / "run", cfg)  # from the folder, as `faceclf train DATA`: hashes it too
         fc_s = time.perf_counter() - t0
         trees = {}
         for split in ("train", "val", "test"):
@@ -369,7 +369,7 @@ def accuracy_rows(root: Path, epochs: int | None = None) -> list[dict[str, Any]]
     fc_acc, n_test = metrics["test"]["accuracy"], metrics["test"]["n"]
     where = f"face-mask, {n_test} test imgs @{resolved}px, up to {cfg.training.epochs} epochs, best val loss weights"
     return [
-        row(NAME, "test accuracy: faceclf train_run", fc_acc, "", note=f"{where}; default RunConfig "
+        row(NAME, "test accuracy: faceclf run_training", fc_acc, "", note=f"{where}; default RunConfig "
             f"(early stop at best epoch {metrics.get('best_epoch')}); whole run {fc_s:.0f} s incl. decode"),
         row(NAME, "test accuracy: seed pipeline", seed_acc, "", note=f"{where}; same model/AdamW/one-cycle, "
             f"fp32, PIL transforms each epoch; {sd_s:.0f} s"),

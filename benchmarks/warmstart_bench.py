@@ -121,7 +121,7 @@ def night(data: Path, run: Path, seed: int, epochs: int | None, init_from: Path 
     import json
 
     from faceclf.config import RunConfig
-    from faceclf.training.run import train_run
+    from faceclf.training.launch import run_training
 
     cfg = RunConfig()
     cfg.training.seed = seed
@@ -131,7 +131,7 @@ def night(data: Path, run: Path, seed: int, epochs: int | None, init_from: Path 
     if init_from:
         cfg.training.init_from = str(init_from)
     t0 = time.perf_counter()
-    m = train_run(data, run, cfg)
+    m = run_training(data, run, cfg)
     size = json.loads((run / "config.json").read_text())["data"]["image_size"]
     return {"acc": m["test"]["accuracy"], "best": m["best_epoch"], "s": time.perf_counter() - t0, "size": size,
             "per_class": m["test"]["per_class_accuracy"]}

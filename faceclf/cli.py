@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, last.pt, history.csv, metrics.json, plots)")
     tr.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from RUN/last.pt with RUN/config.json (other training flags are ignored)")
+    tr.add_argument("--config", default=None, metavar="RUN/config.json",
+                    help="replay a run: train with the resolved config an earlier run saved (its image size, device, "
+                         "workers, class weighting...); training flags cannot be given with it")
     for config in (TrainConfig, DataConfig, ModelConfig):
         add_config_options(tr, config)
     tr.add_argument("--bucket", default=None, help="registry of --init-from VERSION: bucket name, s3://BUCKET or a "
@@ -148,9 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_config_from_args(a: argparse.Namespace) -> RunConfig:
-    """Resolve the train subcommand's options into a RunConfig (validated by the dataclasses)."""
-    names = {f.name for c in (DataConfig, ModelConfig, TrainConfig) for f in dataclasses.fields(c) if is_option(f)}
-    return with_overrides(RunConfig(), **{n: getattr(a, n) for n in names})
+    """Resolve the train subcommand's options into a RunConfig (validated by the dataclasses); with --config, the
+    saved config of that file, and a ValueError naming any training option also given (it would be ignored)."""
+    fields = {f.name: f for c in (DataConfig, ModelConfig, TrainConfig) for f in dataclasses.fields(c) if is_option(f)}
+    if a.config is None:
+        return with_overrides(RunConfig(), **{n: getattr(a, n) for n in fields})
+    given = sorted(n for n, f in fields.items() if getattr(a, n) != f.default)
+    if given:
+        raise ValueError(f"--config {a.config} holds the whole training config: leave out "
+                         + ", ".join("--" + n.replace("_", "-") for n in given) + " (or edit a copy of the file)")
+    return load_config(a.config)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """The RunConfig saved in ``path`` (a run's config.json); errors that name the file."""
+    path = Path(path)
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path}: no such file (a run folder's config.json)") from None
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"--config {path} is not a faceclf run config: {err}") from None
 
 
 def config_from_args(config: type, a: argparse.Namespace) -> Any:
@@ -170,7 +191,7 @@ def _gate(metrics: dict[str, Any], a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from faceclf.training.launch import train
+    from faceclf.training.launch import run_training
 
     cfg = run_config_from_args(a)
     store = None
@@ -179,7 +200,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         from faceclf.store.objects import open_store
 
         store = open_store(resolve_location(a.bucket))
-    metrics = train(a.data, a.out, cfg, resume=a.resume, store=store)
+    metrics = run_training(a.data, a.out, cfg, resume=a.resume, store=store)
     print(json.dumps({"run": str(Path(a.out)), "best_epoch": metrics["best_epoch"], "device": metrics["device"],
                       "test": metrics["test"]}, indent=2))
     _gate(metrics["test"], a)

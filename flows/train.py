@@ -142,7 +142,7 @@ def leave_out_suspects(location: str, faceset: FaceSet,
 def train_candidate(location: str, faceset: FaceSet, face_dir: str, run: runs.NightRun, cfg: dict[str, Any]) -> RunMetrics:
     """Train on the FaceSet's train/val from the decoded cache (or continue from last.pt), evaluate on test;
     metrics.json's content. A warm start fetches the champion's checkpoint (sha256-checked) from LOCATION."""
-    from faceclf.training.launch import train
+    from faceclf.training.launch import run_training
 
     if run.trained:
         return RunMetrics.from_dict(runs.read_json(run.run_dir / "metrics.json"))
@@ -159,7 +159,7 @@ def train_candidate(location: str, faceset: FaceSet, face_dir: str, run: runs.Ni
                                          f"val loss {row['val_loss']}, val accuracy {row['val_accuracy']}")
 
     try:
-        metrics = RunMetrics.from_dict(train(faceset, run.run_dir, config,
+        metrics = RunMetrics.from_dict(run_training(faceset, run.run_dir, config,
                                              resume=run.resume and (run.run_dir / "last.pt").is_file(),
                                              version=run.version, cache=night.open_cache(Path(face_dir), config.data),
                                              store=open_store(location), on_epoch=on_epoch))

@@ -43,10 +43,10 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(faces: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished training run on ``faces`` (shared by export/score/evaluate tests; do not modify)."""
-    from faceclf.training.run import train_run
+    from faceclf.training.launch import run_training
 
     run = tmp_path_factory.mktemp("run")
-    train_run(faces, run, tiny_config(epochs=6))
+    run_training(faces, run, tiny_config(epochs=6))
     return run
 
 

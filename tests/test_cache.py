@@ -21,7 +21,7 @@ from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import load_cached_split, load_split
 from faceclf.store.objects import LocalStore
-from faceclf.training.run import train_run
+from faceclf.training.launch import run_training
 
 FRACTIONS = (0.8, 0.1, 0.1)
 SMALL = CacheConfig(shard_images=16, decode_workers=2)
@@ -145,8 +145,8 @@ def test_training_from_the_cache_equals_training_in_memory(faces: Path, tmp_path
     cfg = tiny_config(epochs=3)
     faceset = discover(faces, cfg.data.split_fractions, workers=2)
     cache, _ = update_cache(faceset, tmp_path / "face", Preprocess.from_config(cfg.data), cfg=SMALL)
-    in_memory = train_run(faceset, tmp_path / "memory", tiny_config(epochs=3))
-    mapped = train_run(faceset, tmp_path / "mapped", tiny_config(epochs=3), cache=cache)
+    in_memory = run_training(faceset, tmp_path / "memory", tiny_config(epochs=3))
+    mapped = run_training(faceset, tmp_path / "mapped", tiny_config(epochs=3), cache=cache)
     assert mapped["test"] == in_memory["test"] and mapped["val"] == in_memory["val"]
     assert (tmp_path / "memory" / "history.csv").read_text().count("\n") == 4
     strip = lambda p: [row.split(",")[:4] for row in p.read_text().splitlines()]  # noqa: E731 - not the seconds
@@ -154,7 +154,7 @@ def test_training_from_the_cache_equals_training_in_memory(faces: Path, tmp_path
     with pytest.raises(ValueError, match="holds 32 px images; the run wants 48 px"):
         bigger = tiny_config(epochs=1)
         bigger.data.image_size = 48
-        train_run(faceset, tmp_path / "wrong", bigger, cache=cache)
+        run_training(faceset, tmp_path / "wrong", bigger, cache=cache)
 
 
 def test_a_catalog_from_the_bucket_never_names_a_path_outside_the_cache(faces: Path, tmp_path: Path, bucket: str,

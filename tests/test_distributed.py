@@ -19,7 +19,7 @@ from torch.utils.data import DistributedSampler
 
 from faceclf.config import with_overrides
 from faceclf.training.distributed import Rank, part_of, share
-from faceclf.training.launch import resolve_workers
+from faceclf.training.plan import capped_workers
 from faceclf.training.ray_train import RayUnavailable, check_address
 from conftest import FAST, LENIENT, put_local_faces, tiny_config
 from test_cli import TINY, faceclf
@@ -40,9 +40,9 @@ def test_each_rank_takes_what_distributed_sampler_would(n: int, world: int) -> N
 
 def test_worker_counts_are_refused_or_capped() -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        resolve_workers(0, torch.device("cpu"))
+        capped_workers(0, "cpu")
     cores = len(psutil.Process().cpu_affinity())
-    assert resolve_workers(cores + 3, torch.device("cpu")) == cores
+    assert capped_workers(cores + 3, "cpu") == cores
     proc = faceclf("train", "nowhere", "--out", "x", "--nproc-per-node", "0", check=False)
     assert proc.returncode == 2 and "must be >= 1, got 0" in proc.stderr
 
@@ -74,10 +74,10 @@ GUARDLESS_DDP = """\
 import json, os
 with open(os.environ["COUNTER"], "a") as counter:
     counter.write("ran\\n")
-from faceclf.config import RunConfig
-from faceclf.training.launch import train_processes
+from faceclf.config import RunConfig, with_overrides
+from faceclf.training.launch import run_training
 cfg = RunConfig.from_dict(json.loads(os.environ["CFG"]))
-metrics = train_processes(os.environ["FACES"], os.environ["RUN"], cfg, workers=2)
+metrics = run_training(os.environ["FACES"], os.environ["RUN"], with_overrides(cfg, workers=2))
 print("test accuracy:", metrics["test"]["accuracy"])
 """
 
@@ -141,13 +141,16 @@ def test_a_killed_rank_fails_the_run_and_resume_finishes_it(faces: Path, tmp_pat
 def test_ray_train_with_two_workers_on_a_local_instance(faces: Path, tmp_path: Path) -> None:
     import ray
 
+    from faceclf.training.plan import plan_run
     from faceclf.training.ray_train import train_on_ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         run = tmp_path / "run"
         cfg = with_overrides(tiny_config(epochs=12), patience=12)
-        metrics = train_on_ray("local", faces, run, cfg, workers=2, storage=str(tmp_path / "ray-results"))
+        plan = plan_run(faces, run, with_overrides(cfg, workers=2, ray_address="local"))
+        assert plan.engine == "ray" and plan.workers == 2
+        metrics = train_on_ray(plan, storage=str(tmp_path / "ray-results"))
     finally:
         ray.shutdown()
     assert metrics == ranks_agree(run)

@@ -93,7 +93,7 @@ def test_an_empty_incoming_prefix_stops_the_night(prefect_api, bucket: str, tmp_
 
 def test_a_night_killed_mid_epoch_resumes_to_the_same_result(prefect_api, bucket: str, tmp_path: Path) -> None:
     from faceclf.config import RunConfig, with_overrides
-    from faceclf.training.run import train_run
+    from faceclf.training.launch import run_training
     from flows.train import train
 
     upload_faces(bucket, tmp_path / "n1", per_class=80, seed=11)
@@ -110,7 +110,7 @@ def test_a_night_killed_mid_epoch_resumes_to_the_same_result(prefect_api, bucket
     result = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT)
     assert result["resumed"] and result["version"] == killed[0].parent.name
     # The same night uninterrupted, on the same data and settings, gives the same model and metrics.
-    clean = train_run(face, tmp_path / "clean", with_overrides(RunConfig(), **{k: v for k, v in FAST.items() if k not in ("warm_start", "label_audit")}))
+    clean = run_training(face, tmp_path / "clean", with_overrides(RunConfig(), **{k: v for k, v in FAST.items() if k not in ("warm_start", "label_audit")}))
     resumed = json.loads((killed[0].parent / "metrics.json").read_text())
     assert resumed["test"] == clean["test"] and resumed["best_epoch"] == clean["best_epoch"]
 

@@ -19,7 +19,7 @@ from faceclf.training.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from faceclf.training.run import train_run
+from faceclf.training.launch import run_training
 
 PLAIN = (dict, list, str, int, float, bool, type(None), torch.Tensor)
 
@@ -107,8 +107,8 @@ def test_failed_checkpoint_write_leaves_previous_file(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_run(faces: Path, tmp_path: Path) -> None:
-    train_run(faces, tmp_path / "a", tiny_config(epochs=2))
-    train_run(faces, tmp_path / "b", tiny_config(epochs=2))
+    run_training(faces, tmp_path / "a", tiny_config(epochs=2))
+    run_training(faces, tmp_path / "b", tiny_config(epochs=2))
     strip = lambda rows: [(r["train_loss"], r["val_loss"], r["val_accuracy"]) for r in rows]  # noqa: E731
     assert strip(_history(tmp_path / "a")) == strip(_history(tmp_path / "b"))
 
@@ -127,16 +127,16 @@ def _kill_after_epoch(faces: Path, run: Path, epoch: int, monkeypatch: pytest.Mo
     with monkeypatch.context() as m:
         m.setattr(T, "save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
-            train_run(faces, run, tiny_config(epochs=4))
+            run_training(faces, run, tiny_config(epochs=4))
 
 
 def test_resume_reaches_the_uninterrupted_result(faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    train_run(faces, tmp_path / "full", tiny_config(epochs=4))
+    run_training(faces, tmp_path / "full", tiny_config(epochs=4))
     _kill_after_epoch(faces, tmp_path / "killed", epoch=1, monkeypatch=monkeypatch)
     assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"] == 1
     assert not (tmp_path / "killed" / "metrics.json").exists()
 
-    train_run(faces, tmp_path / "killed", resume=True)
+    run_training(faces, tmp_path / "killed", resume=True)
 
     full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
@@ -150,7 +150,7 @@ def test_resume_reaches_the_uninterrupted_result(faces: Path, tmp_path: Path, mo
 
 def test_resume_without_a_run_is_a_clear_error(faces: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="cannot resume"):
-        train_run(faces, tmp_path / "never", resume=True)
+        run_training(faces, tmp_path / "never", resume=True)
 
 
 def test_early_stopping_ends_a_run_that_stopped_improving(faces: Path, tmp_path: Path) -> None:
@@ -158,14 +158,14 @@ def test_early_stopping_ends_a_run_that_stopped_improving(faces: Path, tmp_path:
     cfg.training.learning_rate = 0.0  # nothing improves after the first epoch ...
     cfg.model.batch_norm = False   # ... not even batch-norm running statistics
     cfg.training.patience = 2
-    train_run(faces, tmp_path / "run", cfg)
+    run_training(faces, tmp_path / "run", cfg)
     assert len(_history(tmp_path / "run")) == 3  # epoch 0 is best; epochs 1 and 2 exhaust patience
 
 
 def test_three_classes_train_and_evaluate(tmp_path: Path) -> None:
     generate_sample_faces(tmp_path / "data", per_class=40, size=48, seed=3,
                           classes=("with_mask", "with_sunglasses", "without_mask"))
-    m = train_run(tmp_path / "data", tmp_path / "run", tiny_config(epochs=3))
+    m = run_training(tmp_path / "data", tmp_path / "run", tiny_config(epochs=3))
     assert m["classes"] == ["with_mask", "with_sunglasses", "without_mask"]
     assert len(m["test"]["confusion_matrix"]) == 3 and all(len(r) == 3 for r in m["test"]["confusion_matrix"])
     assert math.isfinite(m["test"]["loss"])
@@ -200,7 +200,7 @@ def test_balanced_class_weighting_trains_on_an_imbalanced_set(faces: Path, tmp_p
     assert counts["train"]["without_mask"] * 3 < counts["train"]["with_mask"]
     losses = {}
     for weighting in ("none", "balanced"):
-        m = train_run(tmp_path / "data", tmp_path / weighting, tiny_config(epochs=2, class_weighting=weighting))
+        m = run_training(tmp_path / "data", tmp_path / weighting, tiny_config(epochs=2, class_weighting=weighting))
         assert json.loads((tmp_path / weighting / "config.json").read_text())["training"]["class_weighting"] == weighting
         assert load_checkpoint(tmp_path / weighting / "checkpoint.pt")["train_config"]["class_weighting"] == weighting
         assert math.isfinite(m["test"]["loss"]) and m["data"]["counts"]["train"] == sum(counts["train"].values())
@@ -216,7 +216,7 @@ def test_auto_image_size_is_the_median_short_side_at_most_96(faces: Path, tmp_pa
     assert auto_image_size(50, 2) == 48 and auto_image_size(30, 2) == 28
     cfg = tiny_config(epochs=1)
     cfg.data.image_size = "auto"
-    metrics = train_run(faces, tmp_path / "run", cfg)  # the sample faces are 48 px: no upsampling to 96
+    metrics = run_training(faces, tmp_path / "run", cfg)  # the sample faces are 48 px: no upsampling to 96
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"]["image_size"] == saved["model"]["image_size"] == 48 and metrics["test"]["n"] > 0
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["image_size"] == 48

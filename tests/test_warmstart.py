@@ -18,7 +18,7 @@ from faceclf.devtools.sample import generate_sample_faces
 from faceclf.store import registry
 from faceclf.store.objects import open_store
 from faceclf.training.checkpoint import load_checkpoint
-from faceclf.training.run import train_run
+from faceclf.training.launch import run_training
 from faceclf.training.warmstart import incompatibility
 
 
@@ -36,12 +36,12 @@ def test_a_warm_start_begins_from_the_given_weights(faces: Path, trained_run: Pa
     """One warm epoch at a learning rate too small to move anything: the model is the one it started from."""
     cfg = tiny_config(epochs=1)
     cfg.training.learning_rate, cfg.training.init_from = 1e-12, str(trained_run / "checkpoint.pt")
-    warm = train_run(faces, tmp_path / "warm", cfg)
+    warm = run_training(faces, tmp_path / "warm", cfg)
     start = load_checkpoint(trained_run / "checkpoint.pt")
     assert warm["test"]["accuracy"] == start["metrics"]["test"]["accuracy"] >= 0.8
     cold = tiny_config(epochs=1)
     cold.training.learning_rate = 1e-12
-    assert train_run(faces, tmp_path / "cold", cold)["test"]["accuracy"] < 0.8      # a random start is not
+    assert run_training(faces, tmp_path / "cold", cold)["test"]["accuracy"] < 0.8      # a random start is not
     assert json.loads((tmp_path / "warm" / "config.json").read_text())["training"]["init_from"] == cfg.training.init_from
 
 

@@ -1,18 +1,21 @@
-"""Training in several processes on one machine, through PyTorch's elastic launcher (torchrun's own API).
+"""The training entry point, and training in several processes on one machine (torchrun's own launcher API).
 
-    train_processes(data, run_dir, cfg, workers=N)
-        -> the data decoded once into the decoded-image cache (each rank memory-maps the same shards)
-        -> torch.distributed.launcher.elastic_launch: N processes, a c10d rendezvous on localhost
-        -> each rank: join the group (gloo on CPU, NCCL on CUDA), faceclf.training.run.train_run
-        -> rank 0's metrics; rank 0 alone wrote run_dir
+    run_training(data, run_dir, cfg)   = execute_plan(plan_run(...)): planned once, then one of
+        run_plan(plan)                 in this process (one worker)
+        train_processes(plan)          N DDP processes here:
+            -> the data decoded once into the decoded-image cache (each rank memory-maps the same shards)
+            -> torch.distributed.launcher.elastic_launch: N processes, a c10d rendezvous on localhost
+            -> each rank: join the group (gloo on CPU, NCCL on CUDA), faceclf.training.run.run_plan
+            -> rank 0's metrics; rank 0 alone wrote run_dir
+        train_on_ray(plan)             Ray Train workers (faceclf.training.ray_train)
 
 A rank is a fresh interpreter, ``python -c`` with faceclf.child's boot code (never multiprocessing's spawn,
 which re-ran a caller's script without the ``__main__`` guard in every rank, and could not start a rank at all
 from a script on standard input). Its inputs come in a pickle that this process writes into a private folder
 (mkdtemp, 0700, removed after the run), its answer goes back as JSON beside it:
 
-    rank-inputs.pkl      two pickles: this process's sys.path, then rank_main's arguments (faceset, run_dir,
-                         cfg dict, resume, version, cache folder)
+    rank-inputs.pkl      two pickles: this process's sys.path, then rank_main's arguments (the Plan, the cache
+                         folder)
     result-<rank>.json   rank_main's result (rank 0: the metrics, or {"diverged": message})
 
 One process per GPU on a GPU machine; elsewhere N CPU processes, each with its share of the cores. A rank
@@ -37,17 +40,16 @@ from typing import Any
 import torch
 
 from faceclf.child import die_with_parent, python_command
-from faceclf.config import RAY_ADDRESS_ENV, RunConfig, with_overrides
+from faceclf.config import RunConfig
 from faceclf.dataset.cache import DecodedCache
-from faceclf.dataset.discover import discover
-from faceclf.dataset.faceset import FaceSet, resolve_image_size
+from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.store.atomic import write_text_atomic
 from faceclf.store.objects import Store
-from faceclf.training.fit import EpochCallback, TrainingDiverged, new_version
+from faceclf.training.fit import EpochCallback, TrainingDiverged
 from faceclf.training.loop import resolve_device
-from faceclf.training.run import resolve_run_config, train_run
-from faceclf.training.warmstart import resolve_init
+from faceclf.training.plan import Plan, plan_run
+from faceclf.training.run import run_plan
 
 log = logging.getLogger(__name__)
 
@@ -60,59 +62,20 @@ class TrainingProcessFailed(RuntimeError):
     """A training process (rank) died or failed; the run folder keeps last.pt for --resume."""
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def train_processes(plan: Plan, cache: DecodedCache | None = None) -> dict[str, Any]:
+    """``run_plan`` in the plan's workers (DDP processes) on this machine; rank 0's metrics.
 
-
-def resolve_workers(workers: int, device: torch.device) -> int:
-    """How many processes to start: ``workers``, refused below 1, capped (with a warning) at one per GPU on
-    CUDA and one per core on the CPU (more would only share the same cores)."""
-    if workers < 1:
-        raise ValueError(f"--nproc-per-node (workers) must be at least 1, got {workers}")
-    limit, what = (torch.cuda.device_count(), "GPUs") if device.type == "cuda" else (usable_cores(), "CPU cores")
-    if workers > limit:
-        log.warning("%d training processes asked for, but this machine has %d %s: starting %d", workers, limit,
-                    what, limit)
-        return limit
-    return workers
-
-
-def train_processes(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
-                    workers: int = 1, resume: bool = False, version: str | None = None,
-                    cache: DecodedCache | None = None, store: Store | None = None,
-                    on_epoch: EpochCallback | None = None) -> dict[str, Any]:
-    """``train_run`` in ``workers`` DDP processes on this machine; returns rank 0's metrics. ``on_epoch`` (see
-    ``fit``) is called in the single-process case only: ranks run in other processes.
-
-    Without ``cache`` the images are decoded once into run_dir/decoded/ first (removed after a finished
-    run). A warm start's weights are fetched here, once, not by every rank.
-    """
-    run_dir = Path(run_dir)
-    cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
-    n = resolve_workers(cfg.training.workers if resume else workers, resolve_device(cfg.training.device))
-    if n == 1:
-        return train_run(data, run_dir, cfg, resume=resume, version=version, cache=cache, store=store,
-                         on_epoch=on_epoch)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers,
-                                                              cfg.data.near_distance)
-    faceset.require_every_class()
-    cfg = resolve_image_size(cfg, faceset)
-    preset = Preprocess.from_config(cfg.data)
+    Without ``cache`` the images are decoded once into run_dir/decoded/ first (removed after a finished run):
+    every rank maps the same shard files."""
     own_cache = cache is None
-    if own_cache:  # decoded once here; every rank maps the same shard files
-        cache = DecodedCache(run_dir / RUN_CACHE / str(preset.image_size), preset)
-        cache.verify()
-        cache.add(faceset, cache.missing(faceset))
-    if cfg.training.init_from and not resume:
-        cfg = with_overrides(cfg, init_from=str(resolve_init(cfg.training.init_from, store, run_dir)))
-    if resolve_device(cfg.training.device).type == "cpu" and cfg.training.num_threads == 0:
-        cfg = with_overrides(cfg, num_threads=max(1, usable_cores() // n))
-    version = version or new_version()
-    result = launch(n, (faceset, str(run_dir), cfg.to_dict(), resume, version, str(cache.folder)), run_dir)
     if own_cache:
-        shutil.rmtree(run_dir / RUN_CACHE, ignore_errors=True)
+        cache = DecodedCache(plan.run_dir / RUN_CACHE / str(plan.cfg.data.image_size),
+                             Preprocess.from_config(plan.cfg.data))
+        cache.verify()
+        cache.add(plan.faceset, cache.missing(plan.faceset))
+    result = launch(plan.workers, (plan, str(cache.folder)), plan.run_dir)
+    if own_cache:
+        shutil.rmtree(plan.run_dir / RUN_CACHE, ignore_errors=True)
     return result
 
 
@@ -197,39 +160,44 @@ def _run_rank(folder: Path) -> None:
     write_text_atomic(folder / f"result-{os.environ['RANK']}.json", json.dumps(result))
 
 
-def rank_main(faceset: FaceSet, run_dir: str, cfg_dict: dict[str, Any], resume: bool, version: str,
-              cache_folder: str) -> dict[str, Any]:
-    """One rank: join the group the launcher set up, train, leave the group. Rank 0 returns the metrics."""
+def rank_main(plan: Plan, cache_folder: str) -> dict[str, Any]:
+    """One rank: join the group the launcher set up, execute the plan, leave the group. Rank 0 returns the
+    metrics."""
     from faceclf.training.distributed import init_from_env
 
-    cfg = RunConfig.from_dict(cfg_dict)
-    device = resolve_device(cfg.training.device)
-    part = init_from_env(device)
+    part = init_from_env(resolve_device(plan.cfg.training.device))
     logging.basicConfig(level=logging.INFO if part.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {part.rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        cache = DecodedCache(Path(cache_folder), Preprocess.from_config(cfg.data))
-        return train_run(faceset, run_dir, cfg, resume=resume, version=version, cache=cache)
+        return run_plan(plan, DecodedCache(Path(cache_folder), Preprocess.from_config(plan.cfg.data)))
     except TrainingDiverged as err:  # every rank agrees on it: the caller records a diverged night
         return {"diverged": str(err)}
     finally:
         torch.distributed.destroy_process_group()
 
 
-def train(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None, resume: bool = False,
-          version: str | None = None, cache: DecodedCache | None = None, store: Store | None = None,
-          on_epoch: EpochCallback | None = None) -> dict[str, Any]:
-    """Train the way ``cfg.train`` asks: on a Ray cluster (ray_address, or $FACECLF_RAY_ADDRESS), in
-    ``workers`` DDP processes here, or in this process; returns the metrics of metrics.json."""
-    cfg = cfg or RunConfig()
-    address = cfg.training.ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
-    if address:
-        if resume:
-            raise ValueError("--resume is not supported with a Ray address: rerun the Ray training, or resume "
-                             "it on one machine without --ray-address")
+def execute_plan(plan: Plan, cache: DecodedCache | None = None, store: Store | None = None,
+                 on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+    """Run ``plan`` on its engine: in this process, in DDP processes here (torchrun's launcher), or on Ray Train
+    workers; the metrics of metrics.json. ``on_epoch`` (see ``fit``) is called in this process only."""
+    if plan.engine == "ray":
         from faceclf.training.ray_train import train_on_ray
 
-        return train_on_ray(address, data, run_dir, cfg, workers=cfg.training.workers, version=version, store=store,
-                            cache=cache)
-    return train_processes(data, run_dir, cfg, cfg.training.workers, resume=resume, version=version, cache=cache,
-                           store=store, on_epoch=on_epoch)
+        return train_on_ray(plan, cache=cache, store=store)
+    if plan.engine == "torchrun":
+        return train_processes(plan, cache)
+    return run_plan(plan, cache, on_epoch)
+
+
+def run_training(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None, resume: bool = False,
+                 version: str | None = None, cache: DecodedCache | None = None, store: Store | None = None,
+                 on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+    """Train on ``data`` (a FaceSet, or a folder of class folders or of train/ val/ test/) into ``run_dir`` the
+    way ``cfg`` asks, and return the metrics of metrics.json: planned once (faceclf.training.plan), then run on
+    a Ray cluster (ray_address, or $FACECLF_RAY_ADDRESS), in ``workers`` DDP processes here, or in this process.
+
+    ``resume`` continues from run_dir/last.pt with run_dir/config.json (``cfg`` is ignored). ``version`` names
+    the model (default: a new time-sortable version). ``cache``: a decoded-image cache holding the FaceSet's
+    images at the run's size. ``store``: the registry a warm start's version (``init_from``) comes from."""
+    return execute_plan(plan_run(data, run_dir, cfg, resume=resume, version=version, store=store), cache, store,
+                        on_epoch)

@@ -1,20 +1,21 @@
 """Training across machines with Ray Train (the optional extra ``faceclf[ray]``; only imported when used).
 
-    train_on_ray(address, data, run_dir, cfg, workers=N)
+    train_on_ray(plan)    (a Plan of engine "ray": faceclf.training.plan, workers N)
         -> ray.init(address) ("local": a Ray instance on this machine)
         -> TorchTrainer(rank_loop, ScalingConfig(num_workers=N, use_gpu=<the cluster has GPUs>))
         -> each worker: Ray Train has joined it to the process group (gloo on CPU, NCCL on GPU); it reads
            the decoded-image shards (from the bucket's mirror when a store is given, else from the
-           driver's cache folder, which then must be on a shared filesystem) and runs train_run
+           driver's cache folder, which then must be on a shared filesystem) and runs run_plan
         -> rank 0 reports its run folder as the Ray checkpoint; the driver copies it into run_dir
 
-The training function is the one torchrun runs (faceclf.training.run.train_run): same partition of each
+The training function is the one torchrun runs (faceclf.training.run.run_plan): same partition of each
 epoch, same reduced validation metrics, rank 0 alone writes. Ray's results go under ``storage`` (default
 run_dir's parent/.ray-train; for a multi-node cluster a shared path or s3:// URI, FACECLF_RAY_STORAGE).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,14 +26,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from faceclf.config import RunConfig, with_overrides
 from faceclf.dataset.cache import DecodedCache, cache_folder, update_cache
-from faceclf.dataset.discover import discover
-from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.store.objects import Store, open_store
-from faceclf.training.fit import TrainingDiverged, new_version
-from faceclf.training.warmstart import resolve_init
+from faceclf.training.fit import TrainingDiverged
+from faceclf.training.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -73,45 +71,35 @@ def connect(address: str) -> Any:
     return ray
 
 
-def train_on_ray(address: str, data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
-                 workers: int = 2, version: str | None = None, store: Store | None = None,
-                 cache: DecodedCache | None = None, storage: str | None = None) -> dict[str, Any]:
-    """``train_run`` on ``workers`` Ray Train workers of the cluster at ``address``; rank 0's metrics, with
-    the run folder copied to ``run_dir`` (where a single-process run writes it).
+def train_on_ray(plan: Plan, cache: DecodedCache | None = None, store: Store | None = None,
+                 storage: str | None = None) -> dict[str, Any]:
+    """Execute ``plan`` (engine "ray") on its workers of the Ray cluster at ``plan.ray_address``; rank 0's
+    metrics, with the run folder copied to the plan's run_dir (where a single-process run writes it).
 
     ``cache``: the night's decoded-image cache, already up to date (and mirrored to ``store``); without it
     the images are decoded here first (and mirrored when there is a store)."""
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    ray = connect(address)  # first: an address that does not answer fails before any work
-    run_dir = Path(run_dir).resolve()
-    cfg = cfg or RunConfig()
-    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers,
-                                                              cfg.data.near_distance)
-    faceset.require_every_class()
-    cfg = resolve_image_size(cfg, faceset)
-    preset = Preprocess.from_config(cfg.data)
+    ray = connect(plan.ray_address or LOCAL)
+    run_dir = plan.run_dir.resolve()
+    preset = Preprocess.from_config(plan.cfg.data)
     scratch = Path(tempfile.mkdtemp(prefix="faceclf-ray-", dir=run_dir.parent if run_dir.parent.exists() else None))
     try:
         if cache is None:  # the bucket's mirror is filled first: the workers read it
-            cache, _ = update_cache(faceset, scratch / "face", preset, store)
-        if cfg.training.init_from:
-            cfg = with_overrides(cfg, init_from=str(resolve_init(cfg.training.init_from, store, scratch)))
+            cache, _ = update_cache(plan.faceset, scratch / "face", preset, store)
         from ray.train import RunConfig as RayRunConfig
         from ray.train import ScalingConfig
         from ray.train.torch import TorchTrainer
 
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        version = version or new_version()
-        loop_config = {"faceset": faceset, "cfg": cfg.to_dict(), "version": version, "cache_folder": str(cache.folder),
+        loop_config = {"plan": plan, "cache_folder": str(cache.folder),
                        "store": store.uri("") if store is not None else None,
-                       "threads": cfg.training.num_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)}
+                       "threads": plan.cfg.training.num_threads
+                       or max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.workers)}
         trainer = TorchTrainer(rank_loop, train_loop_config=loop_config,
-                               scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-                               run_config=RayRunConfig(name=f"faceclf-{version}",
+                               scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=use_gpu),
+                               run_config=RayRunConfig(name=f"faceclf-{plan.version}",
                                                        storage_path=storage or os.environ.get(STORAGE_ENV)
                                                        or str(run_dir.parent / ".ray-train")))
-        log.info("training on Ray at %s: %d workers, %s", address, workers, "GPU" if use_gpu else "CPU")
+        log.info("training on Ray at %s: %d workers, %s", plan.ray_address, plan.workers, "GPU" if use_gpu else "CPU")
         result = trainer.fit()
         if result.error is not None or result.checkpoint is None:
             raise RuntimeError(f"Ray Train failed: {result.error or 'rank 0 reported no run folder'}")
@@ -143,17 +131,17 @@ def rank_loop(config: dict[str, Any]) -> None:
     import torch
 
     from faceclf.training.distributed import current
-    from faceclf.training.run import train_run
+    from faceclf.training.run import run_plan
 
-    cfg = RunConfig.from_dict(config["cfg"])
+    plan: Plan = config["plan"]
     torch.set_num_threads(config["threads"])
     part = current()
     logging.basicConfig(level=logging.INFO if part.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {part.rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cache = worker_cache(config, Preprocess.from_config(cfg.data))
+    cache = worker_cache(config, Preprocess.from_config(plan.cfg.data))
     with tempfile.TemporaryDirectory(prefix="faceclf-run-") as tmp:
-        try:
-            metrics = train_run(config["faceset"], tmp, cfg, version=config["version"], cache=cache)
+        try:  # into a folder of this node; rank 0's becomes the Ray checkpoint the driver copies to run_dir
+            metrics = run_plan(dataclasses.replace(plan, run_dir=Path(tmp)), cache)
             report = {"best_epoch": metrics.get("best_epoch", -1)}
         except TrainingDiverged as err:
             report = {"diverged": str(err)}

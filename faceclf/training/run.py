@@ -1,10 +1,9 @@
-"""A whole training run on a data folder: split, decode once, fit, test, write RUN/."""
+"""A planned training run executed in this process (or as one DDP rank): load, fit, test, write RUN/."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -15,8 +14,7 @@ import torch
 
 from faceclf.config import RunConfig
 from faceclf.dataset.cache import DecodedCache
-from faceclf.dataset.discover import discover
-from faceclf.dataset.faceset import FaceSet, resolve_image_size
+from faceclf.dataset.faceset import FaceSet
 from faceclf.dataset.layout import SPLITS
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import TensorSplit, load_cached_splits, load_split
@@ -27,7 +25,6 @@ from faceclf.store.atomic import (
     write_json_atomic,
     write_text_atomic,
 )
-from faceclf.store.objects import Store
 from faceclf.training.distributed import current
 from faceclf.training.checkpoint import (
     load_checkpoint,
@@ -36,8 +33,9 @@ from faceclf.training.checkpoint import (
 )
 from faceclf.training.fit import EpochCallback, fit
 from faceclf.training.loop import evaluate, metrics_of, predict_split, release_memory, resolve_device
+from faceclf.training.plan import CONFIG_FILE, Plan
 from faceclf.training.plots import plot_confusion, plot_history
-from faceclf.training.warmstart import init_weights, resolve_init
+from faceclf.training.warmstart import init_weights
 
 log = logging.getLogger(__name__)
 
@@ -73,59 +71,29 @@ def write_rejected(path: Path, loaded: dict[str, TensorSplit]) -> int:
     return len(rows)
 
 
-def resolve_run_config(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig:
-    """The config for this run: the one saved in run_dir when resuming, else ``cfg``.
+def run_plan(plan: Plan, cache: DecodedCache | None = None, on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+    """Execute ``plan`` in this process: load its splits, fit, test, write its run folder; the metrics written to
+    metrics.json. Nothing is resolved here: the plan holds every choice (faceclf.training.plan).
 
-    A resumed run keeps its saved config whole (its learning-rate schedule was planned for its
-    epoch count), so it ends exactly where the uninterrupted run would have.
-    """
-    if not resume:
-        return cfg
-    saved = run_dir / "config.json"
-    if not saved.is_file():
-        raise FileNotFoundError(f"cannot resume: {saved} does not exist (was {run_dir} a training run?)")
-    return RunConfig.from_dict(json.loads(saved.read_text()))
+    With ``cache`` (holding the FaceSet's images at the run's size) images are read from its shards through
+    memory maps instead of being decoded into memory. ``on_epoch``: see ``fit``.
 
-
-def train_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | None = None,
-              resume: bool = False, version: str | None = None, cache: DecodedCache | None = None,
-              store: Store | None = None, on_epoch: EpochCallback | None = None) -> dict[str, Any]:
-    """Train on ``data`` into ``run_dir`` and return the metrics written to metrics.json.
-
-    ``data`` is a FaceSet (the night's, from ingest) or a folder, which is hashed once into one. With
-    ``cache`` (holding the FaceSet's images at the run's size) images are read from its shards through
-    memory maps instead of being decoded into memory. ``cfg.training.init_from`` (a checkpoint file, or a model
-    version of ``store``'s registry) warm-starts the run from those weights.
-    With ``resume`` the run continues from run_dir/last.pt with run_dir/config.json (``cfg`` is ignored).
-    ``version`` names the model (default: a new time-sortable version). ``on_epoch``: see ``fit``.
-
-    Under torch.distributed every rank calls this alike; rank 0 alone writes run_dir and returns the
+    Under torch.distributed every rank calls this alike; rank 0 alone writes the run folder and returns the
     metrics, the other ranks return an empty dict once training ends.
     """
     release_memory()
-    run_dir, part = Path(run_dir), current()
+    run_dir, part, cfg, faceset = plan.run_dir, current(), plan.config, plan.faceset
     run_dir.mkdir(parents=True, exist_ok=True)
     if part.is_main:  # another rank must not remove rank 0's half-written files
         for p in remove_stale_temps(run_dir):
             log.warning("removed %s, left by an interrupted write", p)
-    cfg = resolve_run_config(run_dir, cfg or RunConfig(), resume)
-    faceset = data if isinstance(data, FaceSet) else discover(data, cfg.data.split_fractions, cfg.data.decode_workers,
-                                                              cfg.data.near_distance)
-    faceset.require_every_class()
-    cfg = resolve_image_size(cfg, faceset)
-    cfg.model.num_classes = len(faceset.classes)
-    cfg.model.image_size = cfg.data.image_size
-    cfg.model.__post_init__()  # re-validate after filling in data-dependent fields
-    if part.is_main:
-        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())  # a Ray worker's run folder is a fresh one
         write_atomic(run_dir / "splits.csv", faceset.write_csv)
     loaded = load_splits(faceset, cfg, cache)
     n_rejected = write_rejected(run_dir / "rejected.csv", loaded) if part.is_main else 0
     classes = list(faceset.classes)
-    init = None
-    if cfg.training.init_from and not resume:
-        init = init_weights(resolve_init(cfg.training.init_from, store, run_dir), classes, cfg.model)
-    result = fit(cfg, classes, loaded["train"], loaded["val"], run_dir, resume=resume, version=version,
+    init = init_weights(plan.init_checkpoint, classes, cfg.model) if plan.init_checkpoint else None
+    result = fit(cfg, classes, loaded["train"], loaded["val"], run_dir, resume=plan.resume, version=plan.version,
                  init_state=init, on_epoch=on_epoch)
     if not part.is_main:
         return {}
