@@ -28,8 +28,8 @@ from faceclf.store import registry
 from faceclf.store.local_paths import allowed_roots, confine
 from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url
 from flows.common import IO_RETRIES
+from flows.params import SCORE_GROUPS, ScoringParams, config_of, moved_parameters
 
-_SCORE = ScoreConfig()  # the flow's defaults are the config's
 
 
 @dataclass(frozen=True)
@@ -112,26 +112,29 @@ def score_stream(model: FetchedModel, location: str, source: str, output: str, c
 
 @flow(name="score", log_prints=True)
 def score(bucket: str | None = None, source: str = "incoming/", version: str | None = None,
-          output: str | None = None, batch_size: int = _SCORE.batch_size, incremental: bool = False,
-          ray_address: str | None = _SCORE.ray_address, int8: bool = False) -> dict[str, Any]:
+          output: str | None = None, incremental: bool = False, int8: bool = False,
+          scoring: ScoringParams = ScoringParams(), **old_flat_parameters: Any) -> dict[str, Any]:
     """Score ``source`` (a prefix in the bucket, or a local folder) with the champion or ``version``.
 
     Streamed: nothing is downloaded first. Predictions (path or key, predicted class, probabilities,
     error, model version, etag) go to ``output``: a key in the bucket, s3://BUCKET/PREFIX/ or a local
     path (local paths: inside the worker's folder or FACECLF_ALLOW_PATHS; never under models/, datasets/,
     incoming/); default predictions/<version>/<source>/predictions.csv. ``incremental`` keeps the rows of an
-    earlier run there whose image (key and ETag) and model version are unchanged. ``ray_address``
-    ("local", host:port, ray://host:port) scores with Ray Data on that cluster instead of in this process.
-    ``int8`` scores with the version's int8 model (published by a night with int8=true), which agreed with
+    earlier run there whose image (key and ETag) and model version are unchanged. ``scoring``: the
+    ScoreConfig settings (batch size, threads, part size...); its ``ray_address`` ("local", host:port,
+    ray://host:port) scores with Ray Data on that cluster instead of in this process. ``int8`` scores with the version's int8 model (published by a night with night.int8=true), which agreed with
     the fp32 model on at least 99.5% of its validation images; the default output then ends in
     predictions.int8.csv.
     """
+    moved = moved_parameters(old_flat_parameters, SCORE_GROUPS, "score")
+    if moved:
+        raise ValueError(moved)
+    cfg = config_of(scoring, ScoreConfig)
     logger = get_run_logger()
     location = night.resolve_location(bucket)
     with tempfile.TemporaryDirectory(prefix="faceclf-score-") as work:
         model = fetch_model(location, version, work, int8)
         target = output or default_output(model.version, source, int8)
-        cfg = ScoreConfig(batch_size=batch_size, ray_address=ray_address or None)
         summary = score_stream(model, location, source, target, cfg, incremental)
     logger.info("scored %d images (%d errors, %d kept from the previous run) with model %s on %s at %.1f "
                 "images/s -> %s", summary.images, summary.errors, summary.reused, model.version, summary.provider,

@@ -26,12 +26,13 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
-from faceclf.config import DriftConfig, GateConfig, Int8Config, NightConfig, RunConfig, with_overrides
+from faceclf.config import DriftConfig, GateConfig, Int8Config, NightConfig, RunConfig
 from faceclf.dataset.cache import CacheReport
 from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.dataset.ingest import IngestReport
 from faceclf.inform import Warnings, with_warnings
-from faceclf.nightly import night, runs, start
+from faceclf.nightly import night as nightly
+from faceclf.nightly import runs, start
 from faceclf.nightly.drift import DriftDetected, DriftReport
 from faceclf.nightly.gate import Decision, decide, with_approval
 from faceclf.nightly.lock import bucket_lease, night_lock
@@ -43,8 +44,20 @@ from faceclf.training.fit import TrainingDiverged, new_version
 from faceclf.training.metrics import RunMetrics
 from flows import notify
 from flows.common import IO_RETRIES
+from flows.params import (
+    TRAIN_GROUPS,
+    DataParams,
+    DriftParams,
+    GateParams,
+    ModelParams,
+    NightParams,
+    QuantizationParams,
+    TrainingParams,
+    config_of,
+    moved_parameters,
+    run_config_of,
+)
 
-_RUN, _GATE, _NIGHT, _DRIFT, _INT8 = RunConfig(), GateConfig(), NightConfig(), DriftConfig(), Int8Config()  # defaults
 APPROVAL_POLL_S = 2  # how often a paused night asks the server whether a person answered
 
 
@@ -64,7 +77,7 @@ def ingest_images(location: str, face_dir: str, allow_new_classes: bool, champio
 def finish_publish(location: str, runs_dir: str) -> str | None:
     """Finish the publish a killed night left half done (champion.json, then latest.json), on whichever worker
     it ran; the version it finished, or None."""
-    return night.finish_unfinished_publish(open_store(location), Path(runs_dir))
+    return nightly.finish_unfinished_publish(open_store(location), Path(runs_dir))
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
@@ -76,7 +89,7 @@ def read_champion(location: str) -> ChampionRef | None:
 @task(cache_policy=NONE)
 def check_data(faceset: FaceSet, champion: ChampionRef | None, allow_new_classes: bool) -> list[str]:
     """Stop before training if there is nothing to train on or a class appeared/vanished."""
-    return night.check_classes(faceset, champion, allow_new_classes)
+    return nightly.check_classes(faceset, champion, allow_new_classes)
 
 
 @task(cache_policy=NONE)
@@ -92,12 +105,12 @@ def find_unfinished(runs_dir: str, faceset: FaceSet, cfg: dict[str, Any]) -> run
 @task(cache_policy=NONE, **IO_RETRIES)
 def nothing_new(location: str, faceset: FaceSet, night_cfg: NightConfig) -> str | None:
     """Why the night ends after ingest (fewer than min_new_images since the last published version)."""
-    return night.nothing_new(faceset, read_latest(open_store(location)), night_cfg.min_new_images, night_cfg.force)
+    return nightly.nothing_new(faceset, read_latest(open_store(location)), night_cfg.min_new_images, night_cfg.force)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def choose_start(location: str, night_cfg: NightConfig, gate: GateConfig, champion: ChampionRef | None,
-                 faceset: FaceSet, score: night.ChampionScore | None) -> start.StartChoice:
+                 faceset: FaceSet, score: nightly.ChampionScore | None) -> start.StartChoice:
     """Warm or cold tonight, and why (faceclf.nightly.start): from the champion re-scored on tonight's test split
     and the share of the images new to it."""
     return start.night_start(open_store(location), night_cfg, gate, champion, faceset, score.metrics if score else None)
@@ -105,37 +118,37 @@ def choose_start(location: str, night_cfg: NightConfig, gate: GateConfig, champi
 
 @task(cache_policy=NONE)
 def start_run(runs_dir: str, faceset: FaceSet, cfg: dict[str, Any], choice: start.StartChoice) -> runs.NightRun:
-    """A new run folder for tonight, recording its data, config and how its training starts (night.json)."""
+    """A new run folder for tonight, recording its data, config and how its training starts (nightly.json)."""
     return runs.start_run(Path(runs_dir), new_version(), cfg, faceset.fingerprint(), choice.to_dict())
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def refresh_cache(location: str, face_dir: str, faceset: FaceSet, cfg: dict[str, Any]) -> CacheReport:
     """Decode the images no cache shard holds yet (or fetch the bucket's shards); mirror new shards."""
-    return night.refresh_cache(open_store(location), Path(face_dir), faceset, RunConfig.from_dict(cfg).data)
+    return nightly.refresh_cache(open_store(location), Path(face_dir), faceset, RunConfig.from_dict(cfg).data)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def check_drift(location: str, report: IngestReport, face_dir: str, cfg: dict[str, Any], champion: ChampionRef | None,
                 run: runs.NightRun, drift_cfg: DriftConfig) -> DriftReport:
     """Tonight's new images against the train split already held, and the champion on them; what moved."""
-    return night.check_drift(open_store(location), report.faceset, report.new_sha256, Path(face_dir),
+    return nightly.check_drift(open_store(location), report.faceset, report.new_sha256, Path(face_dir),
                              RunConfig.from_dict(cfg).data, champion, run.run_dir, drift_cfg)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def audit_labels(location: str, report: IngestReport, champion: ChampionRef | None, runs_dir: str,
-                 mode: str) -> night.LabelAudit:
+                 mode: str) -> nightly.LabelAudit:
     """The champion's audit of tonight's new labels (confident learning); suspects recorded in the bucket."""
-    return night.audit_new_labels(open_store(location), report.faceset, report.new_sha256, report.new_keys, champion,
+    return nightly.audit_new_labels(open_store(location), report.faceset, report.new_sha256, report.new_keys, champion,
                                   Path(runs_dir), mode)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def leave_out_suspects(location: str, faceset: FaceSet,
-                       labels: night.LabelAudit) -> tuple[FaceSet, night.LabelAudit]:
+                       labels: nightly.LabelAudit) -> tuple[FaceSet, nightly.LabelAudit]:
     """label_audit=exclude: the face set without every train/val image an audit flagged (test keeps its images)."""
-    return night.without_suspects(open_store(location), faceset, labels)
+    return nightly.without_suspects(open_store(location), faceset, labels)
 
 
 @task(cache_policy=NONE)
@@ -161,10 +174,10 @@ def train_candidate(location: str, faceset: FaceSet, face_dir: str, run: runs.Ni
     try:
         metrics = RunMetrics.from_dict(run_training(faceset, run.run_dir, config,
                                              resume=run.resume and (run.run_dir / "last.pt").is_file(),
-                                             version=run.version, cache=night.open_cache(Path(face_dir), config.data),
+                                             version=run.version, cache=nightly.open_cache(Path(face_dir), config.data),
                                              store=open_store(location), on_epoch=on_epoch))
     except TrainingDiverged as e:  # a rejected night with its reason, not a bare failed run
-        return RunMetrics.from_dict(night.record_divergence(run.run_dir, run.version, faceset, str(e)))
+        return RunMetrics.from_dict(nightly.record_divergence(run.run_dir, run.version, faceset, str(e)))
     if artifact is not None:
         progress.attempt("training progress artifact", update_progress_artifact, artifact, 100.0,
                          description=f"trained {run.version} (best epoch {metrics.best_epoch})")
@@ -173,20 +186,20 @@ def train_candidate(location: str, faceset: FaceSet, face_dir: str, run: runs.Ni
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def rescore_champion(location: str, champion: ChampionRef | None, faceset: FaceSet,
-                     runs_dir: str) -> night.ChampionScore | None:
+                     runs_dir: str) -> nightly.ChampionScore | None:
     """The current champion's metrics on tonight's test set (None before the first promotion), before training:
     the warm-or-cold rule and the gate both use them (the model is kept in runs_dir/.champion)."""
-    return night.rescore_champion(open_store(location), champion, faceset, night.champion_dir(Path(runs_dir)))
+    return nightly.rescore_champion(open_store(location), champion, faceset, nightly.champion_dir(Path(runs_dir)))
 
 
 @task(cache_policy=NONE)
-def gate_candidate(metrics: RunMetrics, gate: GateConfig, champion: night.ChampionScore | None,
+def gate_candidate(metrics: RunMetrics, gate: GateConfig, champion: nightly.ChampionScore | None,
                    run: runs.NightRun) -> Decision:
     """Promote or reject, with every failed rule spelled out: the absolute bars, then the champion compared
     image by image on the same test set (McNemar overall, per-class F1 by a paired permutation test), unless
     the champion fails the bars itself (stale)."""
     return decide(metrics.test, gate, champion.metrics if champion else None, champion.version if champion else None,
-                  *night.paired_outcomes(run.run_dir, champion, metrics.classes, gate.permutations))
+                  *nightly.paired_outcomes(run.run_dir, champion, metrics.classes, gate.permutations))
 
 
 class Approval(RunInput):
@@ -215,36 +228,36 @@ def ask_approval(decision: Decision, version: str, timeout: int) -> Decision:
 @task(cache_policy=NONE)
 def export_model(run: runs.NightRun, int8: bool, int8_cfg: Int8Config) -> ExportReport:
     """ONNX export of the best checkpoint, checked and parity-tested in onnxruntime (and its int8 model)."""
-    return night.export_candidate(run.run_dir, int8, int8_cfg)
+    return nightly.export_candidate(run.run_dir, int8, int8_cfg)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
 def publish(location: str, run: runs.NightRun, decision: Decision, metrics: RunMetrics, data: dict[str, Any],
             champion: ChampionRef | None, faceset: FaceSet, drift: DriftReport | None, night_cfg: NightConfig,
-            warnings: list[str], score: night.ChampionScore | None = None,
-            labels: night.LabelAudit | None = None) -> night.Published:
+            warnings: list[str], score: nightly.ChampionScore | None = None,
+            labels: nightly.LabelAudit | None = None) -> nightly.Published:
     """Upload the version (report, decision, checkpoint, model if promoted, the test images candidate and champion
     disagree on); move champion.json, then latest.json. ``warnings``: the informing steps that failed so far, for
     the top of report.md."""
     store = open_store(location)
     informed = Warnings(warnings)
-    audited = night.audit_section(run.run_dir, labels, informed)
-    changed = night.what_changed(run.run_dir, score, faceset, run.version, informed)
-    files, body, stuck = night.night_files(run.run_dir, decision, metrics.to_dict(), data, store, champion, night_cfg,
+    audited = nightly.audit_section(run.run_dir, labels, informed)
+    changed = nightly.what_changed(run.run_dir, score, faceset, run.version, informed)
+    files, body, stuck = nightly.night_files(run.run_dir, decision, metrics.to_dict(), data, store, champion, night_cfg,
                                            drift, informed, [audited, changed])
-    result = night.publish(store, files, decision, metrics.to_dict(), champion, faceset, body)
+    result = nightly.publish(store, files, decision, metrics.to_dict(), champion, faceset, body)
     runs.mark_published(run.run_dir, result.version, result.promoted)
     return dataclasses.replace(result, warnings=informed.items, stuck=stuck)
 
 
 @task(cache_policy=NONE, **IO_RETRIES)
-def amend_report(location: str, run: runs.NightRun, result: night.Published, warnings: list[str]) -> str:
+def amend_report(location: str, run: runs.NightRun, result: nightly.Published, warnings: list[str]) -> str:
     """Publish report.md again with the warnings that came after it (artifacts, notification)."""
-    return night.amend_report(open_store(location), run.run_dir, result, Warnings(warnings))
+    return nightly.amend_report(open_store(location), run.run_dir, result, Warnings(warnings))
 
 
-def publish_artifacts(location: str, result: night.Published, metrics: RunMetrics, decision: Decision,
-                      champion: night.ChampionScore | None, warnings: Warnings, link_seconds: int) -> None:
+def publish_artifacts(location: str, result: nightly.Published, metrics: RunMetrics, decision: Decision,
+                      champion: nightly.ChampionScore | None, warnings: Warnings, link_seconds: int) -> None:
     """Per-class accuracy (table), a link to the model version in the bucket, the night's plots (images), the
     rejection notification, and last the report (markdown, with every warning so far). Each only informs: a
     failure joins ``warnings``."""
@@ -265,7 +278,7 @@ def publish_artifacts(location: str, result: night.Published, metrics: RunMetric
                      key="face-night-report", description=decision.summary())
 
 
-def publish_plots(location: str, result: night.Published, warnings: Warnings, link_seconds: int) -> None:
+def publish_plots(location: str, result: nightly.Published, warnings: Warnings, link_seconds: int) -> None:
     """Learning curves, confusion matrix and accuracy across versions as image artifacts, from the bucket
     (presigned links, valid ``link_seconds``: NightConfig.link_seconds, a day by default); a local bucket folder,
     which no browser can reach, gets their paths."""
@@ -276,7 +289,7 @@ def publish_plots(location: str, result: night.Published, warnings: Warnings, li
               "disagreements.png": "test images the candidate and the champion disagree on"}
     links = {name: warnings.attempt(f"presigned link to {name}", store.link, version_key(result.version, name),
                                       link_seconds)
-             for name in night.PLOTS if name in result.uris}
+             for name in nightly.PLOTS if name in result.uris}
     for name, url in links.items():
         if url:
             warnings.attempt(f"{titles[name]} image artifact", create_image_artifact, url,
@@ -294,7 +307,7 @@ def skip_night(reason: str, report: IngestReport, champion: ChampionRef | None,
     ``finished``: the version of a half-done publish this night finished first (None: there was none)."""
     informed = Warnings()
     informed.attempt("night report artifact", create_markdown_artifact,
-                     night.skipped_report(reason, report.to_dict(), champion), key="face-night-report",
+                     nightly.skipped_report(reason, report.to_dict(), champion), key="face-night-report",
                      description=reason)
     get_run_logger().info("%s; champion %s unchanged", reason, champion.version if champion else "none")
     return {"version": None, "promoted": False, "skipped": True, "reasons": [reason], "test_accuracy": None,
@@ -313,60 +326,35 @@ def check_local_paths(location: str, face_dir: str, runs_dir: str) -> None:
 
 
 @flow(name="train", log_prints=True, on_failure=[notify.on_night_failed], on_crashed=[notify.on_night_failed])
-def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "runs",
-          min_accuracy: float = _GATE.min_accuracy, min_class_accuracy: float = _GATE.min_class_accuracy,
-          tolerance: float = _GATE.tolerance, alpha: float = _GATE.alpha,
-          class_tolerance: float = _GATE.class_tolerance, require_improvement: bool = _GATE.require_improvement,
-          epochs: int = _RUN.training.epochs,
-          image_size: int | str = _RUN.data.image_size, batch_size: int = _RUN.training.batch_size,
-          seed: int = _RUN.training.seed, conv_channels: list[int] | None = None, learning_rate: float | None = None,
-          allow_new_classes: bool = _NIGHT.allow_new_classes, min_new_images: int = _NIGHT.min_new_images,
-          force: bool = _NIGHT.force, warm_start: bool | str = _NIGHT.warm_start, warm_epochs: int = _NIGHT.warm_epochs,
-          warm_max_new_share: float = _NIGHT.warm_max_new_share, class_weighting: str = _RUN.training.class_weighting,
-          workers: int = _RUN.training.workers, ray_address: str | None = _RUN.training.ray_address,
-          int8: bool = _NIGHT.int8, int8_min_agreement: float = _INT8.min_agreement, approval: bool = _NIGHT.approval,
-          approval_timeout: int = _NIGHT.approval_timeout, fail_on_drift: bool = _DRIFT.fail_on_drift,
-          drift_class_shift: float = _DRIFT.class_shift, drift_size_ks: float = _DRIFT.size_ks,
-          drift_brightness_ks: float = _DRIFT.brightness_ks,
-          drift_accuracy_drop: float = _DRIFT.accuracy_drop, label_audit: str = _NIGHT.label_audit) -> dict[str, Any]:
+def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "runs", data: DataParams = DataParams(),
+          model: ModelParams = ModelParams(), training: TrainingParams = TrainingParams(),
+          gate: GateParams = GateParams(), drift: DriftParams = DriftParams(), night: NightParams = NightParams(),
+          quantization: QuantizationParams = QuantizationParams(), **old_flat_parameters: Any) -> dict[str, Any]:
     """One night: ingest new images, train a candidate, gate it against the champion, publish.
 
-    ``bucket``: an S3 bucket name (default $FACECLF_BUCKET) or a local folder with the same layout.
-    Training settings left out (or None) keep faceclf.config's defaults. A rerun after a crash resumes
-    the unfinished run (same data and settings) and promotes it once. A night with fewer than
-    ``min_new_images`` new images since the last published version ends after ingest ("nothing new"),
-    unless ``force``. ``workers`` > 1 trains in that many DDP processes on the worker's machine (torchrun's
-    launcher), or on that many Ray Train workers with ``ray_address`` (default $FACECLF_RAY_ADDRESS).
-    The gate: overall and per-class bars, then against the champion on the same test images: rejected when
-    worse by more than ``tolerance``, significantly worse (exact McNemar p < ``alpha``) or any class worse by
-    more than ``class_tolerance``; ``require_improvement`` promotes only a significantly better candidate.
-    ``approval``: once the gate passes, the night pauses until a person approves or rejects the candidate
-    (with a comment) in the Prefect UI or with `python3 -m flows.approve`; no answer within
-    ``approval_timeout`` seconds rejects it. champion.json moves only after an approval.
-    ``warm_start``: auto (fine-tune the champion for ``warm_epochs`` unless it is below the gate's bars on
-    tonight's test split or more than ``warm_max_new_share`` of the images are new to it; the reason is logged,
-    in RUN/night.json, report.md and the result's ``start``), true (fine-tune) or false (from scratch).
-    Before training, tonight's new images are compared with the train split already held (class balance,
-    image size, brightness) and the champion is scored on them; what moved beyond the ``drift_*`` thresholds
-    is flagged in the report, and ``fail_on_drift`` stops the night before training.
-    ``label_audit``: report (default) lists the new images whose label the champion contradicts (label_audit.csv,
-    a gallery, a report section; the suspects are recorded in datasets/face/label_suspects.jsonl), exclude also
-    leaves every recorded suspect out of train and val, off skips the audit.
-    A failed, crashed or rejected night sends a notification (flows/notify.py: $FACECLF_NOTIFY_URL or the
-    faceclf-notify block); a night with nothing new, or a promoted one, sends none.
-    ``int8`` also publishes model.int8.onnx with a promoted model, where it agrees with the fp32 model on at
-    least ``int8_min_agreement`` (99.5%) of the validation images (the `score` flow's ``int8`` uses it).
+    ``bucket``: an S3 bucket name (default $FACECLF_BUCKET) or a local folder with the same layout; ``face_dir``
+    and ``runs_dir``: the worker's image tree and run folders. The settings come grouped by concern, each group
+    the fields of its faceclf.config dataclass (their help texts are the forms' in the Prefect UI; a group left
+    out keeps its defaults):
+    ``data``, ``model``, ``training``: what the candidate trains on and how (``training.workers`` > 1: DDP
+    processes on the worker, or Ray Train workers with ``training.ray_address``);
+    ``gate``: the bars and the comparison with the champion on the same test images;
+    ``drift``: the drift checks on arrival (``drift.fail_on_drift`` stops the night before training);
+    ``night``: when a night trains (``min_new_images``, ``force``), warm or cold start, label audit, approval
+    (the night pauses until a person answers in the UI or with `python3 -m flows.approve`), int8 publishing;
+    ``quantization``: the agreement an int8 model must keep with fp32.
+    A rerun after a crash resumes the unfinished run (same data and settings) and promotes it once. A failed,
+    crashed or rejected night sends a notification (flows/notify.py); a night with nothing new, or a promoted
+    one, sends none. Parameters of the old flat form fail the run with the new place of each.
     """
-    location = night.resolve_location(bucket)
+    moved = moved_parameters(old_flat_parameters, TRAIN_GROUPS, "train")
+    if moved:
+        raise ValueError(moved)
+    location = nightly.resolve_location(bucket)
     check_local_paths(location, face_dir, runs_dir)
-    gate = GateConfig(min_accuracy, min_class_accuracy, tolerance, alpha, class_tolerance, require_improvement)
-    drift_cfg = DriftConfig(drift_class_shift, drift_size_ks, drift_brightness_ks, drift_accuracy_drop,
-                            fail_on_drift=fail_on_drift)
-    night_cfg = NightConfig(min_new_images, force, allow_new_classes, warm_start, warm_epochs, int8, approval,
-                            approval_timeout, warm_max_new_share=warm_max_new_share, label_audit=label_audit)
-    run_cfg = with_overrides(RunConfig(), epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
-                             conv_channels=conv_channels, learning_rate=learning_rate, class_weighting=class_weighting,
-                             workers=workers, ray_address=ray_address)
+    gate_cfg, drift_cfg = config_of(gate, GateConfig), config_of(drift, DriftConfig)
+    night_cfg, int8_cfg = config_of(night, NightConfig), config_of(quantization, Int8Config)
+    run_cfg = run_config_of(data, model, training)
     informed = Warnings()  # the informing steps that failed: warnings atop report.md, never a failed night
     # One night at a time: on this face/ folder (a file lock), and on the bucket, whatever host runs it (a lease).
     with night_lock(Path(face_dir)), bucket_lease(open_store(location), "train night", night_cfg.lease_seconds) as lease:
@@ -385,9 +373,9 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         else:
             labels = informed.attempt("label audit", audit_labels, location, report, champion, runs_dir,
                                       night_cfg.label_audit)
-        begin = choose_start(location, night_cfg, gate, champion, report.faceset, score)
+        begin = choose_start(location, night_cfg, gate_cfg, champion, report.faceset, score)
         if begin.warm:  # an "auto" size becomes the champion's: its weights fit that size only
-            run_cfg = night.warm_start(run_cfg, champion, faceset, night_cfg.warm_epochs, open_store(location))
+            run_cfg = nightly.warm_start(run_cfg, champion, faceset, night_cfg.warm_epochs, open_store(location))
         run_cfg = resolve_image_size(run_cfg, faceset)  # "auto" (from scratch): tonight's train images
         cfg = run_cfg.to_dict()
         run = find_unfinished(runs_dir, faceset, cfg)  # the start is part of the config a rerun matches
@@ -404,14 +392,13 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
         elif not run.trained:
             drift = informed.attempt("drift check", check_drift, location, report, face_dir, cfg, champion, run, drift_cfg)
         metrics = train_candidate(location, faceset, face_dir, run, cfg)
-        decision = gate_candidate(metrics, gate, score, run)
+        decision = gate_candidate(metrics, gate_cfg, score, run)
         if decision.promote and night_cfg.approval:
             decision = ask_approval(decision, run.version, night_cfg.approval_timeout)
-        int8_cfg = Int8Config(min_agreement=int8_min_agreement)
         exported = export_model(run, night_cfg.int8, int8_cfg) if decision.promote else None
         lease.ensure()  # a worker whose lease was taken over publishes nothing (champion.json is swapped anyway)
         result = publish(location, run, decision, metrics,
-                         {**night.report_counts(report.to_dict(), metrics.to_dict()), "training start": begin.summary()},
+                         {**nightly.report_counts(report.to_dict(), metrics.to_dict()), "training start": begin.summary()},
                          champion, faceset, drift, night_cfg, [*informed.items, *metrics.warnings], score, labels)
     informed = Warnings(result.warnings)  # every warning so far, the publish task's own included
     publish_artifacts(location, result, metrics, decision, score, informed, night_cfg.link_seconds)

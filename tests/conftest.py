@@ -90,6 +90,22 @@ def bucket(s3_endpoint: str) -> str:
 FAST = {"epochs": 12, "image_size": 32, "batch_size": 16, "conv_channels": [8, 16], "learning_rate": 5e-3,
         "warm_start": False, "label_audit": "off"}
 LENIENT = {"min_accuracy": 0.75, "min_class_accuracy": 0.6}  # small test sets: ~20 images
+TOP_LEVEL = ("bucket", "face_dir", "runs_dir", "return_state")  # outside any group (and Prefect's own)
+
+
+def grouped(**flat: object) -> dict[str, object]:
+    """The train flow's parameters from the tests' flat shorthand (FAST, LENIENT...): each setting into its
+    group (flows.params), e.g. min_accuracy -> {"gate": {"min_accuracy": ...}}."""
+    from flows.params import TRAIN_GROUPS, new_places
+
+    places, out = new_places(TRAIN_GROUPS), {}
+    for name, value in flat.items():
+        if name in TOP_LEVEL:
+            out[name] = value
+            continue
+        group, field = places[name].split(".")
+        out.setdefault(group, {})[field] = value  # type: ignore[union-attr]
+    return out
 
 
 @pytest.fixture(scope="module")

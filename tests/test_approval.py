@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import FAST, LENIENT, put_local_faces
+from conftest import FAST, grouped, LENIENT, put_local_faces
 
 from faceclf.store import registry
 from faceclf.store.objects import LocalStore
@@ -39,7 +39,7 @@ def night_in_thread(**params: Any) -> tuple[threading.Thread, dict]:
 
     def run() -> None:
         try:
-            out["result"] = train(**params)
+            out["result"] = train(**grouped(**params))
         except BaseException as e:  # noqa: BLE001 - handed to the test thread
             out["error"] = e
 

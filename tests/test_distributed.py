@@ -21,7 +21,7 @@ from faceclf.config import with_overrides
 from faceclf.training.distributed import Rank, part_of, share
 from faceclf.training.plan import capped_workers
 from faceclf.training.ray_train import RayUnavailable, check_address
-from conftest import FAST, LENIENT, put_local_faces, tiny_config
+from conftest import FAST, grouped, LENIENT, put_local_faces, tiny_config
 from test_cli import TINY, faceclf
 
 QUALITY_BAR = 0.8   # what a single process reaches on the sample faces (tests/test_train.py)
@@ -172,8 +172,8 @@ def test_a_night_trains_in_two_processes_with_the_workers_parameter(prefect_api,
 
     bucket = tmp_path / "bucket"
     put_local_faces(bucket, tmp_path / "gen", 60, 1)
-    night = train(bucket=str(bucket), face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **LENIENT,
-                  **{**FAST, "epochs": 8}, workers=2)
+    night = train(**grouped(bucket=str(bucket), face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **LENIENT,
+                  **{**FAST, "epochs": 8}, workers=2))
     assert not night["skipped"] and night["promoted"], night
     run = tmp_path / "runs" / night["version"]
     metrics = ranks_agree(run)  # trained by two ranks from the night's decoded cache

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, LENIENT, put_local_faces
+from conftest import FAST, grouped, LENIENT, put_local_faces
 from PIL import Image, ImageEnhance
 
 from faceclf.config import DriftConfig
@@ -51,7 +51,7 @@ def test_a_drifted_night_is_flagged_and_fail_on_drift_stops_it(prefect_api, tmp_
     kw = {"bucket": str(bucket), "face_dir": str(tmp_path / "face"), "runs_dir": str(tmp_path / "runs"),
           **LENIENT, **FAST}
     put_local_faces(bucket, tmp_path / "gen", 60, 1)
-    night1 = train(**kw)
+    night1 = train(**grouped(**kw))
     assert night1["promoted"]
     drift1 = json.loads(store.get_bytes(registry.version_key(night1["version"], "drift.json")))
     assert drift1["reference_images"] == 0 and drift1["flags"] == []  # the first night has nothing to compare with
@@ -59,7 +59,7 @@ def test_a_drifted_night_is_flagged_and_fail_on_drift_stops_it(prefect_api, tmp_
     # Night 2: darker faces of one class only. Flagged in the report; the night trains (fail_on_drift off).
     put_local_faces(bucket, tmp_path / "gen2", 30, 2)
     assert darken(bucket, 2, "with_mask") > 0
-    night2 = train(**kw)
+    night2 = train(**grouped(**kw))
     assert not night2["skipped"]
     report = store.get_bytes(registry.version_key(night2["version"], "report.md")).decode()
     assert "## Drift on arrival" in report and "**moved:** brightness moved" in report
@@ -73,7 +73,7 @@ def test_a_drifted_night_is_flagged_and_fail_on_drift_stops_it(prefect_api, tmp_
     put_local_faces(bucket, tmp_path / "gen3", 30, 3)
     assert darken(bucket, 3, "with_mask") > 0
     with pytest.raises(DriftDetected, match="brightness moved") as stopped:
-        train(**kw, fail_on_drift=True)
+        train(**grouped(**kw, fail_on_drift=True))
     assert "nothing trained" in str(stopped.value) and "class balance moved" in str(stopped.value)
     assert registry.read_champion(store)["version"] == champion
     assert registry.read_latest(store)["version"] == night2["version"]

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import FAST, LENIENT, onnx_accuracy, tree, upload_faces
+import pytest
+from conftest import FAST, LENIENT, grouped, onnx_accuracy, tree, upload_faces
 
-from faceclf.devtools.demo import local_stack
+from faceclf.devtools.demo import FlowRunFailed, local_stack
 from faceclf.devtools.sample import generate_sample_faces
 from faceclf.devtools.services import read_deployment
 from faceclf.store import registry
@@ -38,7 +39,7 @@ def test_three_nights_through_the_deployment(tmp_path: Path) -> None:
 
         # Night 1: the first champion.
         upload_faces(bucket, tmp_path / "night1", per_class=80, seed=11)
-        stack.run("train/face", params)
+        stack.run("train/face", grouped(**params))
         champion = registry.read_champion(store)
         assert champion is not None
         model = tmp_path / "champion.onnx"
@@ -51,7 +52,7 @@ def test_three_nights_through_the_deployment(tmp_path: Path) -> None:
         # Night 2: no new images -> nothing downloaded from incoming/, no image changes split, and the
         # night ends after ingest: no new version, the champion untouched.
         gets = incoming_gets(s3_log, bucket)
-        stack.run("train/face", params)
+        stack.run("train/face", grouped(**params))
         assert incoming_gets(s3_log, bucket) == gets
         assert tree(face) == split_before
         assert len(registry.list_versions(store)) == 1
@@ -61,13 +62,21 @@ def test_three_nights_through_the_deployment(tmp_path: Path) -> None:
         # Night 3: new images, a candidate that has barely trained (1 epoch at lr 1e-7: its random
         # init) -> worse than the champion on the same test set, rejected; champion unchanged.
         upload_faces(bucket, tmp_path / "night3", per_class=40, seed=33)
-        stack.run("train/face", {**params, "min_accuracy": 0.0, "min_class_accuracy": 0.0,
-                                 "epochs": 1, "learning_rate": 1e-7})
+        stack.run("train/face", grouped(**{**params, "min_accuracy": 0.0, "min_class_accuracy": 0.0,
+                                           "epochs": 1, "learning_rate": 1e-7}))
         night3 = registry.list_versions(store)[-1]
         assert night3["gate_passed"] is False and not night3["has_model"]
         decision = json.loads(store.get_bytes(registry.version_key(night3["version"], "decision.json")))
         assert any("worse than champion" in r for r in decision["reasons"]), decision
         assert registry.read_champion(store) == champion_2
+
+        # A deployment still passing the old flat parameters fails at once, naming the new place of each.
+        with pytest.raises(FlowRunFailed) as old:
+            stack.run("train/face", {"min_accuracy": 0.5, "drift_size_ks": 0.2, "epochs": 2})
+        for moved in ("min_accuracy is now gate.min_accuracy", "drift_size_ks is now drift.size_ks",
+                      "epochs is now training.epochs"):
+            assert moved in str(old.value), old.value
+        assert registry.read_champion(store) == champion_2 and len(registry.list_versions(store)) == 2
 
         # The champion scores a prefix on demand through score/face.
         stack.run("score/face", {"source": "incoming/", "output": "predictions/e2e/predictions.csv"})

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import FAST, LENIENT, onnx_accuracy, put_local_faces, tree, twin_images, upload_faces
+from conftest import FAST, grouped, LENIENT, onnx_accuracy, put_local_faces, tree, twin_images, upload_faces
 
 from faceclf.dataset.manifest import read_manifest
 from faceclf.devtools.sample import generate_sample_faces
@@ -41,7 +41,7 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
     upload_faces(bucket, tmp_path / "night1", per_class=80, seed=11)
 
     # Night 1: no champion yet -> absolute thresholds only -> promoted.
-    n1 = train(bucket=bucket, **LENIENT, **FAST)
+    n1 = train(**grouped(bucket=bucket, **LENIENT, **FAST))
     assert n1["promoted"], n1["reasons"]
     assert n1["ingest"]["new"] == 160 and n1["ingest"]["quarantined"] == 0
     champ = registry.read_champion(store)
@@ -64,7 +64,7 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
 
     # Night 2: nothing new -> nothing downloaded, no image changes split, and the night ends after
     # ingest: no training, no new version, the champion untouched, "nothing new" in the report.
-    n2 = train(bucket=bucket, **LENIENT, **FAST)
+    n2 = train(**grouped(bucket=bucket, **LENIENT, **FAST))
     assert n2["ingest"]["new"] == 0 and n2["ingest"]["skipped"] == n2["ingest"]["listed"] == 160
     assert tree(tmp_path / "face") == split_before
     assert n2["skipped"] and n2["version"] is None and not n2["promoted"]
@@ -77,7 +77,7 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
 
     # force=true trains anyway: the same data and seed give the same model, which ties the champion
     # on the same test set and (tolerance 0) replaces it.
-    n2 = train(bucket=bucket, **LENIENT, **FAST, force=True)
+    n2 = train(**grouped(bucket=bucket, **LENIENT, **FAST, force=True))
     assert not n2["skipped"] and n2["test_accuracy"] == n1["test_accuracy"] and n2["promoted"], n2["reasons"]
     champion_after_2 = registry.read_champion(store)
     assert champion_after_2["version"] == n2["version"] and champion_after_2["previous_version"] == n1["version"]
@@ -102,8 +102,8 @@ def test_three_nights_promote_keep_split_and_reject_a_worse_candidate(prefect_ap
         wrong = "without_mask" if p.parent.name == "with_mask" else "with_mask"
         flipped[f"incoming/{wrong}/flipped-{p.name}"] = p.parent.name
         s3_client().put_object(Bucket=bucket, Key=f"incoming/{wrong}/flipped-{p.name}", Body=p.read_bytes())
-    n3 = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0,
-               **{**FAST, "epochs": 1, "learning_rate": 1e-7, "label_audit": "exclude"})
+    n3 = train(**grouped(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0,
+               **{**FAST, "epochs": 1, "learning_rate": 1e-7, "label_audit": "exclude"}))
     assert not n3["promoted"]
     assert any("worse than champion" in r for r in n3["reasons"]), n3["reasons"]
     rows = {r["key"]: r for r in read_manifest(store)}
@@ -155,7 +155,7 @@ def test_score_flow_writes_predictions_for_a_prefix(prefect_api, bucket: str, tm
     upload_faces(bucket, tmp_path / "faces", per_class=80, seed=5)
     # The judge set is ~21 validation images: at the default 99.5% one borderline image flipping (it does on some
     # AVX2 CPUs) refuses the int8 model, which is the rule working, not this test's subject.
-    night = train(bucket=bucket, **LENIENT, **FAST, int8=True, int8_min_agreement=0.9)
+    night = train(**grouped(bucket=bucket, **LENIENT, **FAST, int8=True, int8_min_agreement=0.9))
     assert night["promoted"]
     assert night["int8"]["file"] == "model.int8.onnx" and night["int8"]["agreement"] >= 0.9, night["int8"]
     assert registry.INT8_MODEL_FILE in registry.recorded_sha256(open_store(f"s3://{bucket}"), night["version"])
@@ -194,8 +194,8 @@ def test_the_score_flow_names_a_missing_int8_model(prefect_api, tmp_path: Path) 
 
     bucket = tmp_path / "bucket"
     put_local_faces(bucket, tmp_path / "gen", 40, 2)
-    night = train(bucket=str(bucket), face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **LENIENT,
-                  **FAST)
+    night = train(**grouped(bucket=str(bucket), face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **LENIENT,
+                  **FAST))
     assert night["promoted"] and night["int8"] is None
     with pytest.raises(FileNotFoundError, match=f"model version {night['version']} has no model.int8.onnx"):
         score(bucket=str(bucket), source=str(tmp_path / "gen"), int8=True)
@@ -228,10 +228,10 @@ def test_nights_on_a_local_bucket_train_only_when_enough_is_new(prefect_api, tmp
     params = {"bucket": str(bucket), "face_dir": str(tmp_path / "face"), "runs_dir": str(tmp_path / "runs"),
               **LENIENT, **{**FAST, "epochs": 4}}
     add(1, 60)
-    first = train(**params)
+    first = train(**grouped(**params))
     assert not first["skipped"] and first["promoted"]
     add(2, 10)  # 20 new images
-    few = train(**params, min_new_images=50)
+    few = train(**grouped(**params, min_new_images=50))
     assert few["skipped"] and few["ingest"]["new"] == 20
     assert few["reasons"][0].startswith(f"nothing new: 20 new image(s) since version {first['version']} (min_new_images=50)")
     store = open_store(bucket)
@@ -240,7 +240,7 @@ def test_nights_on_a_local_bucket_train_only_when_enough_is_new(prefect_api, tmp
 
     listing = faceclf("models", "list", "--bucket", str(bucket)).stdout.splitlines()
     assert listing[-1].startswith(f"latest: {first['version']}, trained on 120 images; a night with fewer new images")
-    enough = train(**params)  # the 20 images ingested by the skipped night still count as new
+    enough = train(**grouped(**params))  # the 20 images ingested by the skipped night still count as new
     assert not enough["skipped"] and enough["ingest"]["new"] == 0 and enough["version"] != first["version"]
     assert json.loads(store.get_bytes(registry.LATEST_KEY))["images"] == 140
     # The decoded cache: the first night decoded all 120 images, the third only the 20 new ones; the
@@ -248,7 +248,7 @@ def test_nights_on_a_local_bucket_train_only_when_enough_is_new(prefect_api, tmp
     assert (first["decoded_cache"]["decoded"], enough["decoded_cache"]["decoded"]) == (120, 20)
     assert store.exists("datasets/face/decoded/32/catalog.json")
     add(3, 5)
-    fresh = train(**{**params, "face_dir": str(tmp_path / "fresh-worker" / "face")})
+    fresh = train(**grouped(**{**params, "face_dir": str(tmp_path / "fresh-worker" / "face")}))
     assert fresh["ingest"]["restored"] == 140 and fresh["decoded_cache"]["decoded"] == 10
     assert fresh["decoded_cache"]["downloaded"] == enough["decoded_cache"]["shards"]
 
@@ -273,14 +273,14 @@ def test_a_night_whose_data_shifts_promotes_the_better_candidate(prefect_api, bu
     monkeypatch.chdir(tmp_path)
     store = open_store(f"s3://{bucket}")
     upload_faces(bucket, tmp_path / "plain", per_class=50, seed=21)
-    first = train(bucket=bucket, **LENIENT, **FAST)
+    first = train(**grouped(bucket=bucket, **LENIENT, **FAST))
     assert first["promoted"], first["reasons"]
 
     shifted = tmp_path / "night-look"
     generate_sample_faces(shifted, per_class=110, size=48, seed=22, look="night")
     for p in sorted(shifted.rglob("*.*")):
         s3_client().put_object(Bucket=bucket, Key=f"incoming/{p.parent.name}/night-{p.name}", Body=p.read_bytes())
-    second = train(bucket=bucket, **LENIENT, **FAST)
+    second = train(**grouped(bucket=bucket, **LENIENT, **FAST))
     assert second["promoted"], second["reasons"]
     decision = json.loads(store.get_bytes(registry.version_key(second["version"], "decision.json")))
     assert decision["champion_version"] == first["version"] and decision["classes"], decision
@@ -301,8 +301,8 @@ def test_the_train_flow_confines_its_local_paths(prefect_api, tmp_path: Path, mo
                    {"bucket": str(outside / "bucket")}):
         name = next(iter(params))
         with pytest.raises(ValueError, match=f"{name} .* outside the worker's folder"):
-            train(**{"bucket": str(work / "bucket"), **params})
+            train(**grouped(**{"bucket": str(work / "bucket"), **params}))
     assert not outside.exists() and not (work / "face").exists()
     monkeypatch.setenv("FACECLF_ALLOW_PATHS", str(outside))
     with pytest.raises(ValueError, match="no images to train on"):  # allowed: the night starts (and finds nothing)
-        train(bucket=str(work / "bucket"), face_dir=str(outside / "face"), runs_dir=str(outside / "runs"))
+        train(**grouped(bucket=str(work / "bucket"), face_dir=str(outside / "face"), runs_dir=str(outside / "runs")))

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FAST, upload_faces
+from conftest import FAST, grouped, upload_faces
 
 from faceclf.inform import Warnings, with_warnings
 from faceclf.store import registry
@@ -73,8 +73,8 @@ def test_a_broken_informing_step_is_a_warning_and_the_champion_still_moves(
     target, warning = BROKEN[step]
     break_it(monkeypatch, target)
     upload_faces(bucket, tmp_path / "faces", per_class=30, seed=5)
-    state = train(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **NIGHT,
-                  return_state=True)
+    state = train(**grouped(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **NIGHT,
+                  return_state=True))
     result = state.result()
     store = open_store(f"s3://{bucket}")
     assert result["promoted"], result["reasons"]
@@ -100,8 +100,8 @@ def test_a_rejection_notification_that_fails_is_a_warning_in_the_report(
 
     monkeypatch.setattr(flows.notify, "notifier", Unreachable)
     upload_faces(bucket, tmp_path / "faces", per_class=30, seed=5)
-    result = train(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"),
-                   **{**NIGHT, "min_accuracy": 1.0, "epochs": 1, "learning_rate": 1e-7})
+    result = train(**grouped(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"),
+                   **{**NIGHT, "min_accuracy": 1.0, "epochs": 1, "learning_rate": 1e-7}))
     store = open_store(f"s3://{bucket}")
     assert not result["promoted"] and registry.read_champion(store) is None
     decision = json.loads(store.get_bytes(registry.version_key(result["version"], "decision.json")))

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FAST, LENIENT, put_local_faces
+from conftest import FAST, grouped, LENIENT, put_local_faces
 
 from flows import notify
 
@@ -138,7 +138,7 @@ def test_failed_rejected_and_nothing_new_nights(prefect_api, webhook: Receiver, 
 
     # Failed: nothing to train on (an empty incoming/) -> the flow run fails -> one notification.
     with pytest.raises(ValueError, match="no images to train on"):
-        train(bucket=str(bucket), **kw, **LENIENT, **FAST)
+        train(**grouped(bucket=str(bucket), **kw, **LENIENT, **FAST))
     assert len(webhook.received) == 1, webhook.received
     failed = webhook.received[0]
     assert failed["path"] == "/night" and failed["title"].startswith("faceclf night failed")
@@ -146,15 +146,15 @@ def test_failed_rejected_and_nothing_new_nights(prefect_api, webhook: Receiver, 
 
     # Promoted: nothing sent. Then the same data again: nothing new, nothing sent.
     put_local_faces(bucket, tmp_path / "gen", 60, 1)
-    first = train(bucket=str(bucket), **kw, **LENIENT, **FAST)
+    first = train(**grouped(bucket=str(bucket), **kw, **LENIENT, **FAST))
     assert first["promoted"], first["reasons"]
-    assert train(bucket=str(bucket), **kw, **LENIENT, **FAST)["skipped"]
+    assert train(**grouped(bucket=str(bucket), **kw, **LENIENT, **FAST))["skipped"]
     assert len(webhook.received) == 1
 
     # Rejected: new images, but a candidate that must be significantly better than a champion that clears the bars
     # -> one notification with the decision's sentence.
     put_local_faces(bucket, tmp_path / "gen2", 5, 4)
-    night = train(bucket=str(bucket), **kw, **FAST, **LENIENT, require_improvement=True)
+    night = train(**grouped(bucket=str(bucket), **kw, **FAST, **LENIENT, require_improvement=True))
     assert not night["promoted"] and len(webhook.received) == 2
     rejected = webhook.received[1]
     assert rejected["title"] == f"faceclf night rejected: {night['version']}"
@@ -162,7 +162,7 @@ def test_failed_rejected_and_nothing_new_nights(prefect_api, webhook: Receiver, 
 
     # Rejected again: two in a row is a stuck pipeline, said in the subject and first in the report.
     put_local_faces(bucket, tmp_path / "gen3", 5, 5)
-    again = train(bucket=str(bucket), **kw, **FAST, **LENIENT, require_improvement=True)
+    again = train(**grouped(bucket=str(bucket), **kw, **FAST, **LENIENT, require_improvement=True))
     assert not again["promoted"] and len(webhook.received) == 3
     stuck = webhook.received[2]
     assert stuck["title"] == f"faceclf pipeline stuck: night {again['version']} rejected"

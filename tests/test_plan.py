@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from faceclf.config import IMBALANCE_RATIO, RunConfig, with_overrides
 from faceclf.dataset.discover import discover
 from faceclf.training.plan import CONFIG_FILE, PLAN_FILE, engine_for, plan_run, weighting_for
-from tests.conftest import tiny_config
-from tests.test_cli import TINY, faceclf
+from conftest import tiny_config
+from test_cli import TINY, faceclf
 
 
 class Counts:

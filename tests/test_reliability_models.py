@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import FAST, upload_faces
+from conftest import FAST, grouped, upload_faces
 
 from faceclf.config import GateConfig, ScoreConfig
 from faceclf.dataset.faceset import FaceSet
@@ -423,8 +423,8 @@ def test_a_night_whose_training_diverges_promotes_nothing(prefect_api, bucket: s
     upload_faces(bucket, tmp_path / "night", per_class=80, seed=11)
 
     # lr 1e30: every epoch's validation loss is NaN, so fit() keeps no weights at all.
-    night = train(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0,
-                  **{**FAST, "epochs": 3, "learning_rate": 1e30})
+    night = train(**grouped(bucket=bucket, min_accuracy=0.0, min_class_accuracy=0.0,
+                  **{**FAST, "epochs": 3, "learning_rate": 1e30}))
     assert not night["promoted"] and night["test_accuracy"] is None, night
     assert len(night["reasons"]) == 1
     assert night["reasons"][0].startswith("training diverged: no epoch produced a finite validation loss")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, LENIENT, REPO, upload_faces
+from conftest import FAST, LENIENT, REPO, grouped, upload_faces
 
 from faceclf.nightly.lock import LOCK_FILE, NightLocked, night_lock
 from faceclf.nightly.runs import PUBLISHED_FILE
@@ -32,7 +32,7 @@ def night_in_subprocess(bucket: str, face: Path, runs: Path, prelude: str = "",
                         params: dict | None = None) -> subprocess.Popen:
     """`flows.train.train(...)` in its own process (against the same Prefect API and S3 endpoint)."""
     code = (f"{prelude}\nfrom flows.train import train\n"
-            f"train(bucket={bucket!r}, face_dir={str(face)!r}, runs_dir={str(runs)!r}, **{params or NIGHT!r})")
+            f"train(**{grouped(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **(params or NIGHT))!r})")
     env = {**os.environ, "PREFECT_API_URL": api_url()}
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -46,7 +46,7 @@ def test_a_new_class_upload_is_quarantined_and_never_blocks_a_night(prefect_api,
     store = open_store(f"s3://{bucket}")
     upload_faces(bucket, tmp_path / "n1", per_class=80, seed=11)
     params = {"bucket": bucket, "face_dir": str(tmp_path / "face"), "runs_dir": str(tmp_path / "runs"), **NIGHT}
-    first = train(**params)
+    first = train(**grouped(**params))
     assert first["promoted"]
     from faceclf.devtools.sample import generate_sample_faces
 
@@ -54,7 +54,7 @@ def test_a_new_class_upload_is_quarantined_and_never_blocks_a_night(prefect_api,
     for p in (tmp_path / "new" / "with_sunglasses").iterdir():
         s3_client().put_object(Bucket=bucket, Key=f"incoming/with_sunglasses/{p.name}", Body=p.read_bytes())
     for _ in range(2):  # tonight and the next night alike
-        second = train(**params)
+        second = train(**grouped(**params))
         assert second["skipped"] and second["ingest"]["classes"] == {"with_mask": 80, "without_mask": 80}
     quarantined = [q for q in second["ingest"]["quarantine"]] or \
         [json.loads(line) for line in store.get_bytes("datasets/face/quarantine.jsonl").decode().splitlines()]
@@ -65,7 +65,7 @@ def test_a_new_class_upload_is_quarantined_and_never_blocks_a_night(prefect_api,
 
     # A deliberate change: allowed, trained with 3 classes, gated on the thresholds alone
     # (the 2-class champion cannot be compared on a 3-class test set).
-    third = train(**params, allow_new_classes=True)
+    third = train(**grouped(**params, allow_new_classes=True))
     assert json.loads(store.get_bytes(registry.version_key(third["version"], "metrics.json")))["classes"] == \
         ["with_mask", "with_sunglasses", "without_mask"]
 
@@ -79,7 +79,7 @@ def test_a_class_too_small_to_split_stops_the_night(prefect_api, bucket: str, tm
     only = next((tmp_path / "rare" / "with_sunglasses").glob("*.jpg"))
     s3_client().put_object(Bucket=bucket, Key="incoming/rare/one.jpg", Body=only.read_bytes())  # 1 image: one split
     with pytest.raises(ValueError, match="class 'rare' has no images in the (train|val|test) split"):
-        train(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **NIGHT)
+        train(**grouped(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **NIGHT))
     assert registry.read_champion(open_store(f"s3://{bucket}")) is None
 
 
@@ -87,7 +87,7 @@ def test_an_empty_incoming_prefix_stops_the_night(prefect_api, bucket: str, tmp_
     from flows.train import train
 
     with pytest.raises(ValueError, match="no images to train on"):
-        train(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **NIGHT)
+        train(**grouped(bucket=bucket, face_dir=str(tmp_path / "face"), runs_dir=str(tmp_path / "runs"), **NIGHT))
     assert registry.read_champion(open_store(f"s3://{bucket}")) is None
 
 
@@ -107,7 +107,7 @@ def test_a_night_killed_mid_epoch_resumes_to_the_same_result(prefect_api, bucket
     killed = list(runs.glob("*/last.pt"))
     assert killed and not list(runs.glob("*/metrics.json")), "the night finished before it could be killed"
 
-    result = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT)
+    result = train(**grouped(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT))
     assert result["resumed"] and result["version"] == killed[0].parent.name
     # The same night uninterrupted, on the same data and settings, gives the same model and metrics.
     clean = run_training(face, tmp_path / "clean", with_overrides(RunConfig(), **{k: v for k, v in FAST.items() if k not in ("warm_start", "label_audit")}))
@@ -133,7 +133,7 @@ def test_killed_between_upload_and_promotion_keeps_the_champion_and_promotes_onc
     store = open_store(f"s3://{bucket}")
     face, runs = tmp_path / "face", tmp_path / "runs"
     upload_faces(bucket, tmp_path / "n1", per_class=80, seed=11)
-    first = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT)
+    first = train(**grouped(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT))
     assert first["promoted"]
 
     upload_faces(bucket, tmp_path / "n2", per_class=20, seed=12)
@@ -146,7 +146,7 @@ def test_killed_between_upload_and_promotion_keeps_the_champion_and_promotes_onc
 
     # The rerun on the same worker finishes the publish first (champion, then latest); its data is then
     # nothing new: it trains nothing, and the run folder is marked published.
-    rerun = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **PROMOTE)
+    rerun = train(**grouped(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **PROMOTE))
     assert rerun["finished_publish"] == pending.name and rerun["skipped"] and not rerun["resumed"]
     champion = registry.read_champion(store)
     assert champion["version"] == pending.name and champion["previous_version"] == first["version"]
@@ -154,7 +154,7 @@ def test_killed_between_upload_and_promotion_keeps_the_champion_and_promotes_onc
     history = (pending / "history.csv").read_text()
     assert history.count("\n") == FAST["epochs"] + 1  # trained once, not again by the rerun
 
-    again = train(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT, force=True)  # a normal night after
+    again = train(**grouped(bucket=bucket, face_dir=str(face), runs_dir=str(runs), **NIGHT, force=True))  # a normal night after
     assert not again["resumed"] and again["version"] != pending.name and again["finished_publish"] is None
 
 
@@ -173,7 +173,7 @@ def test_a_killed_publish_is_finished_by_a_rerun_on_a_fresh_worker(step: str, pr
     assert registry.read_latest(store) is None  # latest.json moves last
 
     fresh = tmp_path / "fresh-worker"
-    rerun = train(bucket=bucket, face_dir=str(fresh / "face"), runs_dir=str(fresh / "runs"), **PROMOTE)
+    rerun = train(**grouped(bucket=bucket, face_dir=str(fresh / "face"), runs_dir=str(fresh / "runs"), **PROMOTE))
     assert rerun["finished_publish"] == killed and rerun["skipped"], rerun
     champion = registry.read_champion(store)
     assert champion["version"] == killed and len(champion["history"]) == 1
@@ -181,7 +181,7 @@ def test_a_killed_publish_is_finished_by_a_rerun_on_a_fresh_worker(step: str, pr
     assert [v["version"] for v in registry.list_versions(store)] == [killed]
     assert not (fresh / "runs").exists() or not any((fresh / "runs").iterdir())  # nothing trained
 
-    again = train(bucket=bucket, face_dir=str(fresh / "face"), runs_dir=str(fresh / "runs"), **PROMOTE)
+    again = train(**grouped(bucket=bucket, face_dir=str(fresh / "face"), runs_dir=str(fresh / "runs"), **PROMOTE))
     assert again["finished_publish"] is None and again["skipped"]  # finishing is done once
 
 
@@ -192,7 +192,7 @@ def test_a_second_night_on_the_same_folder_is_refused(prefect_api, bucket: str, 
     face = tmp_path / "face"
     with night_lock(face):  # the first night, still running
         with pytest.raises(NightLocked, match="another night is running"):
-            train(bucket=bucket, face_dir=str(face), runs_dir=str(tmp_path / "runs"), **NIGHT)
+            train(**grouped(bucket=bucket, face_dir=str(face), runs_dir=str(tmp_path / "runs"), **NIGHT))
     store = open_store(f"s3://{bucket}")
     assert not store.exists("datasets/face/manifest.jsonl")  # the refused night wrote nothing
     assert not [p for p in face.rglob("*.*") if p.name != LOCK_FILE]
@@ -210,12 +210,12 @@ def test_a_night_on_another_host_is_refused_by_the_bucket_lease(prefect_api, buc
     params = {"bucket": bucket, "face_dir": str(tmp_path / "face"), "runs_dir": str(tmp_path / "runs"), **NIGHT}
     with bucket_lease(store, "train night on host B") as other:
         with pytest.raises(NightLocked, match="host B"):
-            train(**params)
+            train(**grouped(**params))
         assert json.loads(store.get_bytes(LEASE_KEY))["holder"] == other.holder
     assert not store.exists("datasets/face/manifest.jsonl")  # the refused night wrote nothing but its lock file
     assert [p.name for p in (tmp_path / "face").rglob("*")] == [LOCK_FILE]
     with pytest.raises(ValueError, match="no images to train on"):
-        train(**params)
+        train(**grouped(**params))
     lease = json.loads(store.get_bytes(LEASE_KEY))
     assert lease["expires_at"] == 0.0 and "train night" in lease["holder"]  # the failed night released it
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, LENIENT, put_local_faces, tiny_config
+from conftest import FAST, grouped, LENIENT, put_local_faces, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_cli import TINY, faceclf
@@ -71,10 +71,10 @@ def test_a_warm_night_fine_tunes_the_champion_and_the_cli_warm_starts_from_a_ver
     params = {"bucket": str(bucket), "face_dir": str(tmp_path / "face"), "runs_dir": str(tmp_path / "runs"),
               **LENIENT, **FAST}
     add(1, 60)
-    first = train(**{**params, "warm_start": True})                # no champion yet: from scratch
+    first = train(**grouped(**{**params, "warm_start": True}))                # no champion yet: from scratch
     assert first["promoted"]
     add(2, 20)
-    second = train(**{**params, "warm_start": True, "warm_epochs": 2})
+    second = train(**grouped(**{**params, "warm_start": True, "warm_epochs": 2}))
     store = open_store(bucket)
     config = json.loads(store.get_bytes(registry.version_key(second["version"], "config.json")))
     assert config["training"]["init_from"] == first["version"] and config["training"]["epochs"] == 2
@@ -231,11 +231,11 @@ def test_auto_nights_fine_tune_after_a_small_addition_and_start_cold_when_the_lo
     params = {"bucket": str(bucket), "face_dir": str(tmp_path / "face"), "runs_dir": str(runs), **LENIENT, **FAST,
               "warm_start": "auto", "warm_epochs": 3}
     put_local_faces(bucket, tmp_path / "gen1", 60, 1)
-    first = train(**params)
+    first = train(**grouped(**params))
     assert first["promoted"] and first["start"]["reason"] == "no champion yet: training from scratch"
 
     put_local_faces(bucket, tmp_path / "gen2", 6, 2)                 # +10%, the same look
-    second = train(**params)
+    second = train(**grouped(**params))
     begin = second["start"]
     assert begin["warm"] and begin["champion"] == first["version"], begin
     assert begin["new_share"] == pytest.approx(12 / 132) and begin["champion_accuracy"] >= LENIENT["min_accuracy"]
@@ -249,7 +249,7 @@ def test_auto_nights_fine_tune_after_a_small_addition_and_start_cold_when_the_lo
     for p in sorted((tmp_path / "gen3").rglob("*.*")):
         (bucket / "incoming" / p.parent.name).mkdir(parents=True, exist_ok=True)
         (bucket / "incoming" / p.parent.name / f"night-{p.name}").write_bytes(p.read_bytes())
-    third = train(**params)
+    third = train(**grouped(**params))
     shifted = third["start"]
     assert not shifted["warm"] and shifted["new_share"] < 0.5, shifted   # the share alone would have said warm
     champion = second["version"] if second["promoted"] else first["version"]

@@ -233,9 +233,9 @@ def run_demo(folder: str | Path | None, cfg: DemoConfig | None = None) -> dict[s
     out = Path(cfg.out).resolve()
     data = choose_data(folder, out)
     params: dict[str, Any] = {"face_dir": str(out / "face"), "runs_dir": str(out / "runs"),
-                              "min_accuracy": cfg.min_accuracy, "min_class_accuracy": cfg.min_class_accuracy}
+                              "gate": {"min_accuracy": cfg.min_accuracy, "min_class_accuracy": cfg.min_class_accuracy}}
     if cfg.epochs:
-        params["epochs"] = cfg.epochs
+        params["training"] = {"epochs": cfg.epochs}
     with sigterm_as_ctrl_c(), local_stack(out, ui=cfg.ui) as stack:
         urls: dict[str, str] = {}  # deployment -> its flow run's page in the UI, as the runs end
         try:
