@@ -4,8 +4,7 @@
                 and one row per field: name, type, default, command-line flag (where it has one), help text
 
 The documentation build writes it into the site (docs/hooks.py), so the page cannot drift from the code: a
-field added, renamed or given a new default shows there at the next build. Nothing here is hand-kept but the
-fallback list of sections below, used only where faceclf.config has no SECTIONS.
+field added, renamed or given a new default shows there at the next build. Nothing here is kept by hand.
 """
 
 from __future__ import annotations
@@ -19,47 +18,19 @@ from typing import Any
 
 from faceclf import config
 
-# Where each section is set, for a faceclf.config without SECTIONS (its name -> (dataclass, where-text)).
-_FALLBACK_SECTIONS: dict[str, tuple[str, str]] = {
-    "data": ("DataConfig", "`faceclf train` options; the train flow's `data` parameter; `data` in RUN/config.json"),
-    "model": ("ModelConfig", "`faceclf train` options; the train flow's `model` parameter; `model` in RUN/config.json"),
-    "training": ("TrainConfig", "`faceclf train` options; the train flow's `training` parameter; `training` in "
-                 "RUN/config.json"),
-    "scoring": ("ScoreConfig", "`faceclf score` options; the score flow's `scoring` parameter"),
-    "ingest": ("IngestConfig", "`faceclf ingest` and `faceclf resplit` options; a night's ingest"),
-    "int8": ("Int8Config", "`faceclf export --int8` options; the train flow's `int8` parameter"),
-    "cache": ("CacheConfig", "the decoded-image cache of a night (library only)"),
-    "drift": ("DriftConfig", "the train flow's `drift` parameter"),
-    "night": ("NightConfig", "the train flow's `night` parameter"),
-    "gate": ("GateConfig", "the train flow's `gate` parameter; `faceclf train --min-accuracy / "
-             "--min-class-accuracy` exit 1 below the first two"),
-}
-
 # Defaults computed on the machine that imports faceclf.config: said as such, with this machine's value.
 _MACHINE_DEFAULTS = {"decode_workers": "one per usable core"}
 
 
 def sections() -> dict[str, tuple[type, str]]:
-    """name -> (config dataclass, where it is set): faceclf.config.SECTIONS, or the fallback list above."""
-    found = getattr(config, "SECTIONS", None)
-    if found:
-        return dict(found)
-    return {name: (getattr(config, cls), where) for name, (cls, where) in _FALLBACK_SECTIONS.items()
-            if hasattr(config, cls)}
-
-
-def is_option(f: dataclasses.Field) -> bool:
-    """Whether ``faceclf.cli`` makes a flag of this field (faceclf.config.is_option where it exists)."""
-    rule = getattr(config, "is_option", None)
-    if rule is not None:
-        return bool(rule(f))
-    return "help" in f.metadata and f.metadata.get("cli", True)
+    """name -> (config dataclass, where it is set), in the reference's order: faceclf.config.SECTIONS."""
+    return dict(config.SECTIONS)
 
 
 def cli_flag(f: dataclasses.Field) -> str | None:
     """The flag ``faceclf.cli.add_config_options`` gives this field, or None: metadata "flag", else --name with
     _ as -; a bool that defaults to True is turned off by --no-<flag>, one that defaults to False turned on."""
-    if not is_option(f):
+    if not config.is_option(f):
         return None
     flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
     if isinstance(f.default, bool) and f.default:
