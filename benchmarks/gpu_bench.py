@@ -11,7 +11,7 @@ Training, on N generated 64 px faces (10,000; --quick 600), interleaved, medians
                 memory), fp32 model on the GPU: the input pipeline is the part that matters here.
 Scoring, on the face-mask photos (all 1,376; --quick 200), batch 64, pre-decoded float32 batches
 copied from the host in both cases: ONNX Runtime's CUDA provider vs torch eager on CUDA; and
-faceclf.serving.stream.score end to end.
+faceclf.serving.stream.score_images end to end.
 
 Without a CUDA GPU nothing is measured and one row says so. ``measure`` takes any device, so the
 tests run this very code on the CPU.
@@ -85,11 +85,11 @@ def train_rows(device: torch.device, n_images: int, reps: int) -> list[dict[str,
 
 
 def score_rows(device: torch.device, files: list[Path], reps: int) -> list[dict[str, Any]]:
-    """ONNX Runtime vs torch eager (model only) and faceclf.serving.stream.score end to end, on ``device``."""
+    """ONNX Runtime vs torch eager (model only) and faceclf.serving.stream.score_images end to end, on ``device``."""
     from faceclf.config import ScoreConfig
     from faceclf.dataset.tensors import decode_images
-    from faceclf.serving.score import load_onnx_model
-    from faceclf.serving.stream import score
+    from faceclf.serving.onnx_model import load_onnx_model
+    from faceclf.serving.stream import score_images
     from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     cfg = ScoreConfig(device=device.type)
@@ -113,7 +113,7 @@ def score_rows(device: torch.device, files: list[Path], reps: int) -> list[dict[
             _sync(device)
 
         def e2e() -> float:
-            return score(onnx_path, files, Path(tmp) / "predictions.csv", cfg).seconds
+            return score_images(onnx_path, files, Path(tmp) / "predictions.csv", cfg).seconds
 
         fns = {"ort": lambda: timed(ort_only), "torch": lambda: timed(torch_only), "e2e": e2e}
         for f in fns.values():
@@ -132,7 +132,7 @@ def score_rows(device: torch.device, files: list[Path], reps: int) -> list[dict[
             f"no_grad, host->device copy included; {spread(t['torch'])} s"),
         row(NAME, "score: ORT vs torch eager", ips["ort"] / ips["torch"], "x", "score: torch eager model only",
             ips["torch"], ips["ort"] / ips["torch"], "ORT / torch on the same device"),
-        row(NAME, "score: faceclf.serving.stream.score end to end", ips["e2e"], "img/s", note=f"{where}; {cfg.decode_workers} decode "
+        row(NAME, "score: faceclf.serving.stream.score_images end to end", ips["e2e"], "img/s", note=f"{where}; {cfg.decode_workers} decode "
             f"threads, {cfg.prefetch_batches} batches decoded ahead; {spread(t['e2e'])} s"),
     ]
 

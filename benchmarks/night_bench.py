@@ -13,7 +13,7 @@ flow (flows/train.py), each timed:
                   --quick: 1) (includes decoding all splits, val+test evaluation of the best
                   checkpoint and the plots)
   export          faceclf.nightly.night.export_candidate(run/) -> run/model.onnx (checker + parity test)
-  evaluate        faceclf.serving.score.evaluate_onnx(run/model.onnx, faceset): re-scoring on the
+  evaluate        faceclf.serving.onnx_model.evaluate_onnx(run/model.onnx, faceset): re-scoring on the
                   FaceSet's test split (what night.rescore_champion does with the champion's model)
   upload          publish_version(store, version, the night's files) + set_champion(...) (compare-and-swap on champion.json)
 Calling the library functions in sequence is the night without Prefect's overhead (no server,
@@ -174,7 +174,7 @@ def run(quick: bool = False) -> list[dict]:
     from faceclf.dataset.ingest import ingest
     from faceclf.devtools.services import local_s3_env, moto_s3_server
     from faceclf.nightly import night, runs
-    from faceclf.serving.score import evaluate_onnx
+    from faceclf.serving.onnx_model import evaluate_onnx
     from faceclf.store.registry import (
         MODEL_FILE,
         champion_ref,

@@ -9,7 +9,7 @@ face-mask photos (all 1,376; --quick 200), interleaved, medians over repetitions
 
 - naive serial bound (baseline): 1 / (1/PIL decode + 1/ORT on float32 normalised in numpy), i.e.
   decode everything, then score it, one after the other;
-- faceclf end to end: faceclf.serving.stream.score on the folder (decode overlapped with ORT, parts, CSV);
+- faceclf end to end: faceclf.serving.stream.score_images on the folder (decode overlapped with ORT, parts, CSV);
 - faceclf end to end with the int8 model (`faceclf export --int8`, calibrated on the run's val images);
 - decode only: PIL alone (load_image's PIL path: draft + resize) and faceclf's load_image (libjpeg-turbo through
   simplejpeg at PIL's DCT scale for JPEGs: the same pixels);
@@ -138,8 +138,8 @@ def measure_set(label: str, files: list[Path], onnx_path: Path, float_session, r
     from faceclf.config import ScoreConfig
     from faceclf.dataset.preprocess import load_image, pil_decode
     from faceclf.dataset.tensors import decode_images
-    from faceclf.serving.score import load_onnx_model
-    from faceclf.serving.stream import score
+    from faceclf.serving.onnx_model import load_onnx_model
+    from faceclf.serving.stream import score_images
 
     cfg = ScoreConfig(device="cpu")
     om = load_onnx_model(onnx_path, "cpu")
@@ -157,13 +157,13 @@ def measure_set(label: str, files: list[Path], onnx_path: Path, float_session, r
             list(pool.map(fn, datas))
 
     fns = {
-        "e2e": lambda: score(onnx_path, files, work / "predictions.csv", cfg).seconds,
+        "e2e": lambda: score_images(onnx_path, files, work / "predictions.csv", cfg).seconds,
         "pil": lambda: timed(lambda: decode(lambda d: pil_decode(d, size))),
         "faceclf_decode": lambda: timed(lambda: decode(lambda d: load_image(io.BytesIO(d), size))),
         "ort_u8": lambda: timed(lambda: [om.session.run(None, {om.input_name: b}) for b in pixels]),
         "ort_f32": lambda: timed(lambda: [float_session.run(None, {fname: om.preprocess.to_input(b)}) for b in pixels]),
         "ort_f32_model": lambda: timed(lambda: [float_session.run(None, {fname: x}) for x in floats]),
-        "e2e_int8": lambda: score(int8[0], files, work / "predictions-int8.csv", cfg).seconds,
+        "e2e_int8": lambda: score_images(int8[0], files, work / "predictions-int8.csv", cfg).seconds,
         "ort_int8": lambda: timed(lambda: [q8.session.run(None, {q8.input_name: b}) for b in pixels]),
     }
     for f in fns.values():
@@ -179,7 +179,7 @@ def measure_set(label: str, files: list[Path], onnx_path: Path, float_session, r
         row(NAME, f"{label}: naive serial bound", naive, "img/s", note=f"{where}; 1/(1/PIL decode + 1/ORT float32 "
             "input normalised in numpy): decode then score, one after the other"),
         row(NAME, f"{label}: faceclf end to end", ips["e2e"], "img/s", "naive serial bound", naive,
-            ips["e2e"] / naive, f"faceclf.serving.stream.score (uint8 model, decode overlapped, parts + CSV); "
+            ips["e2e"] / naive, f"faceclf.serving.stream.score_images (uint8 model, decode overlapped, parts + CSV); "
             f"goal >= {GOAL_E2E_VS_NAIVE:g}x: {'met' if ips['e2e'] / naive >= GOAL_E2E_VS_NAIVE else 'NOT met'}; "
             f"{spread(t['e2e'])} s"),
         row(NAME, f"{label}: decode only, PIL (draft + resize)", ips["pil"], "img/s",
@@ -205,7 +205,7 @@ def streaming_rows(onnx_path: Path, n: int, work: Path) -> list[dict]:
     from benchmarks.s3_fixture import make_faces, upload_faces
     from faceclf.config import ScoreConfig
     from faceclf.devtools.services import local_s3_env, moto_s3_server
-    from faceclf.serving.stream import score
+    from faceclf.serving.stream import score_images
     from faceclf.store.objects import open_store
 
     cfg = ScoreConfig(device="cpu")
@@ -219,9 +219,9 @@ def streaming_rows(onnx_path: Path, n: int, work: Path) -> list[dict]:
             keys = [o.key for o in store.list("incoming/")]
             with ThreadPoolExecutor(cfg.fetch_workers) as pool:
                 list(pool.map(lambda k: store.download(k, dest / k), keys))
-            score(onnx_path, [dest], work / "copy.csv", cfg)
+            score_images(onnx_path, [dest], work / "copy.csv", cfg)
 
-        stream = timed(lambda: score(onnx_path, [url], "s3://bench/predictions/stream/", cfg))
+        stream = timed(lambda: score_images(onnx_path, [url], "s3://bench/predictions/stream/", cfg))
         copy = timed(download_then_score)
         rows.append(row(NAME, "S3 (127.0.0.1): streaming score", n / stream, "img/s", "download then score",
                         n / copy, copy / stream, f"{n} generated 64 px JPEGs on moto; {cfg.fetch_workers} fetch threads; "
@@ -233,8 +233,8 @@ def streaming_rows(onnx_path: Path, n: int, work: Path) -> list[dict]:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
             on_ray = dataclasses.replace(cfg, ray_address="local")
-            score(onnx_path, [url], "s3://bench/predictions/ray-warm/", on_ray)  # actor start-up once
-            t_ray = timed(lambda: score(onnx_path, [url], "s3://bench/predictions/ray/", on_ray))
+            score_images(onnx_path, [url], "s3://bench/predictions/ray-warm/", on_ray)  # actor start-up once
+            t_ray = timed(lambda: score_images(onnx_path, [url], "s3://bench/predictions/ray/", on_ray))
         finally:
             ray.shutdown()
         rows.append(row(NAME, "Ray Data on a local instance", n / t_ray, "img/s", "one process (streaming)",
@@ -247,7 +247,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     """Measure and return the rows (see the module docstring)."""
     from faceclf.dataset.layout import list_images
     from faceclf.dataset.tensors import decode_images
-    from faceclf.serving.score import load_onnx_model
+    from faceclf.serving.onnx_model import load_onnx_model
     from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     warnings.filterwarnings("ignore")

@@ -147,7 +147,7 @@ def knows(n1_data: Path, n2_data: Path, run1: Path, m1: dict[str, Any], cache_di
     from faceclf.nightly.drift import measure, new_mask, spread
     from faceclf.nightly.gate import gate_failures
     from faceclf.serving.export import export_onnx
-    from faceclf.serving.score import accuracy_on, evaluate_onnx
+    from faceclf.serving.onnx_model import accuracy_on, evaluate_onnx
 
     model = export_onnx(run1 / "checkpoint.pt", run1 / "model.onnx").path
     f1, f2 = discover(n1_data, SPLIT_FRACTIONS, 2), discover(n2_data, SPLIT_FRACTIONS, 2)

@@ -231,9 +231,9 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_score(a: argparse.Namespace) -> None:
-    from faceclf.serving.stream import score
+    from faceclf.serving.stream import score_images
 
-    s = score(a.model, a.images, a.out, config_from_args(ScoreConfig, a), expected_sha256=a.sha256,
+    s = score_images(a.model, a.images, a.out, config_from_args(ScoreConfig, a), expected_sha256=a.sha256,
               incremental=a.incremental)
     kept = (f"; {s.reused} kept from the previous run" if s.reused else "") + (
         f"; {s.resumed} from the killed run resumed" if s.resumed else "")

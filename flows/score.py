@@ -23,7 +23,7 @@ from faceclf.config import ScoreConfig
 from faceclf.nightly import night
 from faceclf.serving.output import check_output_key
 from faceclf.serving.stream import ScoreSummary
-from faceclf.serving.stream import score as score_images
+from faceclf.serving.stream import score_images
 from faceclf.store import registry
 from faceclf.store.local_paths import allowed_roots, confine
 from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url
@@ -71,7 +71,7 @@ def default_output(version: str, source: str, int8: bool = False) -> str:
 
 
 def output_location(store: Store, output: str, roots: list[Path] | None = None) -> str:
-    """A flow ``output`` as stream.score takes it, once it is known to stay in its place: an s3:// URL in the
+    """A flow ``output`` as stream.score_images takes it, once it is known to stay in its place: an s3:// URL in the
     flow's own bucket, a local path (/, ./, ../) inside ``roots`` (default ``allowed_roots()``), anything
     else a plain key of the store outside models/, datasets/ and incoming/ (in a local bucket folder, inside
     ``roots`` too). ValueError naming the output otherwise."""

@@ -19,7 +19,7 @@ def test_gpu_benchmark_code_runs_on_the_cpu_and_reports_every_figure() -> None:
         by_what["train: faceclf AMP"]["value"] / by_what["train: faceclf fp32"]["value"])
     if DATASET.is_dir():
         assert "CPUExecutionProvider" in by_what["score: ONNX Runtime model only"]["note"]
-        assert by_what["score: faceclf.serving.stream.score end to end"]["value"] > 0
+        assert by_what["score: faceclf.serving.stream.score_images end to end"]["value"] > 0
         assert by_what["score: ORT vs torch eager"]["ratio"] > 0
 
 

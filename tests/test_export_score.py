@@ -17,8 +17,8 @@ import faceclf.serving.export as E
 from faceclf.dataset.preprocess import Preprocess, load_image
 from faceclf.dataset.tensors import normalize
 from faceclf.serving.export import ExportParityError, check_parity, export_onnx
-from faceclf.serving.score import CPU_PROVIDER, load_onnx_model, predict_proba, providers_for
-from faceclf.serving.stream import score
+from faceclf.serving.onnx_model import CPU_PROVIDER, load_onnx_model, predict_proba, providers_for
+from faceclf.serving.stream import score_images
 from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 
@@ -100,7 +100,7 @@ def test_score_writes_one_row_per_image_with_errors_inline(onnx_model: Path, tra
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (folder / "notes.txt").write_text("not an image, not scored")
     out = tmp_path / "pred.csv"
-    summary = score(onnx_model, [folder], out)
+    summary = score_images(onnx_model, [folder], out)
     assert summary.provider == CPU_PROVIDER
     assert (summary.images, summary.errors) == (len(test_images) + 1, 1)
     with open(out, newline="") as f:
@@ -124,7 +124,7 @@ def test_score_writes_one_row_per_image_with_errors_inline(onnx_model: Path, tra
         with torch.no_grad():
             want = ckpt["classes"][int(model(normalize(x, Preprocess.from_checkpoint(ckpt))).argmax())]
         assert r["predicted_class"] == want
-    score(onnx_model, [folder], out)  # a rerun replaces the file
+    score_images(onnx_model, [folder], out)  # a rerun replaces the file
     with open(out, newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
 
@@ -156,7 +156,7 @@ def test_decoding_ahead_keeps_every_row_in_input_order(onnx_model: Path, trained
 
 def test_score_missing_input_and_foreign_model_are_clear_errors(onnx_model: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        score(onnx_model, [tmp_path / "missing"], tmp_path / "p.csv")
+        score_images(onnx_model, [tmp_path / "missing"], tmp_path / "p.csv")
     bare = onnx.load(str(onnx_model))
     del bare.metadata_props[:]
     onnx.save(bare, str(tmp_path / "bare.onnx"))

@@ -21,7 +21,7 @@ from faceclf.serving.quantize import (
     quantize_int8,
     validation_files,
 )
-from faceclf.serving.score import load_onnx_model, predict_proba
+from faceclf.serving.onnx_model import load_onnx_model, predict_proba
 from test_cli import TINY, faceclf
 
 

@@ -34,8 +34,8 @@ from faceclf.dataset.preprocess import Preprocess, load_image
 from faceclf.dataset.tensors import load_split
 from faceclf.nightly.gate import decide
 from faceclf.serving.export import check_parity, parity_batch, pixel_model
-from faceclf.serving.score import evaluate_onnx, load_onnx_model, predict_proba
-from faceclf.serving.stream import score
+from faceclf.serving.onnx_model import evaluate_onnx, load_onnx_model, predict_proba
+from faceclf.serving.stream import score_images
 from faceclf.store import registry
 from faceclf.store.objects import open_store
 from faceclf.store.s3 import s3_client
@@ -207,7 +207,7 @@ def test_external_data_outside_the_folder_is_refused_before_a_session_exists(evi
         with pytest.raises(ValueError, match="refusing to load it"):
             evaluate_onnx(path, tmp_path, CPU)  # the night's champion re-scoring opens models the same way
         with pytest.raises(ValueError, match="refusing to load it"):
-            score(path, [held_out_images(trained_run)[0]], tmp_path / "p.csv", CPU)
+            score_images(path, [held_out_images(trained_run)[0]], tmp_path / "p.csv", CPU)
         ckpt = load_checkpoint(trained_run / "checkpoint.pt")
         with pytest.raises(ValueError, match="refusing to load it"):  # export's parity check opens any path it is given
             check_parity(path, pixel_model(ckpt), parity_batch(ckpt))
@@ -253,11 +253,11 @@ def test_score_refuses_a_model_whose_sha256_differs(onnx_model: Path, trained_ru
         with pytest.raises(ValueError, match=f"has sha256 [0-9a-f]{{64}}, but {good_sha} was expected"):
             load_onnx_model(other, "cpu", expected_sha256=good_sha)
         with pytest.raises(ValueError, match="was expected; refusing"):
-            score(other, images, tmp_path / "p.csv", CPU, expected_sha256=good_sha)
+            score_images(other, images, tmp_path / "p.csv", CPU, expected_sha256=good_sha)
         with pytest.raises(ValueError, match="expected sha256 'abc' is not 64 hexadecimal digits"):
             load_onnx_model(onnx_model, "cpu", expected_sha256="abc")
     assert sessions == [] and not (tmp_path / "p.csv").exists()
-    assert score(onnx_model, images, tmp_path / "p.csv", CPU, expected_sha256=good_sha).scored == 3
+    assert score_images(onnx_model, images, tmp_path / "p.csv", CPU, expected_sha256=good_sha).scored == 3
 
 
 def publish_champion(bucket: str, onnx_model: Path, trained_run: Path) -> None:
@@ -311,7 +311,7 @@ def test_bad_image_in_the_middle_of_a_full_batch(onnx_model: Path, trained_run: 
     paths = image_folder(trained_run, tmp_path / "batch", 9, bad={4})  # batches [0-2] [3-5] [6-8]: 4 is mid-batch
     out = tmp_path / "pred.csv"
     cfg = ScoreConfig(batch_size=3, decode_workers=2, device="cpu")
-    summary = score(onnx_model, [tmp_path / "batch"], out, cfg)
+    summary = score_images(onnx_model, [tmp_path / "batch"], out, cfg)
     assert (summary.images, summary.scored, summary.errors) == (9, 8, 1)
     rows = read_rows(out)
     assert [r["path"] for r in rows] == [str(p) for p in paths]
@@ -325,7 +325,7 @@ def test_bad_image_in_the_middle_of_a_full_batch(onnx_model: Path, trained_run: 
         assert r["error"] == "" and r["predicted_class"] == model.classes[int(alone.argmax())]
         np.testing.assert_allclose([float(r[f"p_{c}"]) for c in model.classes], alone, atol=2e-6)
     first = out.read_bytes()
-    score(onnx_model, [tmp_path / "batch"], out, cfg)  # a rerun over the same output path
+    score_images(onnx_model, [tmp_path / "batch"], out, cfg)  # a rerun over the same output path
     assert out.read_bytes() == first and len(read_rows(out)) == 9
 
 
@@ -334,7 +334,7 @@ def test_a_killed_scoring_run_resumes_after_its_last_part_with_one_row_per_image
     folder = tmp_path / "batch"
     paths = image_folder(trained_run, folder, 800, bad={400})
     out = folder / "pred.csv"  # inside the scored folder: neither it nor its parts may be scored
-    score(onnx_model, [folder], out, CPU)
+    score_images(onnx_model, [folder], out, CPU)
     previous = out.read_bytes()
     assert len(read_rows(out)) == 800 and not (folder / "pred.csv.parts").exists()
 
@@ -352,7 +352,7 @@ def test_a_killed_scoring_run_resumes_after_its_last_part_with_one_row_per_image
     assert out.read_bytes() == previous  # the killed run changed nothing that others read
     done = sum(len(read_rows(p)) for p in written)
 
-    summary = score(onnx_model, [folder], out, ScoreConfig(device="cpu", part_rows=50))
+    summary = score_images(onnx_model, [folder], out, ScoreConfig(device="cpu", part_rows=50))
     rows = read_rows(out)
     assert summary.resumed == done and summary.images == len(rows) == 800 and summary.errors == 1
     assert [r["path"] for r in rows] == [str(p) for p in paths]  # one row per image, in order, no extra

@@ -18,7 +18,7 @@ from faceclf.config import ScoreConfig
 from faceclf.serving import output as O
 from faceclf.serving.ray_score import RAY_AWS_ENV, aws_env
 from faceclf.serving.sources import LocalSource, StoreSource
-from faceclf.serving.stream import PredictionOutput, score
+from faceclf.serving.stream import PredictionOutput, score_images
 from faceclf.store import registry
 from faceclf.store.objects import open_store
 from faceclf.store.s3 import s3_client
@@ -74,14 +74,14 @@ def test_output_under_the_registry_or_the_data_is_refused_in_a_bucket(onnx_model
                 "predictions/../models/face/champion.json"):
         out = f"s3://{bucket}/{key}"
         with pytest.raises(ValueError, match="output .*(under 'models/'|under 'datasets/'|under 'incoming/'|'\\.\\.')"):
-            score(onnx_model, images, out, CPU)
+            score_images(onnx_model, images, out, CPU)
     assert store.get_bytes(registry.CHAMPION_KEY) == b'{"version": "x"}'
     assert [o.key for o in store.list()] == [registry.CHAMPION_KEY]  # no parts, no summary anywhere
     proc = faceclf("score", str(onnx_model), str(images[0]), "--out", f"s3://{bucket}/{registry.CHAMPION_KEY}",
                    check=False)
     assert proc.returncode == 2 and "under 'models/'" in proc.stderr and "Traceback" not in proc.stderr
     assert store.get_bytes(registry.CHAMPION_KEY) == b'{"version": "x"}'
-    assert score(onnx_model, images, f"s3://{bucket}/predictions/ok/", CPU).images == 3  # elsewhere: fine
+    assert score_images(onnx_model, images, f"s3://{bucket}/predictions/ok/", CPU).images == 3  # elsewhere: fine
 
 
 def test_output_inside_a_local_bucket_folders_registry_is_refused(tmp_path: Path) -> None:
@@ -100,24 +100,24 @@ def test_a_file_the_scorer_did_not_write_is_never_overwritten(onnx_model: Path, 
     settings.parent.mkdir()
     settings.write_text('{"keep": "me"}')
     with pytest.raises(ValueError, match=r"refusing to overwrite .*settings\.json: not written by a scoring run"):
-        score(onnx_model, images, tmp_path / "x" / "settings.csv", CPU)
+        score_images(onnx_model, images, tmp_path / "x" / "settings.csv", CPU)
     assert settings.read_text() == '{"keep": "me"}' and sorted(p.name for p in settings.parent.iterdir()) == [
         "settings.json"]
     report = tmp_path / "y" / "report.csv"  # a CSV without a scoring summary beside it
     report.parent.mkdir()
     report.write_text("someone,else's\n")
     with pytest.raises(ValueError, match=r"refusing to overwrite .*report\.csv"):
-        score(onnx_model, images, report, CPU)
+        score_images(onnx_model, images, report, CPU)
     assert report.read_text() == "someone,else's\n"
 
     out = tmp_path / "z" / "pred.csv"  # the scorer's own output: a rerun and --incremental keep working
-    first = score(onnx_model, images, out, CPU)
+    first = score_images(onnx_model, images, out, CPU)
     assert json.loads((tmp_path / "z" / "pred.json").read_text())["written_by"] == O.WRITTEN_BY
-    assert score(onnx_model, images, out, CPU, incremental=True).reused == first.images == 6
+    assert score_images(onnx_model, images, out, CPU, incremental=True).reused == first.images == 6
     summary = json.loads((tmp_path / "z" / "pred.json").read_text())
     del summary["written_by"]  # a summary written before the marker existed is still the scorer's
     (tmp_path / "z" / "pred.json").write_text(json.dumps(summary))
-    assert score(onnx_model, images, out, CPU, incremental=True).reused == 6
+    assert score_images(onnx_model, images, out, CPU, incremental=True).reused == 6
 
 
 def test_flow_outputs_and_sources_are_confined_to_the_workers_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -212,7 +212,7 @@ def test_oversize_objects_and_decompression_bombs_get_error_rows_and_are_never_d
     s3 = (f"s3://{bucket}/to-score/", f"s3://{bucket}/predictions/b/")
     for source, out in (s3, (tmp_path / "in", tmp_path / "p.csv")):
         decoded.clear()
-        summary = score(onnx_model, [source], out, cfg)
+        summary = score_images(onnx_model, [source], out, cfg)
         assert (summary.images, summary.errors) == (9, 5)
         assert len(decoded) == 4  # the four real faces; no bomb reached a decoder
         text = (open_store(f"s3://{bucket}").get_bytes("predictions/b/predictions.csv").decode()
@@ -263,9 +263,9 @@ def test_a_file_name_that_is_not_utf8_gets_a_row_and_reruns_work(onnx_model: Pat
     out = tmp_path / "p.csv"
     monkeypatch.setattr(PredictionOutput, "finish", lambda self, summary: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # killed after every part was written: the rerun resumes
-        score(onnx_model, [folder], out, CPU)
+        score_images(onnx_model, [folder], out, CPU)
     monkeypatch.undo()
-    resumed = score(onnx_model, [folder], out, CPU)
+    resumed = score_images(onnx_model, [folder], out, CPU)
     assert (resumed.images, resumed.errors, resumed.resumed) == (5, 1, 4)  # the part ended at the escaped name
     rows = rows_of(out)
     escaped = f"{folder}/\\xff\\xfeface.jpg"
@@ -273,9 +273,9 @@ def test_a_file_name_that_is_not_utf8_gets_a_row_and_reruns_work(onnx_model: Pat
     by_path = {r["path"]: r for r in rows}
     assert by_path[escaped]["predicted_class"] == by_path[str(images[0])]["predicted_class"]
     assert by_path[escaped]["p_with_mask"] == by_path[str(images[0])]["p_with_mask"]
-    again = score(onnx_model, [folder], out, CPU, incremental=True)
+    again = score_images(onnx_model, [folder], out, CPU, incremental=True)
     assert (again.images, again.reused) == (5, 5) and rows_of(out) == rows
-    assert score(onnx_model, [folder], out, CPU).images == 5  # and a plain rerun
+    assert score_images(onnx_model, [folder], out, CPU).images == 5  # and a plain rerun
 
 
 @pytest.mark.parametrize("damage", ["garbage", "header", "truncated", "unsorted"])
@@ -283,7 +283,7 @@ def test_incremental_over_a_malformed_previous_csv_rescores_everything_with_a_wa
         onnx_model: Path, faces: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
     images = some_faces(faces, tmp_path / "in")
     out = tmp_path / "p.csv"
-    score(onnx_model, images, out, CPU)
+    score_images(onnx_model, images, out, CPU)
     text = out.read_text()
     lines = text.splitlines(keepends=True)
     out.write_bytes({"garbage": b"\xff\xfe\x00\x01garbage\n\x00",
@@ -291,7 +291,7 @@ def test_incremental_over_a_malformed_previous_csv_rescores_everything_with_a_wa
                      "truncated": text[:len(text) - len(lines[-1]) + 20].encode(),  # in the last row's path
                      "unsorted": "".join([lines[0], lines[2], lines[1], *lines[3:]]).encode()}[damage])
     with caplog.at_level(logging.WARNING, logger="faceclf.serving.output"):
-        again = score(onnx_model, images, out, CPU, incremental=True)
+        again = score_images(onnx_model, images, out, CPU, incremental=True)
     assert (again.images, again.reused, again.errors) == (6, 0, 0)
     assert "not reusing the previous predictions" in caplog.text and "scoring every image again" in caplog.text
     assert out.read_text() == text  # whole again, the same rows

@@ -15,9 +15,9 @@ import pytest
 from test_cli import faceclf
 
 from faceclf.config import ScoreConfig
-from faceclf.serving.score import load_onnx_model
+from faceclf.serving.onnx_model import load_onnx_model
 from faceclf.serving.sources import Item, LocalSource, NoImages
-from faceclf.serving.stream import score, score_items
+from faceclf.serving.stream import score_images, score_items
 from faceclf.store.s3 import s3_client
 
 CPU = ScoreConfig(device="cpu", part_rows=8, batch_size=4)
@@ -55,7 +55,7 @@ def local_reference(onnx_model: Path, files: list[Path], tmp_path: Path) -> dict
     for p in files:
         (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
         (folder / p.parent.name / p.name).write_bytes(p.read_bytes())
-    score(onnx_model, [folder], tmp_path / "reference.csv", CPU)
+    score_images(onnx_model, [folder], tmp_path / "reference.csv", CPU)
     with open(tmp_path / "reference.csv", newline="") as f:
         return by_name(list(csv.DictReader(f)))
 
@@ -66,7 +66,7 @@ def test_an_s3_prefix_streams_into_s3_and_an_incremental_rerun_scores_only_what_
     keys = upload(bucket, files)
     s3_client().put_object(Bucket=bucket, Key="to-score/with_mask/broken.jpg", Body=b"\xff\xd8\xff not a jpeg")
     out = f"s3://{bucket}/predictions/run-1/"
-    first = score(onnx_model, [f"s3://{bucket}/to-score/"], out, CPU)
+    first = score_images(onnx_model, [f"s3://{bucket}/to-score/"], out, CPU)
     rows = s3_rows(bucket, "predictions/run-1/predictions.csv")
     assert (first.images, first.errors, first.reused) == (31, 1, 0)
     assert [r["path"] for r in rows] == sorted([*keys, "to-score/with_mask/broken.jpg"])
@@ -88,7 +88,7 @@ def test_an_s3_prefix_streams_into_s3_and_an_incremental_rerun_scores_only_what_
     client.put_object(Bucket=bucket, Key=keys[0], Body=files[-1].read_bytes())
     client.put_object(Bucket=bucket, Key="to-score/without_mask/new.png", Body=files[1].read_bytes())
     client.delete_object(Bucket=bucket, Key=keys[2])
-    again = score(onnx_model, [f"s3://{bucket}/to-score/"], out, CPU, incremental=True)
+    again = score_images(onnx_model, [f"s3://{bucket}/to-score/"], out, CPU, incremental=True)
     rows2 = by_name(s3_rows(bucket, "predictions/run-1/predictions.csv"))
     assert (again.images, again.reused) == (31, 29)  # 31 - 1 gone + 1 new; all but the replaced and the new kept
     assert "/".join(keys[2].split("/")[-2:]) not in rows2
@@ -138,7 +138,7 @@ def test_an_input_without_images_is_a_one_line_error(onnx_model: Path, tmp_path:
     assert "Traceback" not in proc.stderr and not (tmp_path / "p.csv").exists()
     assert [line for line in proc.stderr.splitlines() if "no image files" in line][0].startswith("faceclf score: error: no image files")
     with pytest.raises(NoImages):
-        score(onnx_model, [empty], tmp_path / "p.csv", CPU)
+        score_images(onnx_model, [empty], tmp_path / "p.csv", CPU)
     assert not list(tmp_path.glob("p.csv*"))  # no parts folder either
 
 
@@ -158,12 +158,12 @@ def test_ray_data_scoring_gives_the_single_machine_predictions(onnx_model: Path,
     files = images_of(faces, 24)
     upload(bucket, files)
     s3_client().put_object(Bucket=bucket, Key="to-score/without_mask/zz-broken.png", Body=b"not a png")
-    here = score(onnx_model, [f"s3://{bucket}/to-score/"], f"s3://{bucket}/predictions/here/", CPU)
+    here = score_images(onnx_model, [f"s3://{bucket}/to-score/"], f"s3://{bucket}/predictions/here/", CPU)
     model_folders = set(Path(tempfile.gettempdir()).glob("faceclf-ray-model-*"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         cfg = ScoreConfig(device="cpu", part_rows=8, batch_size=4, ray_address="local", ray_chunk=10)
-        on_ray = score(onnx_model, [f"s3://{bucket}/to-score/"], f"s3://{bucket}/predictions/ray/", cfg)
+        on_ray = score_images(onnx_model, [f"s3://{bucket}/to-score/"], f"s3://{bucket}/predictions/ray/", cfg)
     finally:
         ray.shutdown()
     assert (on_ray.images, on_ray.errors) == (here.images, here.errors) == (25, 1)

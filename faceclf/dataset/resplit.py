@@ -147,7 +147,7 @@ def split_counts(rows: list[Row], sigs: list[Sig], distance: int) -> tuple[int, 
 def champion_accuracy(store: Store, faceset: FaceSet, work_dir: Path) -> tuple[str, float] | None:
     """(champion version, its accuracy on ``faceset``'s test split); None before the first promotion. The model
     is fetched sha256-checked to work_dir (once: a copy there that matches is used)."""
-    from faceclf.serving.score import evaluate_onnx
+    from faceclf.serving.onnx_model import evaluate_onnx
 
     champion = champion_ref(store)
     if champion is None:

@@ -34,7 +34,7 @@ from faceclf.config import ScoreConfig
 from faceclf.dataset.layout import SHA256_HEX
 from faceclf.dataset.manifest import read_jsonl
 from faceclf.nightly.gallery import CAPTION_CHARS, contact_sheet
-from faceclf.serving.score import OnnxModel, load_onnx_model, predict_files
+from faceclf.serving.onnx_model import OnnxModel, load_onnx_model, predict_files
 from faceclf.store.atomic import write_text_atomic
 from faceclf.store.objects import Store
 

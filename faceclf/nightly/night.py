@@ -43,7 +43,7 @@ from faceclf.nightly.report import render_report
 from faceclf.nightly.stuck import stuck_reasons
 from faceclf.nightly.stats import ClassComparison, McNemar, compare_classes, mcnemar
 from faceclf.serving.export import ExportReport, export_onnx
-from faceclf.serving.score import accuracy_on, evaluate_onnx_per_image
+from faceclf.serving.onnx_model import accuracy_on, evaluate_onnx_per_image
 from faceclf.store.atomic import write_json_atomic, write_text_atomic
 from faceclf.store.objects import Store
 from faceclf.store.registry import (

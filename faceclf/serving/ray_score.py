@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from faceclf.config import IngestConfig, ScoreConfig
-from faceclf.serving.score import OnnxModel, predict_proba
+from faceclf.serving.onnx_model import OnnxModel, predict_proba
 from faceclf.serving.sources import Item, Source
 from faceclf.store.registry import sha256_bytes
 
@@ -62,7 +62,7 @@ class OnnxScorer:
     """Ray actor: one ONNX Runtime session (CUDA where the actor was given a GPU) scoring decoded batches."""
 
     def __init__(self, model_bytes: bytes, sha256: str, device: str):
-        from faceclf.serving.score import load_onnx_model
+        from faceclf.serving.onnx_model import load_onnx_model
 
         # The session holds the weights once built, so the file goes with its folder right away (an actor
         # pool per chunk of keys left a model-sized folder in /tmp per actor before).

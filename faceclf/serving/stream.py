@@ -34,7 +34,7 @@ from faceclf.dataset.layout import sha256_file
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.progress import progress
 from faceclf.serving.output import WRITTEN_BY, PredictionOutput, PreviousRows, columns, destination
-from faceclf.serving.score import OnnxModel, load_onnx_model, predict_proba
+from faceclf.serving.onnx_model import OnnxModel, load_onnx_model, predict_proba
 from faceclf.serving.sources import Item, Source, open_source, require_images
 from faceclf.store.objects import Store
 
@@ -168,7 +168,7 @@ def _remote(source: Source) -> bool:
     return source.uri.startswith("s3://")
 
 
-def score(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+def score_images(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
           cfg: ScoreConfig | None = None, expected_sha256: str | None = None, incremental: bool = False,
           store: Store | None = None) -> ScoreSummary:
     """Score every image of ``inputs`` (local files/folders, one s3://BUCKET/PREFIX, or a prefix of
