@@ -139,7 +139,7 @@ def _restore(tr: Trainer, last: dict[str, Any], generator: torch.Generator) -> N
         torch.cuda.set_rng_state(last["cuda_rng_state"])
 
 
-def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit, run_dir: Path, resume: bool = False,
+def fit(cfg: RunConfig, classes: list[str], train_split: TensorSplit, val_split: TensorSplit, run_dir: Path, resume: bool = False,
         version: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
         on_epoch: EpochCallback | None = None) -> FitResult:
     """Train until cfg.training.epochs or until val loss has not improved for cfg.training.patience epochs.
@@ -158,11 +158,11 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
     if cfg.training.num_threads > 0:
         torch.set_num_threads(cfg.training.num_threads)
     generator = seed_everything(cfg.training.seed)
-    steps = math.ceil(share(len(train.labels), part) / cfg.training.batch_size)
+    steps = math.ceil(share(len(train_split.labels), part) / cfg.training.batch_size)
     tr = make_trainer(cfg, steps, device, part)
     if init_state is not None and not resume:  # a resumed run continues from last.pt's weights
         tr.model.load_state_dict(init_state)
-    train = split_on_device(train, device)
+    train_split = split_on_device(train_split, device)
     history: list[dict[str, Any]] = []
     best_val_loss, best_epoch, version, start = math.inf, -1, version or new_version(), 0
     if resume:
@@ -172,7 +172,7 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
         version, start = last["version"], last["epoch"] + 1
         log.info("resuming %s at epoch %d (best val loss %.4f at epoch %d)", run_dir, start, best_val_loss, best_epoch)
     start_ranks_together(tr)
-    log.info("training on %s: %d train / %d val images, %d epochs max%s", device, len(train.labels), len(val.labels),
+    log.info("training on %s: %d train / %d val images, %d epochs max%s", device, len(train_split.labels), len(val_split.labels),
              cfg.training.epochs, f"; rank {part.rank} of {part.world_size}" if part.distributed else "")
     bar = progress(range(start, cfg.training.epochs), desc="epochs", unit="epoch", initial=start, total=cfg.training.epochs,
                    disable=not part.is_main or None)
@@ -180,8 +180,8 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
         if best_epoch >= 0 and epoch - best_epoch > cfg.training.patience:
             break  # a resumed run that had already stopped early
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(tr, train, generator)
-        val_metrics = evaluate(tr.model, val, classes, tr.preset, device, part, tr.batch_size)
+        train_loss = train_one_epoch(tr, train_split, generator)
+        val_metrics = evaluate(tr.model, val_split, classes, tr.preset, device, part, tr.batch_size)
         row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_metrics["loss"], 6),
                "val_accuracy": round(val_metrics["accuracy"], 6), "lr": tr.scheduler.get_last_lr()[0],
                "seconds": round(time.perf_counter() - t0, 3)}
@@ -191,7 +191,7 @@ def fit(cfg: RunConfig, classes: list[str], train: TensorSplit, val: TensorSplit
             if part.is_main:
                 save_checkpoint(run_dir / "checkpoint.pt",
                                 best_payload(tr, cfg, classes, epoch, best_val_loss, {"val": val_metrics}, version,
-                                             val.images[:SAMPLE_IMAGES].clone()))
+                                             val_split.images[:SAMPLE_IMAGES].clone()))
         if part.is_main:
             save_checkpoint(run_dir / "last.pt", last_payload(tr, cfg, generator, version, epoch, history,
                                                               best_val_loss, best_epoch))

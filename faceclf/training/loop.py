@@ -93,10 +93,10 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def prepare(self, images_u8: torch.Tensor, train: bool, generator: torch.Generator | None) -> torch.Tensor:
-        """uint8 (B, 3, S, S) -> normalised float on the device, augmented when training."""
+    def prepare(self, images_u8: torch.Tensor, augmented: bool, generator: torch.Generator | None) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> normalised float on the device, ``augmented`` (training batches) or not."""
         x = normalize(images_u8.to(self.device, non_blocking=True), self.preset)
-        if train:  # after normalising: the same result (bilinear weights sum to 1), one pass fewer
+        if augmented:  # after normalising: the same result (bilinear weights sum to 1), one pass fewer
             x = augment(x, generator, self.max_rotation_deg, self.hflip_prob)
         return x.contiguous(memory_format=self.memory_format)  # same layout as the weights
 
@@ -209,7 +209,7 @@ def train_one_epoch(tr: Trainer, split: TensorSplit, generator: torch.Generator)
     for idx in batch_indices(n, tr.batch_size, generator, tr.part):
         if len(idx) < 2:  # a 1-image batch breaks batch norm statistics; it is reshuffled next epoch
             continue
-        x = tr.prepare(split.images[idx], train=True, generator=generator)
+        x = tr.prepare(split.images[idx], augmented=True, generator=generator)
         y = split.labels[idx].to(tr.device, non_blocking=True)
         with tr.autocast():
             loss = loss_fn(tr.stepper(x).float(), y)  # log-probs (B, C) vs (B,)
