@@ -103,8 +103,12 @@ def test_the_old_flat_names_map_to_their_groups() -> None:
     assert DriftConfig().size_ks == TRAIN_GROUPS["drift"]().size_ks
 
 
-def test_a_flow_called_with_old_flat_parameters_fails_naming_the_new_places(prefect_api) -> None:
+def test_a_flow_called_with_old_flat_parameters_fails_naming_the_new_places() -> None:
+    from flows.score import score
     from flows.train import train
 
+    # the flows' own bodies, first thing (tests/test_e2e.py sends them to a deployment through a real server)
     with pytest.raises(ValueError, match=r"min_accuracy is now gate\.min_accuracy.*--param gate="):
-        train(min_accuracy=0.95)
+        train.fn(min_accuracy=0.95)
+    with pytest.raises(ValueError, match=r"ray_address is now scoring\.ray_address"):
+        score.fn(ray_address="local")
