@@ -122,9 +122,9 @@ def score(bucket: str | None = None, source: str = "incoming/", version: str | N
     incoming/); default predictions/<version>/<source>/predictions.csv. ``incremental`` keeps the rows of an
     earlier run there whose image (key and ETag) and model version are unchanged. ``scoring``: the
     ScoreConfig settings (batch size, threads, part size...); its ``ray_address`` ("local", host:port,
-    ray://host:port) scores with Ray Data on that cluster instead of in this process. ``int8`` scores with the version's int8 model (published by a night with night.int8=true), which agreed with
-    the fp32 model on at least 99.5% of its validation images; the default output then ends in
-    predictions.int8.csv.
+    ray://host:port) scores with Ray Data on that cluster instead of in this process. ``int8`` scores with the
+    version's int8 model (published by a night with night.int8=true), which agreed with the fp32 model on at
+    least 99.5% of its validation images; the default output then ends in predictions.int8.csv.
     """
     moved = moved_parameters(old_flat_parameters, SCORE_GROUPS, "score")
     if moved:

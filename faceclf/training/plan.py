@@ -125,7 +125,8 @@ def resolve_config(cfg: RunConfig, faceset: FaceSet) -> RunConfig:
     threads = cfg.training.num_threads
     if device == "cpu" and threads == 0 and workers > 1 and not address:  # each rank its share of the cores
         threads = max(1, usable_cores() // workers)
-    return with_overrides(cfg, image_size=cfg.data.image_size, num_classes=len(faceset.classes), device=device, workers=workers, num_threads=threads,
+    return with_overrides(cfg, image_size=cfg.data.image_size, num_classes=len(faceset.classes), device=device,
+                          workers=workers, num_threads=threads,
                           class_weighting=weighting_for(faceset, cfg.training.class_weighting))
 
 
