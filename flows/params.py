@@ -9,12 +9,14 @@ keeping theirs:
 
 A misspelt field is refused by name (extra="forbid"); a value out of range by the config's own check when the
 flow builds it. Parameters of the flat form the flows had before (``min_accuracy``, ``drift_size_ks``...) fail
-the run with the new place of each (``moved_parameters``).
+the run with the new place of each (``refuse_old_parameters``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import typing
 from typing import Any
 
@@ -105,3 +107,28 @@ def moved_parameters(old: dict[str, Any], groups: dict[str, type[BaseModel]], fl
         hint = f"; pass e.g. --param {group}='{{\"{field}\": ...}}'"
     return (f"the {flow} flow takes its settings grouped by concern ({', '.join(groups)}): "
             + "; ".join(lines) + hint)
+
+
+def refuse_old_parameters(flow: Any, groups: dict[str, type[BaseModel]]) -> Any:
+    """``flow`` (a Prefect flow), its function now also taking the old flat parameters by name, only to fail the
+    run with ``moved_parameters``' message. Prefect binds a deployment's stored parameters to ``flow.fn`` before
+    the flow starts (an unknown name would crash the run with a bare signature mismatch), while the parameter
+    schema the UI shows comes from the function as written (``flow.__wrapped__``): so deployed nights that still
+    hold the old names get the clear error, and the forms show the groups alone."""
+    fn = flow.fn
+    signature = inspect.signature(fn)
+    old = sorted(set(new_places(groups)) - set(signature.parameters))
+
+    @functools.wraps(fn)
+    def with_old_names(*args: Any, **kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in old if name in kwargs}
+        moved = moved_parameters({k: v for k, v in given.items() if v is not None}, groups, flow.name)
+        if moved:
+            raise ValueError(moved)
+        return fn(*args, **kwargs)
+
+    with_old_names.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
+        *signature.parameters.values(), *(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+                                          for n in old)])
+    flow.fn = with_old_names
+    return flow

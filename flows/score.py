@@ -28,7 +28,7 @@ from faceclf.store import registry
 from faceclf.store.local_paths import allowed_roots, confine
 from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url
 from flows.common import IO_RETRIES
-from flows.params import SCORE_GROUPS, ScoringParams, config_of, moved_parameters
+from flows.params import SCORE_GROUPS, ScoringParams, config_of, refuse_old_parameters
 
 
 
@@ -113,7 +113,7 @@ def score_stream(model: FetchedModel, location: str, source: str, output: str, c
 @flow(name="score", log_prints=True)
 def score(bucket: str | None = None, source: str = "incoming/", version: str | None = None,
           output: str | None = None, incremental: bool = False, int8: bool = False,
-          scoring: ScoringParams = ScoringParams(), **old_flat_parameters: Any) -> dict[str, Any]:
+          scoring: ScoringParams = ScoringParams()) -> dict[str, Any]:
     """Score ``source`` (a prefix in the bucket, or a local folder) with the champion or ``version``.
 
     Streamed: nothing is downloaded first. Predictions (path or key, predicted class, probabilities,
@@ -126,9 +126,6 @@ def score(bucket: str | None = None, source: str = "incoming/", version: str | N
     version's int8 model (published by a night with night.int8=true), which agreed with the fp32 model on at
     least 99.5% of its validation images; the default output then ends in predictions.int8.csv.
     """
-    moved = moved_parameters(old_flat_parameters, SCORE_GROUPS, "score")
-    if moved:
-        raise ValueError(moved)
     cfg = config_of(scoring, ScoreConfig)
     logger = get_run_logger()
     location = night.resolve_location(bucket)
@@ -143,6 +140,8 @@ def score(bucket: str | None = None, source: str = "incoming/", version: str | N
             "resumed": summary.resumed, "images_per_s": round(summary.images_per_s, 1),
             "provider": summary.provider, "version": summary.version, "predictions": summary.out}
 
+
+refuse_old_parameters(score, SCORE_GROUPS)  # a deployment still holding batch_size etc. is told scoring.batch_size
 
 if __name__ == "__main__":
     score()
