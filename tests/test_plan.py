@@ -50,8 +50,8 @@ def test_a_plan_resolves_every_auto_once_and_is_saved_beside_the_outputs(faces: 
     assert saved["image_size"] == 48 and saved["engine"] == "process" and saved["counts"] == faceset.counts()
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.engine = "ray"  # type: ignore[misc]
-    plan.config.training.epochs = 99  # a caller's copy: the plan's own config never changes
-    assert plan.cfg.training.epochs == 1
+    plan.cfg.training.epochs = 99  # a caller's copy: the plan's own config never changes
+    assert plan.cfg.training.epochs == 1 and plan.cfg == resolved
     assert cfg.data.image_size == "auto"  # nor does the caller's
 
 

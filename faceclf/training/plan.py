@@ -18,6 +18,7 @@ config is already resolved, so the same data trains the same way.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -43,12 +44,13 @@ ENGINES = ("process", "torchrun", "ray")
 class Plan:
     """Everything a training run needs, decided before any process starts; never changed afterwards.
 
-    ``cfg`` is fully resolved (image size, classes, device, workers, threads, class weighting); ``init_checkpoint``
+    ``cfg`` is the fully resolved config (image size, classes, device, workers, threads, class weighting), kept as
+    its JSON text so that no caller can change it in place: every read is a fresh RunConfig. ``init_checkpoint``
     is the local file a warm start loads (``cfg.training.init_from`` keeps what was asked: a file or a version).
     ``version`` is None only for a resumed run, which continues under the version in its last.pt."""
 
     faceset: FaceSet
-    cfg: RunConfig
+    config_json: str                 # RunConfig.to_dict() as JSON: what config.json holds
     run_dir: Path
     engine: str                      # one of ENGINES
     ray_address: str | None          # engine "ray": the cluster's address
@@ -63,9 +65,9 @@ class Plan:
         return self.cfg.training.workers
 
     @property
-    def config(self) -> RunConfig:
-        """A copy of the resolved config, for callers that build on it (the plan's own never changes)."""
-        return copy.deepcopy(self.cfg)
+    def cfg(self) -> RunConfig:
+        """The resolved config: a fresh copy at every read (the plan's own never changes)."""
+        return RunConfig.from_dict(json.loads(self.config_json))
 
     def summary(self) -> dict[str, Any]:
         """plan.json's content: what was resolved beyond config.json, in plain types."""
@@ -107,8 +109,6 @@ def weighting_for(faceset: FaceSet, weighting: str) -> str:
 
 def saved_config(run_dir: Path) -> RunConfig:
     """The resolved config a run folder holds (RUN/config.json); FileNotFoundError naming it otherwise."""
-    import json
-
     saved = run_dir / CONFIG_FILE
     if not saved.is_file():
         raise FileNotFoundError(f"cannot resume: {saved} does not exist (was {run_dir} a training run?)")
@@ -169,9 +169,9 @@ def plan_run(data: FaceSet | str | Path, run_dir: str | Path, cfg: RunConfig | N
         from faceclf.training.warmstart import resolve_init
 
         init = resolve_init(cfg.training.init_from, store, run_dir)
-    plan = Plan(faceset=faceset, cfg=cfg, run_dir=run_dir, engine=engine, ray_address=ray_address_of(cfg),
-                version=None if resume else version or new_version(), resume=resume, init_checkpoint=init,
-                fingerprint=faceset.fingerprint())
+    plan = Plan(faceset=faceset, config_json=json.dumps(cfg.to_dict()), run_dir=run_dir, engine=engine,
+                ray_address=ray_address_of(cfg), version=None if resume else version or new_version(), resume=resume,
+                init_checkpoint=init, fingerprint=faceset.fingerprint())
     write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())
     write_json_atomic(run_dir / PLAN_FILE, plan.summary())
     log.info("planned %s: %s engine, %d worker(s) on %s, %d px, classes %s, class weighting %s", run_dir, engine,

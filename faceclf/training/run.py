@@ -82,7 +82,7 @@ def run_plan(plan: Plan, cache: DecodedCache | None = None, on_epoch: EpochCallb
     metrics, the other ranks return an empty dict once training ends.
     """
     release_memory()
-    run_dir, part, cfg, faceset = plan.run_dir, current(), plan.config, plan.faceset
+    run_dir, part, cfg, faceset = plan.run_dir, current(), plan.cfg, plan.faceset
     run_dir.mkdir(parents=True, exist_ok=True)
     if part.is_main:  # another rank must not remove rank 0's half-written files
         for p in remove_stale_temps(run_dir):
