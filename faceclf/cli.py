@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from faceclf.config import (
     DEVICES,
     is_option,
+    option_flag,
     DataConfig,
     IngestConfig,
     Int8Config,
@@ -47,12 +48,12 @@ def add_config_options(p: argparse.ArgumentParser, config: type) -> list[str]:
     """
     names = []
     for f in dataclasses.fields(config):
-        if not is_option(f):
+        flag = option_flag(f)
+        if flag is None:
             continue
-        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
         if isinstance(f.default, bool):
-            flag, kwargs["help"] = (flag.replace("--", "--no-"), "turn off: " + kwargs["help"]) if f.default else (flag, kwargs["help"])
+            kwargs["help"] = ("turn off: " if f.default else "") + kwargs["help"]
             kwargs.update(action="store_false" if f.default else "store_true")
         elif isinstance(f.default, tuple):
             fixed = "..." not in str(f.type)

@@ -170,6 +170,15 @@ def is_option(f: dataclasses.Field) -> bool:
     return "help" in f.metadata and f.metadata.get("cli", True)
 
 
+def option_flag(f: dataclasses.Field) -> str | None:
+    """The command-line flag of the config field ``f`` (None: no option): its metadata "flag", else --name with
+    _ as -; a bool that defaults to True is turned off by --no-<flag> (one that defaults to False turns on)."""
+    if not is_option(f):
+        return None
+    flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+    return flag.replace("--", "--no-", 1) if isinstance(f.default, bool) and f.default else flag
+
+
 def size_or_auto(text: str) -> int | str:
     """An image size option: a number of pixels, or "auto"."""
     return text if text == "auto" else int(text)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from faceclf.cli import build_parser
+from faceclf.config import option_flag
 from faceclf.devtools import configdoc
 from flows.params import SCORE_GROUPS, TRAIN_GROUPS
 
@@ -54,7 +55,7 @@ def test_every_flag_in_the_reference_is_an_option_of_faceclf() -> None:
         for action in p._actions:
             if isinstance(action, argparse._SubParsersAction):
                 stack.extend(action.choices.values())
-    flags = {configdoc.cli_flag(f) for cls, _ in configdoc.sections().values() for f in dataclasses.fields(cls)}
+    flags = {option_flag(f) for cls, _ in configdoc.sections().values() for f in dataclasses.fields(cls)}
     flags.discard(None)
     assert flags and flags <= known, sorted(flags - known)
     assert "--no-amp" in flags and "--nproc-per-node" in flags

@@ -27,17 +27,6 @@ def sections() -> dict[str, tuple[type, str]]:
     return dict(config.SECTIONS)
 
 
-def cli_flag(f: dataclasses.Field) -> str | None:
-    """The flag ``faceclf.cli.add_config_options`` gives this field, or None: metadata "flag", else --name with
-    _ as -; a bool that defaults to True is turned off by --no-<flag>, one that defaults to False turned on."""
-    if not config.is_option(f):
-        return None
-    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-    if isinstance(f.default, bool) and f.default:
-        flag = flag.replace("--", "--no-", 1)
-    return flag
-
-
 def default_of(f: dataclasses.Field) -> Any:
     """The field's default value (a default_factory called), or dataclasses.MISSING."""
     if f.default is not dataclasses.MISSING:
@@ -92,7 +81,7 @@ def field_rows(cls: type) -> list[str]:
         default = _code(format_default(default_of(f)))
         if f.name in _MACHINE_DEFAULTS:
             default += f" ({_MACHINE_DEFAULTS[f.name]} of the machine that built this page)"
-        flag = cli_flag(f)
+        flag = config.option_flag(f)
         rows.append(f"| {_code(f.name)} | {_code(format_type(hints.get(f.name, f.type)))} | {default} | "
                     f"{_code(flag) if flag else ''} | {_cell(f.metadata.get('help') or '')} |")
     return rows
