@@ -4,7 +4,7 @@
 
 Epochs: the same generated 64 px face set (4,000 images; --quick: 600) trained for 3 epochs (--quick: 2)
 with the default config at image_size 64, once in one process (faceclf.training.launch.run_training) and once
-in 2 DDP processes on this machine (faceclf.training.launch.train_processes: torch's elastic launcher,
+in 2 DDP processes on this machine (faceclf.training.launch.run_training with workers=2: torch's elastic launcher,
 gloo, each process with half the cores). The epoch time is history.csv's median "seconds" (training
 steps plus the validation pass), so start-up and decoding are left out; the same images are seen per
 epoch in both (each rank takes half). On a 2-core machine two processes share the cores one process
@@ -97,7 +97,6 @@ def run(quick: bool = False) -> list[dict]:
 
     from faceclf.config import RunConfig, with_overrides
     from faceclf.devtools.sample import generate_sample_faces
-    from faceclf.training.launch import train_processes
     from faceclf.training.launch import run_training
 
     logging.getLogger("faceclf").setLevel(logging.WARNING)
@@ -110,7 +109,7 @@ def run(quick: bool = False) -> list[dict]:
         one = run_training(data, Path(tmp) / "one", cfg)
         wall_one = time.perf_counter() - t0
         t0 = time.perf_counter()
-        two = train_processes(data, Path(tmp) / "two", cfg, workers=2)
+        two = run_training(data, Path(tmp) / "two", with_overrides(cfg, workers=2))
         wall_two = time.perf_counter() - t0
         e1, e2 = epoch_seconds(Path(tmp) / "one"), epoch_seconds(Path(tmp) / "two")
     comm = communication_share()

@@ -9,7 +9,7 @@ flow (flows/train.py), each timed:
   check classes   faceclf.nightly.night.check_classes(faceset, champion, allow_new_classes=False)
   prepare run     what the flow's prepare_run does: faceset.fingerprint(), runs.find_pending_run,
                   runs.start_run(runs/, new_version(), config, fingerprint)
-  train           faceclf.training.run.run_training(faceset, runs/<version>/, RunConfig() with epochs=3;
+  train           faceclf.training.launch.run_training(faceset, runs/<version>/, RunConfig() with epochs=3;
                   --quick: 1) (includes decoding all splits, val+test evaluation of the best
                   checkpoint and the plots)
   export          faceclf.nightly.night.export_candidate(run/) -> run/model.onnx (checker + parity test)
