@@ -191,6 +191,12 @@ def auto_image_size(median_short_side: float, conv_blocks: int) -> int:
     return max(16, step, int(min(AUTO_MAX_SIZE, median_short_side)) // step * step)
 
 
+def imbalanced(counts: Sequence[float]) -> bool:
+    """Whether the largest class count exceeds IMBALANCE_RATIO times the smallest (an empty class counts as 1):
+    the rule of class_weighting "auto"."""
+    return max(counts) > IMBALANCE_RATIO * max(1, min(counts))
+
+
 def require_at_least(cfg: Any, minimum: float, *names: str) -> None:
     """ValueError naming the first of the fields ``names`` of ``cfg`` whose value is below ``minimum``."""
     for name in names:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from faceclf.config import BATCH_SIZE, IMBALANCE_RATIO, RunConfig
+from faceclf.config import BATCH_SIZE, RunConfig, imbalanced
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import TensorSplit, augment, normalize
 from faceclf.progress import progress
@@ -82,7 +82,7 @@ class Trainer:
             return None
         num_classes = self.model.cfg.num_classes
         counts = torch.bincount(labels.reshape(-1).cpu(), minlength=num_classes).to(torch.float64)  # (C,)
-        if self.class_weighting == "auto" and counts.max() <= IMBALANCE_RATIO * counts.clamp(min=1).min():
+        if self.class_weighting == "auto" and not imbalanced(counts.tolist()):
             return None
         weight = counts.sum() / (num_classes * counts.clamp(min=1))
         return weight.to(torch.float32).to(self.device)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from faceclf.config import IMBALANCE_RATIO, RAY_ADDRESS_ENV, RunConfig, with_overrides
+from faceclf.config import RAY_ADDRESS_ENV, RunConfig, imbalanced, with_overrides
 from faceclf.dataset.discover import discover
 from faceclf.dataset.faceset import FaceSet, resolve_image_size
 from faceclf.store.atomic import write_json_atomic
@@ -71,9 +71,10 @@ class Plan:
 
     def summary(self) -> dict[str, Any]:
         """plan.json's content: what was resolved beyond config.json, in plain types."""
-        return {"engine": self.engine, "workers": self.workers, "device": self.cfg.training.device,
-                "image_size": self.cfg.data.image_size, "classes": list(self.faceset.classes),
-                "class_weighting": self.cfg.training.class_weighting, "version": self.version,
+        cfg = self.cfg  # parsed once
+        return {"engine": self.engine, "workers": cfg.training.workers, "device": cfg.training.device,
+                "image_size": cfg.data.image_size, "classes": list(self.faceset.classes),
+                "class_weighting": cfg.training.class_weighting, "version": self.version,
                 "resume": self.resume, "init_checkpoint": str(self.init_checkpoint) if self.init_checkpoint else None,
                 "fingerprint": self.fingerprint, "counts": self.faceset.counts()}
 
@@ -103,8 +104,7 @@ def weighting_for(faceset: FaceSet, weighting: str) -> str:
     than IMBALANCE_RATIO times the images of its smallest, else "none"; the others stay."""
     if weighting != "auto":
         return weighting
-    counts = list(faceset.counts()["train"].values())
-    return "balanced" if max(counts) > IMBALANCE_RATIO * max(1, min(counts)) else "none"
+    return "balanced" if imbalanced(list(faceset.counts()["train"].values())) else "none"
 
 
 def saved_config(run_dir: Path) -> RunConfig:

@@ -33,7 +33,7 @@ from faceclf.training.checkpoint import (
 )
 from faceclf.training.fit import EpochCallback, fit
 from faceclf.training.loop import evaluate, metrics_of, predict_split, release_memory, resolve_device
-from faceclf.training.plan import CONFIG_FILE, Plan
+from faceclf.training.plan import Plan
 from faceclf.training.plots import plot_confusion, plot_history
 from faceclf.training.warmstart import init_weights
 
@@ -87,7 +87,6 @@ def run_plan(plan: Plan, cache: DecodedCache | None = None, on_epoch: EpochCallb
     if part.is_main:  # another rank must not remove rank 0's half-written files
         for p in remove_stale_temps(run_dir):
             log.warning("removed %s, left by an interrupted write", p)
-        write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())  # a Ray worker's run folder is a fresh one
         write_atomic(run_dir / "splits.csv", faceset.write_csv)
     loaded = load_splits(faceset, cfg, cache)
     n_rejected = write_rejected(run_dir / "rejected.csv", loaded) if part.is_main else 0
