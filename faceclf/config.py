@@ -55,7 +55,7 @@ DECODE_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity"
                                       # one decoding thread per usable core (PIL releases the GIL);
                                       # more only oversubscribes (2 cores: 4 threads scored ~15% slower)
 SCORE_BATCH_SIZE = 64
-SCORE_PREFETCH_BATCHES = 2            # batches decoding ahead of the one in ONNX Runtime
+SCORE_PREFETCH_BATCHES = 2            # batches queued beyond the one each scoring worker holds
 SCORE_FETCH_WORKERS = 16              # S3 GETs in flight while scoring a bucket prefix (latency-bound)
 SCORE_PART_ROWS = 10_000              # prediction rows per part file (what a killed run can lose)
 SCORE_RAY_ACTORS = 1                  # ONNX Runtime actors per CPU cluster (ORT already uses every core it is given)
@@ -329,8 +329,9 @@ class ScoreConfig:
     """Batch scoring with ONNX Runtime."""
 
     batch_size: int = option(SCORE_BATCH_SIZE, "images per ONNX Runtime call")
-    decode_workers: int = option(DECODE_WORKERS, "image decoding threads", flag="--workers")
-    prefetch_batches: int = option(SCORE_PREFETCH_BATCHES, "batches decoding ahead of the one in the model")
+    decode_workers: int = option(DECODE_WORKERS, "threads that each read, decode and score a whole batch (one ONNX "
+                                 "Runtime thread each)", flag="--workers")
+    prefetch_batches: int = option(SCORE_PREFETCH_BATCHES, "batches queued beyond the one per worker")
     fetch_workers: int = option(SCORE_FETCH_WORKERS, "threads fetching and decoding from a bucket (network-bound)")
     part_rows: int = option(SCORE_PART_ROWS, "rows per part file: a killed run resumes after its last part")
     ray_address: str | None = option(None, "score with Ray Data on the cluster at this address (host:port, "

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from faceclf.config import AUTO_MAX_SIZE, MEAN, STD, DataConfig
-from faceclf.dataset.jpeg import decode_jpeg_scaled
+from faceclf.dataset.jpeg import decode_jpeg_into
 
 _BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
@@ -103,10 +103,21 @@ def load_image(path: str | os.PathLike[str] | BinaryIO, size: int) -> np.ndarray
         data = path.read() if hasattr(path, "read") else Path(path).read_bytes()
     except OSError as e:
         raise ValueError(f"cannot decode image: {e}") from None
-    scaled = decode_jpeg_scaled(data, size)  # libjpeg-turbo straight to numpy: PIL's pixels, faster
-    if scaled is not None:
-        return np.array(scaled.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
-    return pil_decode(data, size)
+    out = np.empty((size, size, 3), np.uint8)
+    return out if decode_jpeg_into(data, size, out) else pil_decode(data, size)
+
+
+def decode_into(data: bytes, size: int, out: np.ndarray) -> str | None:
+    """``load_image`` of an image file's bytes written into ``out`` (uint8 (size, size, 3), e.g. one slot of a
+    batch array); the reason it does not decode, or None. Scoring decodes a batch this way, without an array
+    per image."""
+    if decode_jpeg_into(data, size, out):  # libjpeg-turbo, GIL released while it decodes
+        return None
+    try:
+        out[...] = pil_decode(data, size)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def pil_decode(data: bytes, size: int) -> np.ndarray:

@@ -1,9 +1,14 @@
-"""Bulk scoring as a bounded stream: list -> fetch + decode (threads) -> ONNX Runtime -> parts -> CSV.
+"""Bulk scoring as a bounded stream: list -> workers that each read, decode and score a batch -> parts -> CSV.
+
+Each of ``decode_workers`` threads takes a whole batch: reads its files, decodes them into one uint8
+(B, S, S, 3) array and runs ONNX Runtime on it with one intra-op thread (``score_batch``). libjpeg-turbo,
+Pillow's resize and ONNX Runtime release the GIL, so every core runs model or decoder and no image moves
+between threads. From a bucket, ``fetch_workers`` threads fetch bytes ahead of the workers.
 
 Nothing is copied to local disk first and memory does not grow with the number of images: at most
-``prefetch_batches + 1`` batches are in flight, the listing is read page by page, and rows leave in
-parts of ``part_rows``. Keys are processed in sorted order, which is what makes resume (after the last
-written key) and ``incremental`` (a merge with the previous CSV) constant-memory too.
+``decode_workers + prefetch_batches + 1`` batches are in flight, the listing is read page by page, and rows
+leave in parts of ``part_rows``. Keys are processed in sorted order, which is what makes resume (after the
+last written key) and ``incremental`` (a merge with the previous CSV) constant-memory too.
 
 Images are bounded as ingest bounds them (faceclf.dataset.checks): an object over ``max_bytes`` (its listed
 size) is never read, and format, sides and pixel count are judged from the header before any pixel is
@@ -31,7 +36,7 @@ from faceclf.config import IngestConfig, ScoreConfig, json_ready
 from faceclf.dataset import jpeg
 from faceclf.dataset.checks import FORMAT_ALIASES, Refused, bomb_reason, check_header, webp_canvas
 from faceclf.dataset.layout import sha256_file
-from faceclf.dataset.preprocess import Preprocess
+from faceclf.dataset.preprocess import Preprocess, decode_into
 from faceclf.progress import progress
 from faceclf.serving.output import WRITTEN_BY, PredictionOutput, PreviousRows, columns, destination
 from faceclf.serving.onnx_model import OnnxModel, load_onnx_model, predict_proba
@@ -106,9 +111,9 @@ def header_problem(data: bytes, limits: IngestConfig) -> str | None:
     return None
 
 
-def fetch_and_decode(preprocess: Preprocess, source: Source, item: Item, limits: IngestConfig) -> np.ndarray | str:
-    """uint8 (S, S, 3) of one item, or why not: over the size or pixel limits, undecodable, unreadable, or
-    gone between listing and reading. An object listed over ``limits.max_bytes`` is never read."""
+def read_checked(source: Source, item: Item, limits: IngestConfig) -> bytes | str:
+    """An item's bytes, or why not: over the size limit (as listed: never read; or grown since), unreadable,
+    or gone between listing and reading."""
     if item.size is not None and item.size > limits.max_bytes:
         return f"object of {item.size} bytes is over the {limits.max_bytes}-byte limit; not read"
     try:
@@ -119,7 +124,22 @@ def fetch_and_decode(preprocess: Preprocess, source: Source, item: Item, limits:
         return f"cannot read image: {type(e).__name__}: {e.strerror or e}"
     if len(data) > limits.max_bytes:
         return f"object is over the {limits.max_bytes}-byte limit (it grew after listing); not decoded"
-    return header_problem(data, limits) or preprocess.try_decode_bytes(data)
+    return data
+
+
+def decode_checked(data: bytes, size: int, limits: IngestConfig, out: np.ndarray) -> str | None:
+    """Decode ``data`` into ``out`` (uint8 (size, size, 3)) once its header passes ``limits``; the reason it
+    does not (format, sides, pixels, undecodable), or None."""
+    return header_problem(data, limits) or decode_into(data, size, out)
+
+
+def fetch_and_decode(preprocess: Preprocess, source: Source, item: Item, limits: IngestConfig) -> np.ndarray | str:
+    """uint8 (S, S, 3) of one item, or why not (``read_checked``'s and ``decode_checked``'s reasons)."""
+    data = read_checked(source, item, limits)
+    if isinstance(data, str):
+        return data
+    out = np.empty((preprocess.image_size, preprocess.image_size, 3), np.uint8)
+    return decode_checked(data, preprocess.image_size, limits, out) or out
 
 
 def result_row(model: OnnxModel, item: Item, probs: np.ndarray | None, error: str) -> dict[str, str]:
@@ -132,35 +152,60 @@ def result_row(model: OnnxModel, item: Item, probs: np.ndarray | None, error: st
     return row
 
 
+def score_batch(model: OnnxModel, batch: Sequence[Item], data: Sequence[bytes | str | Future] | None,
+                source: Source, limits: IngestConfig) -> list[dict[str, str]]:
+    """Rows of ``batch``: each item read (or its fetched ``data``), decoded into one uint8 (B, S, S, 3) array
+    and the decodable ones scored in one ONNX Runtime call. Runs whole on one worker thread: libjpeg-turbo
+    and ONNX Runtime release the GIL, so each core decodes and scores its own batch without handing images
+    between threads."""
+    size = model.image_size
+    images = np.empty((len(batch), size, size, 3), np.uint8)  # filled slot by slot, no array per image
+    errors: list[str] = []
+    for k, item in enumerate(batch):
+        got = data[k] if data is not None else read_checked(source, item, limits)
+        got = got.result() if isinstance(got, Future) else got
+        errors.append(got if isinstance(got, str) else decode_checked(got, size, limits, images[k]) or "")
+    good = [k for k, e in enumerate(errors) if not e]
+    probs = np.empty((0, len(model.classes)))
+    if good:
+        probs = predict_proba(model, images if len(good) == len(batch) else images[good])  # (G, C)
+    by_index = dict(zip(good, probs))
+    return [result_row(model, item, by_index.get(k), errors[k]) for k, item in enumerate(batch)]
+
+
 def score_items(model: OnnxModel, source: Source, items: Iterable[Item], cfg: ScoreConfig,
                 reuse: Callable[[Item], dict[str, str] | None] = lambda item: None) -> Iterator[dict[str, str]]:
-    """One row per item, in item order. Batches k+1..k+prefetch are fetched and decoded in threads while
-    batch k is in ONNX Runtime; an item ``reuse`` returns a row for is neither fetched nor scored."""
-    workers = cfg.fetch_workers if cfg.fetch_workers > cfg.decode_workers and _remote(source) else cfg.decode_workers
+    """One row per item, in item order, from ``cfg.decode_workers`` threads that each decode and score whole
+    batches (``score_batch``), ``prefetch_batches`` more in flight. From a bucket, ``fetch_workers``
+    threads fetch the bytes ahead (the network, not the CPU, bounds them). An item ``reuse`` returns a row
+    for is neither fetched nor scored."""
     limits = image_limits(cfg)
-    with ThreadPoolExecutor(workers) as pool:
-        def submit(batch: list[Item]) -> tuple[list[Item], list[Future | dict[str, str]]]:
-            return batch, [reuse(i) or pool.submit(fetch_and_decode, model.preprocess, source, i, limits)
-                           for i in batch]
+    fetching = ThreadPoolExecutor(cfg.fetch_workers) if _remote(source) else None
+    with ThreadPoolExecutor(cfg.decode_workers) as scoring:
+        def submit(batch: list[Item]) -> tuple[list[dict[str, str] | None], Future]:
+            kept = [reuse(i) for i in batch]
+            todo = [i for i, row in zip(batch, kept) if row is None]
+            data = [fetching.submit(read_checked, source, i, limits) for i in todo] if fetching else None
+            return kept, scoring.submit(score_batch, model, todo, data, source, limits)
 
-        stream = batches(items, cfg.batch_size)
-        pending = deque(submit(b) for b in itertools.islice(stream, cfg.prefetch_batches))
-        while pending:
-            batch, work = pending.popleft()
-            nxt = next(stream, None)
-            if nxt is not None:
-                pending.append(submit(nxt))
-            decoded = [w.result() if isinstance(w, Future) else w for w in work]
-            good = [k for k, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-            probs = predict_proba(model, np.stack([decoded[k] for k in good])) if good else None
-            by_index = dict(zip(good, probs)) if probs is not None else {}
-            for k, (item, d) in enumerate(zip(batch, decoded)):
-                if isinstance(d, dict):
-                    yield d                                                # reused row, as it was
-                elif k in by_index:
-                    yield result_row(model, item, by_index[k], "")
-                else:
-                    yield result_row(model, item, None, d)
+        try:
+            stream = batches(items, cfg.batch_size)
+            pending = deque(submit(b) for b in itertools.islice(stream, cfg.decode_workers + cfg.prefetch_batches))
+            while pending:
+                kept, work = pending.popleft()
+                if (nxt := next(stream, None)) is not None:
+                    pending.append(submit(nxt))
+                scored = iter(work.result())
+                yield from (row if row is not None else next(scored) for row in kept)
+        finally:
+            if fetching:
+                fetching.shutdown(cancel_futures=True)
+
+
+def scoring_threads(cfg: ScoreConfig) -> int:
+    """ONNX Runtime threads per session call: 1 where several workers each score their own batch (the cores
+    are theirs), else ORT's default (0: one per core)."""
+    return 1 if cfg.decode_workers > 1 else 0
 
 
 def _remote(source: Source) -> bool:
@@ -184,7 +229,7 @@ def score_images(model_path: str | os.PathLike[str], inputs: Sequence[str | os.P
     input without images raises NoImages.
     """
     cfg = cfg or ScoreConfig()
-    model = load_onnx_model(model_path, cfg.device, expected_sha256)
+    model = load_onnx_model(model_path, cfg.device, expected_sha256, scoring_threads(cfg))
     source = open_source(inputs, store)
     require_images(source)
     log.info("scoring %s with %s on %s (model version %s)", source.uri, model.path, model.provider, model.version)
