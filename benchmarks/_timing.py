@@ -39,7 +39,7 @@ def machine_rows(benchmark: str) -> list[dict[str, Any]]:
 
     cap = torch.backends.cpu.get_cpu_capability()
     rows = [
-        row(benchmark, "machine: CPU", cpu_model(), note=f"os.cpu_count()={os.cpu_count()}, capability {cap}, "
+        row(benchmark, "machine: CPU", cpu_model(), note=f"os.cpu_count()={os.cpu_count()}, capability {cap}, flags: {cpu_flags()}, "
             f"native bf16 {'yes' if cpu_has_native_bf16() else 'no'}"),
         row(benchmark, "machine: torch threads", torch.get_num_threads(), "threads",
             note=f"torch {torch.__version__}, Python {platform.python_version()}"),
@@ -67,3 +67,30 @@ def spread(xs: list[float]) -> str:
     return f"median of {len(xs)} ({min(xs):.3g}..{max(xs):.3g})"
 
 
+
+
+def cpu_seconds() -> float:
+    """CPU seconds this process has used so far, every thread (ONNX Runtime's and the decoders') included."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process) of one call."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def cpu_flags() -> str:
+    """The CPU's vector extensions that decide model and decoder speed (AVX2, AVX-512 and which of its parts,
+    VNNI, AMX), from /proc/cpuinfo; every figure is recorded with them."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown (no /proc/cpuinfo)"
+    wanted = sorted(f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f or f == "fma")
+    return " ".join(wanted) or "no AVX"

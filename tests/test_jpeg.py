@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import faceclf.dataset.preprocess as preprocess
-from faceclf.dataset.jpeg import available, decode_jpeg_scaled, draft_factor
-from faceclf.dataset.preprocess import load_image
+from faceclf.dataset.jpeg import available, decode_jpeg_scaled, draft_factor, plain_header
+from faceclf.dataset.preprocess import decode_into, load_image
 from conftest import SHARED_FACES
 
 pytestmark = pytest.mark.skipif(not available(), reason="simplejpeg is a dependency; this checks its path")
@@ -105,3 +107,46 @@ def test_other_files_decode_or_fail_exactly_as_with_pil(kind: str) -> None:
 def test_a_missing_file_is_the_same_error_as_before(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"cannot decode image: \[Errno 2\] No such file or directory"):
         load_image(tmp_path / "gone.jpg", 64)
+
+
+def segment(marker: int, payload: bytes) -> bytes:
+    """A JPEG marker segment: FF marker, 2-byte length (itself included), payload."""
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+@settings(max_examples=60, deadline=None)
+@given(width=st.integers(1, 200), height=st.integers(1, 200), grey=st.booleans(),
+       extra=st.lists(st.sampled_from([0xE0, 0xE1, 0xE2, 0xEB, 0xED, 0xEE, 0xFE]), max_size=3),
+       size=st.sampled_from([16, 64]))
+def test_plain_header_reads_what_pil_reads_and_defers_where_orientation_could_hide(
+        width: int, height: int, grey: bool, extra: list[int], size: int) -> None:
+    img = face(width, height)
+    data = jpeg(img.convert("L") if grey else img)
+    # extra segments (APPn, COM) go right after SOI, as cameras and editors put them
+    data = data[:2] + b"".join(segment(m, b"Exif\0\0" if m == 0xE1 else b"x" * 7) for m in extra) + data[2:]
+    got = plain_header(data)
+    if {0xE1, 0xE2} & set(extra):
+        assert got is None  # EXIF / XMP / MPF: PIL's parser reads the orientation or the MPO index
+    else:
+        with Image.open(io.BytesIO(data)) as pil:
+            assert got == pil.size
+    out = np.empty((size, size, 3), np.uint8)
+    want = pil_only(data, size)
+    assert decode_into(data, size, out) is None and np.array_equal(out, want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(junk=st.binary(max_size=64), cut=st.integers(0, 400))
+def test_plain_header_never_raises_on_broken_bytes(junk: bytes, cut: int) -> None:
+    data = jpeg(face(40, 30))
+    for candidate in (b"\xff\xd8\xff" + junk, data[:cut], data[:cut] + junk):
+        got = plain_header(candidate)
+        assert got is None or got == (40, 30)
+
+
+def test_jpegs_already_at_the_model_size_decode_straight_into_the_batch() -> None:
+    batch = np.zeros((2, 64, 64, 3), np.uint8)
+    data = jpeg(face(64, 64))
+    assert decode_into(data, 64, batch[1]) is None
+    assert np.array_equal(batch[1], pil_only(data, 64)) and not batch[0].any()
+    assert decode_into(b"\xff\xd8\xff" + b"not a jpeg at all" * 20, 64, batch[0]).startswith("cannot decode image")
