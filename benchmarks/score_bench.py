@@ -310,13 +310,43 @@ def model_rows(folder: Path, onnx_path: Path, int8_path: Path, reps: int) -> lis
         cpus = [cpu_timed(lambda: run_model(sess, batches, callers))[1] for _ in range(reps)]
         results[name] = (median(cpus) / n * 1e6, out)
     base_us, base_p = next(iter(results.values()))
+    shares = op_shares(onnx_path, split(cfg.batch_size))
     rows = []
     for name, (us, p) in results.items():
         diff = float(np.abs(p - base_p).max())
         same = float(np.mean(p.argmax(1) == base_p.argmax(1)))
         rows.append(row(NAME, f"model lever: {name}", us, "us/img", "default", base_us, us / base_us,
                         f"{n} 64 px images; max |p - default p| {diff:.1e}, same class {same:.1%}"))
+    rows.append(row(NAME, "model: where its time goes (ORT profile)", shares.pop("Conv"), "share", note="Conv; "
+                    + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()) + "; default configuration, one thread"))
     return rows
+
+
+INPUT_OPS = frozenset({"Transpose", "Cast", "Mul", "Sub"})  # the graph's own uint8 NHWC -> normalised NCHW
+
+
+def op_shares(onnx_path: Path, batches: list[np.ndarray]) -> dict[str, float]:
+    """Share of ONNX Runtime's kernel time per kind of node (one thread, the optimised graph): Conv, MaxPool,
+    the input's layout and normalisation (INPUT_OPS), the rest."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="ortprof-")) / "ort")
+    sess = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    run_model(sess, batches, 1)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    time_by: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"].get("op_name", "?")
+            kind = "input layout + normalisation" if op in INPUT_OPS else op if op in ("Conv", "MaxPool") else "rest"
+            time_by[kind] = time_by.get(kind, 0.0) + e["dur"]
+    total = sum(time_by.values()) or 1.0
+    return {k: v / total for k, v in sorted(time_by.items(), key=lambda kv: -kv[1])}
 
 
 def streaming_rows(onnx_path: Path, n: int, work: Path) -> list[dict]:
