@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from faceclf.store import objects
 from faceclf.store.objects import LocalStore, Store, open_store, safe_key
 from faceclf.store.registry import (
     MODEL_FILE,
@@ -51,6 +53,34 @@ def test_etag_changes_with_content(store: Store) -> None:
     first = next(iter(store.list("k"))).etag
     store.put_bytes("k", b"v2")
     assert next(iter(store.list("k"))).etag != first
+
+
+def test_list_stat_lists_what_list_lists(store: Store) -> None:
+    for key in ("p/a/b.jpg", "p/a-c.jpg", "p/a0.jpg", "q/other.jpg"):
+        store.put_bytes(key, key.encode())
+    listed = list(store.list("p/"))
+    assert [o.key for o in listed] == ["p/a-c.jpg", "p/a/b.jpg", "p/a0.jpg"]  # string order, as S3 lists
+    assert [(o.key, o.size) for o in store.list_stat("p/")] == [(o.key, o.size) for o in listed]
+    assert [o.key for o in store.list_stat("p/a", start_after="p/a-c.jpg")] == ["p/a/b.jpg", "p/a0.jpg"]
+    if not isinstance(store, LocalStore):
+        assert list(store.list_stat("p/")) == listed  # a bucket's listed ETag is already cheap
+
+
+def test_local_list_stat_reads_no_file_and_notices_a_rewrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path / "bucket")
+    for key in ("p/a/b.jpg", "p/a-c.jpg", "p/a0.jpg", "p/z/.x.jpg.tmp", "pq/c.jpg", "q/d.jpg"):
+        store.put_bytes(key, key.encode())
+    keys = [o.key for o in store.list("p")]
+    monkeypatch.setattr(objects, "sha256_file", lambda path: pytest.fail(f"list_stat read {path}"))
+    listed = list(store.list_stat("p"))
+    assert [(o.key, o.size) for o in listed] == [(k, len(k)) for k in keys]
+    assert keys == sorted(keys) == ["p/a-c.jpg", "p/a/b.jpg", "p/a0.jpg", "pq/c.jpg"]  # no write under way
+    path = tmp_path / "bucket" / "p" / "a" / "b.jpg"
+    st = path.stat()
+    assert listed[1].etag == f"{st.st_size:x}-{st.st_mtime_ns:x}"  # what LocalSource lists for a local file
+    path.write_bytes(b"P/A/B.JPG")  # same size: the mtime tells
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert [o.etag != e.etag for o, e in zip(store.list_stat("p"), listed)] == [False, True, False, False]
 
 
 def test_s3_listing_is_paginated(bucket: str) -> None:

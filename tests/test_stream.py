@@ -16,8 +16,10 @@ from test_cli import faceclf
 
 from faceclf.config import ScoreConfig
 from faceclf.serving.onnx_model import load_onnx_model
+from faceclf.serving.output import WRITTEN_BY, Destination, PredictionOutput, columns
 from faceclf.serving.sources import Item, LocalSource, NoImages
 from faceclf.serving.stream import score_images, score_items
+from faceclf.store.objects import LocalStore
 from faceclf.store.s3 import s3_client
 
 CPU = ScoreConfig(device="cpu", part_rows=8, batch_size=4)
@@ -95,6 +97,79 @@ def test_an_s3_prefix_streams_into_s3_and_an_incremental_rerun_scores_only_what_
     assert rows2["without_mask/new.png"]["p_with_mask"] == reference["/".join(keys[1].split("/")[-2:])]["p_with_mask"]
     assert rows2["/".join(keys[0].split("/")[-2:])]["p_with_mask"] == reference[
         f"{files[-1].parent.name}/{files[-1].name}"]["p_with_mask"]
+
+
+def test_a_local_bucket_prefix_is_listed_by_size_and_mtime_and_an_incremental_rerun_works(
+        onnx_model: Path, faces: Path, tmp_path: Path) -> None:
+    root = tmp_path / "bucket"
+    files = images_of(faces, 10)
+    for p in files:
+        (root / "to-score" / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (root / "to-score" / p.parent.name / p.name).write_bytes(p.read_bytes())
+    store, out = LocalStore(root), tmp_path / "pred.csv"
+    first = score_images(onnx_model, ["to-score/"], out, CPU, store=store)
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = sorted(f"to-score/{p.parent.name}/{p.name}" for p in files)
+    assert first.images == 10 and [r["path"] for r in rows] == keys
+    st = (root / rows[0]["path"]).stat()
+    assert rows[0]["etag"] == f"{st.st_size:x}-{st.st_mtime_ns:x}"  # no content hash: the images are read once
+    assert score_images(onnx_model, ["to-score/"], out, CPU, incremental=True, store=store).reused == 10
+    changed = root / rows[3]["path"]
+    changed.write_bytes(files[-1].read_bytes())
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    again = score_images(onnx_model, ["to-score/"], out, CPU, incremental=True, store=store)
+    assert (again.images, again.reused) == (10, 9)
+
+
+def prediction_rows(n: int) -> list[dict[str, str]]:
+    """``n`` rows in key order: a path with a comma and a quote, error rows, a newline in an error."""
+    rows = []
+    for i in range(n):
+        error = "" if i % 4 else f'cannot decode image: "{i}",\nbad'
+        rows.append({"path": f'in/{i:03d}, "odd" name.jpg', "predicted_class": "" if error else "with_mask",
+                     "p_with_mask": "" if error else f"0.{i:06d}", "p_without_mask": "" if error else "0.500000",
+                     "error": error, "model_version": "v1", "etag": f"{i:x}-{i * 7:x}"})
+    return rows
+
+
+def test_joined_parts_are_the_csv_of_the_rows_byte_for_byte(tmp_path: Path) -> None:
+    fields = columns(["with_mask", "without_mask"])
+    rows = prediction_rows(23)
+    dest = Destination(LocalStore(tmp_path), "pred.csv")
+
+    def output() -> PredictionOutput:
+        return PredictionOutput(dest, fields, {"model_version": "v1", "written_by": WRITTEN_BY}, part_rows=4)
+
+    killed = output()
+    assert killed.begin() == ""
+    for r in rows[:10]:  # two whole parts, then killed: the buffered rows are lost
+        killed.write(r)
+    resumed = output()
+    after = resumed.begin()
+    assert after == rows[7]["path"]
+    for r in rows[8:]:
+        resumed.write(r)
+    assert resumed.finish(lambda n, e: {"written_by": WRITTEN_BY}) == (23, 6)
+    expected = io.StringIO()
+    writer = csv.DictWriter(expected, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    assert (tmp_path / "pred.csv").read_bytes() == expected.getvalue().encode("utf-8")
+    assert not (tmp_path / "pred.csv.parts").exists()
+
+
+def test_a_bare_carriage_return_in_a_value_is_quoted_and_reads_back(tmp_path: Path) -> None:
+    fields = columns(["with_mask", "without_mask"])
+    rows = prediction_rows(5)
+    rows[1]["path"], rows[2]["error"] = "in/001 \r name.jpg", "odd\rmessage"
+    out = PredictionOutput(Destination(LocalStore(tmp_path), "pred.csv"), fields, {"written_by": WRITTEN_BY}, 2)
+    out.begin()
+    for r in rows:
+        out.write(r)
+    assert out.finish(lambda n, e: {"written_by": WRITTEN_BY}) == (5, 3)
+    with open(tmp_path / "pred.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == rows  # csv writes a bare "\r" unquoted: read back, it split the row
 
 
 def test_listing_is_lazy_and_images_in_flight_are_bounded(onnx_model: Path, faces: Path) -> None:

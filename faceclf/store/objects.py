@@ -15,6 +15,7 @@ import os
 import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
@@ -63,6 +64,12 @@ class Store(ABC):
         """Every object whose key starts with ``prefix`` (and sorts after ``start_after``), in key order.
 
         Lazy: a listing of millions of keys is read page by page, never held whole."""
+
+    def list_stat(self, prefix: str = "", start_after: str = "") -> Iterator[ObjectInfo]:
+        """``list``, with a cheap change detector as the ETag instead of a content hash: a bucket's listed ETag
+        (this default: ``list`` itself), a local file's size and mtime (``stat_etag``), so listing a folder
+        reads no file. For what only needs to notice a change (scoring's --incremental, keys of parts)."""
+        return self.list(prefix, start_after)
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -123,7 +130,8 @@ class Store(ABC):
 
 
 class LocalStore(Store):
-    """A folder used as a bucket: key 'a/b.jpg' is ROOT/a/b.jpg. ETag: sha256 of the content."""
+    """A folder used as a bucket: key 'a/b.jpg' is ROOT/a/b.jpg. ETag: sha256 of the content (``list_stat``:
+    size and mtime)."""
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
@@ -132,19 +140,29 @@ class LocalStore(Store):
         return self.root.joinpath(*PurePosixPath(safe_key(key)).parts)
 
     def list(self, prefix: str = "", start_after: str = "") -> Iterator[ObjectInfo]:
+        for key, entry in self._files(prefix, start_after):
+            yield ObjectInfo(key, sha256_file(Path(entry.path)), entry.stat().st_size)
+
+    def list_stat(self, prefix: str = "", start_after: str = "") -> Iterator[ObjectInfo]:
+        for key, entry in self._files(prefix, start_after):
+            st = entry.stat()  # the one stat of the file; its content is never read
+            yield ObjectInfo(key, stat_etag(st), st.st_size)
+
+    def _files(self, prefix: str, start_after: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """(key, DirEntry) of each file under ``prefix`` whose key sorts after ``start_after``, in key order.
+
+        Walks only the folder the prefix names ('incoming/x' -> ROOT/incoming): the rest of the bucket (model
+        versions, decoded-image shards) is not listed. As Path.rglob, links to folders are not entered and a
+        folder that may not be listed holds nothing; a link to a file is one; '.*.tmp' files (writes under
+        way) are left out."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"folder {str(self.root)!r} does not exist")
-        # Walk only the folder the prefix names ('incoming/x' -> ROOT/incoming): the rest of the bucket
-        # (model versions, decoded-image shards) is neither read nor hashed.
         parts = PurePosixPath(prefix).parts if prefix.endswith("/") else PurePosixPath(prefix).parts[:-1]
         plain = not prefix.startswith("/") and not {"..", "."} & set(prefix.split("/"))
         folder = self.root.joinpath(*parts) if plain else self.root  # never a walk outside the bucket
-        for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
-            if not p.is_file() or p.name.startswith(".") and p.name.endswith(".tmp"):
-                continue
-            key = p.relative_to(self.root).as_posix()
-            if key.startswith(prefix) and key > start_after:
-                yield ObjectInfo(key, sha256_file(p), p.stat().st_size)
+        if folder.is_dir():
+            yield from _files_in_key_order(str(folder), "".join(f"{p}/" for p in parts) if plain else "",
+                                           prefix, start_after)
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -195,6 +213,47 @@ class LocalStore(Store):
 
     def uri(self, key: str = "") -> str:
         return str(self.root / key) if key else str(self.root)  # display only (may be a prefix): not validated
+
+
+def stat_etag(st: os.stat_result) -> str:
+    """A local file's change detector: its size and mtime (ns), in hex: a rewrite changes it, a read does not."""
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+def _files_in_key_order(folder: str, rel: str, prefix: str, start_after: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """(``rel`` + relative key, DirEntry) of the files below ``folder`` whose key starts with ``prefix`` and
+    sorts after ``start_after``, in key (string) order: a folder sorts by its name with '/' appended, so
+    'a-c' comes before 'a/b' as S3 lists them. Folders that hold no such key are not walked."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in it),
+                             key=itemgetter(0))
+    except PermissionError:
+        return
+    for name, entry in entries:
+        key = rel + name
+        if name.endswith("/"):
+            if _may_hold(key, prefix, start_after):
+                yield from _files_in_key_order(entry.path, key, prefix, start_after)
+        elif key.startswith(prefix) and key > start_after and not (name.startswith(".") and name.endswith(".tmp")) \
+                and _is_file(entry):
+            yield key, entry
+
+
+def _may_hold(folder_key: str, prefix: str, start_after: str) -> bool:
+    """Whether a key below ``folder_key`` ('a/b/') can start with ``prefix`` and sort after ``start_after``
+    (each such key starts with ``folder_key``, so it is after ``start_after`` unless that is after the folder
+    and does not start with it)."""
+    return ((folder_key.startswith(prefix) or prefix.startswith(folder_key))
+            and (start_after < folder_key or start_after.startswith(folder_key)))
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """``entry`` is a file, or a link to one (a broken link or a link loop is not)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
