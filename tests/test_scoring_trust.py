@@ -189,7 +189,7 @@ def test_the_score_flow_refuses_an_output_outside_its_place(prefect_api, bucket:
 # ---------------------------------------------------------------------------------------------
 def test_oversize_objects_and_decompression_bombs_get_error_rows_and_are_never_decoded(
         onnx_model: Path, faces: Path, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import faceclf.dataset.preprocess as P
+    import faceclf.serving.stream as S
 
     images = some_faces(faces, tmp_path / "in", 4)
     limit = max(p.stat().st_size for p in images) + 1000
@@ -203,9 +203,9 @@ def test_oversize_objects_and_decompression_bombs_get_error_rows_and_are_never_d
         client.put_object(Bucket=bucket, Key=f"to-score/{name}", Body=data)
         (tmp_path / "in" / name).write_bytes(data)
     decoded, read = [], []
-    real_decode, real_read = P.Preprocess.try_decode_bytes, StoreSource.read
-    monkeypatch.setattr(P.Preprocess, "try_decode_bytes", lambda self, data: decoded.append(len(data)) or
-                        real_decode(self, data))
+    real_decode, real_read = S.decode_into, StoreSource.read
+    monkeypatch.setattr(S, "decode_into", lambda data, size, out: decoded.append(len(data)) or
+                        real_decode(data, size, out))
     monkeypatch.setattr(StoreSource, "read", lambda self, item, max_bytes=None: read.append(item.key) or
                         real_read(self, item, max_bytes))
     cfg = ScoreConfig(device="cpu", part_rows=4, batch_size=4, max_bytes=limit)

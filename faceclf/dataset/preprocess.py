@@ -75,13 +75,6 @@ class Preprocess:
         except ValueError as e:
             return str(e)
 
-    def try_decode_bytes(self, data: bytes) -> np.ndarray | str:
-        """An image file's bytes (fetched from a bucket) -> uint8 (S, S, 3), or the reason it does not decode."""
-        try:
-            return load_image(io.BytesIO(data), self.image_size)
-        except ValueError as e:
-            return str(e)
-
     def to_input(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S, 3) -> normalised float32 (B, 3, S, S), the model's input (numpy: ONNX Runtime)."""
         scale, shift = self.scale_shift()
