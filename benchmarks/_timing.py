@@ -94,3 +94,13 @@ def cpu_flags() -> str:
         return "unknown (no /proc/cpuinfo)"
     wanted = sorted(f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f or f == "fma")
     return " ".join(wanted) or "no AVX"
+
+
+def stolen_seconds() -> float:
+    """CPU seconds the hypervisor has given other guests instead of this machine (/proc/stat's steal column,
+    all cores): on a shared VM the reason "cores busy" can sit well below the core count. 0.0 where unknown."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0

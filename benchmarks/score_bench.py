@@ -43,7 +43,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from benchmarks._timing import DATASET, cpu_seconds, cpu_timed, machine_rows, median, row, spread, timed
+from benchmarks._timing import (DATASET, cpu_seconds, cpu_timed, machine_rows, median, row, spread, stolen_seconds,
+                                timed)
 
 NAME = "score"
 GOAL_ORT_VS_TORCH = 4.0
@@ -198,18 +199,21 @@ def measure_set(label: str, folder: Path, onnx_path: Path, int8_path: Path, reps
         f()  # warm-up: imports, page cache, ORT's first-run allocations
     wall: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
+    stolen0, t0 = stolen_seconds(), time.perf_counter()
     for _ in range(reps):  # interleaved, so background load hits all alike
         for k, f in fns.items():
             w, c = cpu_timed(f)
             wall[k].append(w)
             cpu[k].append(c)
+    stolen = (stolen_seconds() - stolen0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
     ips = {k: n / median(v) for k, v in wall.items()}
     us = {k: median(v) / n * 1e6 for k, v in cpu.items()}
     busy = {k: median(cpu[k]) / median(wall[k]) for k in fns}
     model_us = min(us["model"], us["model_ort"])
     bound = model_us + us["decode"]
     ratio = us["e2e"] / bound
-    where = f"{label}: {n} files @{size}px, batch {bs}, {workers} workers"
+    where = (f"{label}: {n} files @{size}px, batch {bs}, {workers} workers; the host took {stolen:.0%} of the "
+             "cores' time meanwhile (steal)")
 
     def fig(k: str) -> str:
         return f"{us[k]:.0f} us CPU/img, {busy[k]:.2f} cores busy; wall {spread(wall[k])} s"
