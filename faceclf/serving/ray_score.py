@@ -40,21 +40,19 @@ RAY_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", 
 
 def fetch_decode(batch: dict[str, np.ndarray], source: Source, image_size: int,
                  limits: IngestConfig) -> dict[str, np.ndarray]:
-    """Ray task: keys -> uint8 images (B, S, S, 3) (zeros where the error column says why not)."""
-    from faceclf.dataset.preprocess import Preprocess
-    from faceclf.serving.stream import fetch_and_decode
+    """Ray task: keys -> uint8 images (B, S, S, 3), each decoded straight into its slot (zeros where the error
+    column says why not), as a single machine's workers decode (faceclf.serving.stream.decode_checked)."""
+    from faceclf.serving.stream import decode_checked, read_checked
 
-    preset = Preprocess(image_size)
     images = np.zeros((len(batch["key"]), image_size, image_size, 3), dtype=np.uint8)
     errors = []
     for k, (key, etag, size, path) in enumerate(zip(batch["key"], batch["etag"], batch["size"], batch["path"])):
         item = Item(str(key), str(etag), int(size) if size >= 0 else None, os.fsdecode(bytes(path)))
-        got = fetch_and_decode(preset, source, item, limits)
-        if isinstance(got, str):
-            errors.append(got)
-        else:
-            images[k] = got
-            errors.append("")
+        data = read_checked(source, item, limits)
+        error = data if isinstance(data, str) else decode_checked(data, image_size, limits, images[k])
+        if error:
+            images[k] = 0  # a failed decode may have written part of the slot
+        errors.append(error or "")
     return {"key": batch["key"], "etag": batch["etag"], "image": images, "error": np.array(errors, dtype=object)}
 
 

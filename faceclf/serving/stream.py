@@ -36,7 +36,7 @@ from faceclf.config import IngestConfig, ScoreConfig, json_ready
 from faceclf.dataset import jpeg
 from faceclf.dataset.checks import FORMAT_ALIASES, Refused, bomb_reason, check_header, webp_canvas
 from faceclf.dataset.layout import sha256_file
-from faceclf.dataset.preprocess import Preprocess, decode_into
+from faceclf.dataset.preprocess import decode_into
 from faceclf.progress import progress
 from faceclf.serving.output import WRITTEN_BY, PredictionOutput, PreviousRows, columns, destination, prob_columns
 from faceclf.serving.onnx_model import OnnxModel, load_onnx_model, predict_proba
@@ -131,15 +131,6 @@ def decode_checked(data: bytes, size: int, limits: IngestConfig, out: np.ndarray
     """Decode ``data`` into ``out`` (uint8 (size, size, 3)) once its header passes ``limits``; the reason it
     does not (format, sides, pixels, undecodable), or None."""
     return header_problem(data, limits) or decode_into(data, size, out)
-
-
-def fetch_and_decode(preprocess: Preprocess, source: Source, item: Item, limits: IngestConfig) -> np.ndarray | str:
-    """uint8 (S, S, 3) of one item, or why not (``read_checked``'s and ``decode_checked``'s reasons)."""
-    data = read_checked(source, item, limits)
-    if isinstance(data, str):
-        return data
-    out = np.empty((preprocess.image_size, preprocess.image_size, 3), np.uint8)
-    return decode_checked(data, preprocess.image_size, limits, out) or out
 
 
 def result_row(model: OnnxModel, item: Item, probs: np.ndarray | None, error: str) -> dict[str, str]:
