@@ -197,7 +197,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     cfg = run_config_from_args(a)
     store = None
     if cfg.training.init_from and not Path(cfg.training.init_from).is_file() and (a.bucket or os.environ.get("FACECLF_BUCKET")):
-        from faceclf.nightly.night import resolve_location
+        from faceclf.store.objects import resolve_location
         from faceclf.store.objects import open_store
 
         store = open_store(resolve_location(a.bucket))
@@ -274,7 +274,7 @@ def cmd_resplit(a: argparse.Namespace) -> None:
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    from faceclf.nightly.night import resolve_location
+    from faceclf.store.objects import resolve_location
     from faceclf.nightly.stuck import stuck_reasons
     from faceclf.store import registry
     from faceclf.store.objects import open_store

@@ -20,13 +20,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from faceclf.config import ScoreConfig
-from faceclf.nightly import night
 from faceclf.serving.output import check_output_key
 from faceclf.serving.stream import ScoreSummary
 from faceclf.serving.stream import score_images
 from faceclf.store import registry
 from faceclf.store.local_paths import allowed_roots, confine
-from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url
+from faceclf.store.objects import LocalStore, Store, open_store, parse_s3_url, resolve_location
 from flows.common import IO_RETRIES
 from flows.params import SCORE_GROUPS, ScoringParams, config_of, refuse_old_parameters
 
@@ -128,7 +127,7 @@ def score(bucket: str | None = None, source: str = "incoming/", version: str | N
     """
     cfg = config_of(scoring, ScoreConfig)
     logger = get_run_logger()
-    location = night.resolve_location(bucket)
+    location = resolve_location(bucket)
     with tempfile.TemporaryDirectory(prefix="faceclf-score-") as work:
         model = fetch_model(location, version, work, int8)
         target = output or default_output(model.version, source, int8)

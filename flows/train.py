@@ -38,7 +38,7 @@ from faceclf.nightly.gate import Decision, decide, with_approval
 from faceclf.nightly.lock import bucket_lease, night_lock
 from faceclf.serving.export import ExportReport
 from faceclf.store.local_paths import allowed_roots, confine
-from faceclf.store.objects import open_store
+from faceclf.store.objects import open_store, resolve_location
 from faceclf.store.registry import ChampionRef, champion_ref, read_latest, version_key
 from faceclf.training.fit import TrainingDiverged, new_version
 from faceclf.training.metrics import RunMetrics
@@ -347,7 +347,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     crashed or rejected night sends a notification (flows/notify.py); a night with nothing new, or a promoted
     one, sends none. Parameters of the old flat form fail the run with the new place of each.
     """
-    location = nightly.resolve_location(bucket)
+    location = resolve_location(bucket)
     check_local_paths(location, face_dir, runs_dir)
     gate_cfg, drift_cfg = config_of(gate, GateConfig), config_of(drift, DriftConfig)
     night_cfg, int8_cfg = config_of(night, NightConfig), config_of(quantization, Int8Config)

@@ -61,7 +61,7 @@ def test_thresholds_are_validated() -> None:
 
 
 def test_bucket_names_and_folders_are_told_apart(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    from faceclf.nightly.night import resolve_location
+    from faceclf.store.objects import resolve_location
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "faceclf-demo").mkdir()  # a folder named like the bucket must not shadow it

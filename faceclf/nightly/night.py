@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,7 +66,6 @@ from faceclf.training.run import TEST_PREDICTIONS
 
 log = logging.getLogger(__name__)
 
-BUCKET_ENV = "FACECLF_BUCKET"
 DRIFT_FILE = "drift.json"  # the drift checks of a night (faceclf.nightly.drift), published with the version
 PUBLISHED_FILES = ("checkpoint.pt", "metrics.json", "report.md", DECISION_FILE, "history.csv", "config.json",
                    "history.png", "confusion_matrix.png", TEST_PREDICTIONS, "versions.png", DRIFT_FILE,
@@ -102,23 +100,6 @@ class Published:
     report_body: str
     warnings: list[str] = field(default_factory=list)
     stuck: list[str] = field(default_factory=list)   # why the pipeline is stuck (faceclf.nightly.stuck)
-
-
-def resolve_location(bucket: str | None) -> str:
-    """Where the night reads and writes: 's3://NAME' for a bucket name, a local folder for a path.
-
-    ``bucket`` defaults to $FACECLF_BUCKET. A value with a '/' or starting with '.' is a local folder
-    with the bucket layout; anything else is an S3 bucket name, even if a folder of that name happens
-    to exist in the working directory (bucket names cannot contain '/').
-    """
-    value = bucket or os.environ.get(BUCKET_ENV)
-    if not value:
-        raise ValueError(f"no bucket: pass bucket=NAME (or a local folder path) or set {BUCKET_ENV}")
-    if value.startswith("s3://"):
-        return value
-    if "/" in value or value.startswith("."):
-        return value
-    return f"s3://{value}"
 
 
 def check_classes(faceset: FaceSet, champion: ChampionRef | None, allow_new_classes: bool = False) -> list[str]:

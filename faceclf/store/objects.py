@@ -277,6 +277,26 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return f"s3://{bucket}", key
 
 
+BUCKET_ENV = "FACECLF_BUCKET"  # the bucket (name or local folder) when none is given
+
+
+def resolve_location(bucket: str | None) -> str:
+    """Where the night reads and writes: 's3://NAME' for a bucket name, a local folder for a path.
+
+    ``bucket`` defaults to $FACECLF_BUCKET. A value with a '/' or starting with '.' is a local folder
+    with the bucket layout; anything else is an S3 bucket name, even if a folder of that name happens
+    to exist in the working directory (bucket names cannot contain '/').
+    """
+    value = bucket or os.environ.get(BUCKET_ENV)
+    if not value:
+        raise ValueError(f"no bucket: pass bucket=NAME (or a local folder path) or set {BUCKET_ENV}")
+    if value.startswith("s3://"):
+        return value
+    if "/" in value or value.startswith("."):
+        return value
+    return f"s3://{value}"
+
+
 def open_store(location: str | os.PathLike[str], client=None) -> Store:  # noqa: ANN001
     """'s3://BUCKET' -> S3Store; anything else is a local folder."""
     text = str(location)
