@@ -286,7 +286,8 @@ def publish_plots(location: str, result: nightly.Published, warnings: Warnings, 
     titles = {"history.png": "learning curves", "confusion_matrix.png": "confusion matrix (test)",
               "versions.png": "test accuracy across the last versions",
               "label_audit.png": "new images whose label the champion contradicts",
-              "disagreements.png": "test images the candidate and the champion disagree on"}
+              "disagreements.png": "test images the candidate and the champion disagree on",
+              "reliability.png": "reliability diagram (test, before and after calibration)"}
     links = {name: warnings.attempt(f"presigned link to {name}", store.link, version_key(result.version, name),
                                       link_seconds)
              for name in nightly.PLOTS if name in result.uris}

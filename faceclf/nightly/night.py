@@ -69,9 +69,9 @@ log = logging.getLogger(__name__)
 DRIFT_FILE = "drift.json"  # the drift checks of a night (faceclf.nightly.drift), published with the version
 PUBLISHED_FILES = ("checkpoint.pt", "metrics.json", "report.md", DECISION_FILE, "history.csv", "config.json",
                    "history.png", "confusion_matrix.png", TEST_PREDICTIONS, "versions.png", DRIFT_FILE,
-                   disagree.GALLERY_FILE, "label_audit.csv", "label_audit.png")
+                   disagree.GALLERY_FILE, "label_audit.csv", "label_audit.png", "reliability.png")
 PLOTS = ("history.png", "confusion_matrix.png", "versions.png", disagree.GALLERY_FILE,  # the image artifacts
-         "label_audit.png")
+         "label_audit.png", "reliability.png")
 AUDIT_CSV, AUDIT_GALLERY = "label_audit.csv", "label_audit.png"  # the night's label audit, published with it
 RECENT_VERSIONS = 20  # versions.png: tonight's candidate and the versions before it
 CHAMPION_DIR = ".champion"  # under runs/: the champion's model (sha256-checked), fetched once for the re-score
