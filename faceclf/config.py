@@ -96,6 +96,22 @@ DRIFT_BRIGHTNESS_KS = 0.30            # mean pixel value per image: KS statistic
 DRIFT_ACCURACY_DROP = 0.10            # champion's accuracy on the new images below its test accuracy minus this
 DRIFT_SAMPLE = 2000                   # images per side read for brightness (evenly spread)
 
+# The champion watched between nights: every scoring run estimates the model's accuracy without labels
+# (faceclf.serving.monitor: the mean of the calibrated probability of each predicted class, as NannyML's CBPE).
+MONITOR_ACCURACY_DROP = 0.05          # alarm when that estimate is more than this below the model's test accuracy.
+                                      # The estimate itself is steady (a mean of n confidences: sd ~0.1 / sqrt(n),
+                                      # 0.014 at 50 images, so 0.05 is 3.5 sd of its own noise), but the test
+                                      # accuracy it is set against is known to about +-0.04 on face-mask's 111 test
+                                      # images (Wilson 95%): a smaller bar would alarm on the test set's luck. Half of
+                                      # DRIFT_ACCURACY_DROP, which is measured with labels on a night's few new images
+MONITOR_CLASS_SHIFT = 0.20            # alarm when a class's share of the predictions moves more than this from its
+                                      # share of the model's test predictions: drift's bar on arrival (50/50 -> 70/30).
+                                      # At 50 images a share's sampling sd is <= 0.071, the test set's (111) <= 0.047:
+                                      # 0.20 is 2.3 sd of both together, 3.3 sd at 500 images
+MONITOR_MIN_IMAGES = 50               # fewer scored images than this: the figures are recorded, no alarm raised (and
+                                      # said so). Below it one image moves a share by over 0.02 and the bars above
+                                      # stand within ~2 sd of noise
+
 # The night.
 MIN_NEW_IMAGES = 1                    # fewer new images than this since the last published version: the night
                                       # ends after ingest (no training, no version, champion untouched)
@@ -130,6 +146,13 @@ LABEL_AUDIT = "report"                # the champion audits the labels of each n
                                       # recall 0.83-0.92 on face-mask with 5-20% of the labels flipped
 LINK_SECONDS = 24 * 3600              # presigned links in a night's artifacts work this long: the morning's readers
                                       # have them, the next night publishes fresh ones, a leaked one soon dies
+
+# Nights started by arrivals (flows/watch.py, every few minutes: deployments/prefect.yaml).
+WATCH_MIN_NEW_IMAGES = 100            # a night starts once this many objects in incoming/ are new to ingest: a
+                                      # night costs minutes of CPU (face-mask's 1,376 images: ~3 min on 2 cores),
+                                      # 100 is 7% more data there; the 02:00 night still takes any fewer
+WATCH_RENOTIFY_AFTER = 6 * 3600       # arrivals announced once are announced again after this long if no ingest
+                                      # has taken them since (the night they started failed or never ran)
 
 # Promotion gate.
 MIN_ACCURACY = 0.90                   # overall test accuracy a candidate must reach
@@ -487,6 +510,24 @@ class DriftConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The champion watched between nights: the alarms of every scoring run's label-free accuracy estimate."""
+
+    accuracy_drop: float = option(MONITOR_ACCURACY_DROP, "alarm when the estimated accuracy (mean probability of "
+                                  "each predicted class) falls more than this below the model's test accuracy")
+    class_shift: float = option(MONITOR_CLASS_SHIFT, "alarm when a class's share of the predictions moves more than "
+                                "this from its share of the model's test predictions")
+    min_images: int = option(MONITOR_MIN_IMAGES, "fewer scored images than this: the estimate is recorded, no alarm "
+                             "raised")
+
+    def __post_init__(self) -> None:
+        for name in ("accuracy_drop", "class_shift"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"monitor {name} must be in [0, 1], got {getattr(self, name)}")
+        require_at_least(self, 1, "min_images")
+
+
+@dataclass
 class NightConfig:
     """When a night trains at all."""
 
@@ -530,6 +571,19 @@ class NightConfig:
 
 
 @dataclass
+class WatchConfig:
+    """When arrivals in incoming/ start a night (the watch flow's poll)."""
+
+    min_new_images: int = setting(WATCH_MIN_NEW_IMAGES, "start a night once at least this many objects in "
+                                  "incoming/ are new to ingest (listed against its manifest and quarantine log)")
+    renotify_after: int = setting(WATCH_RENOTIFY_AFTER, "seconds after which arrivals already announced, and still "
+                                  "not ingested, are announced again")
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "min_new_images", "renotify_after")
+
+
+@dataclass
 class GateConfig:
     """Thresholds of the promotion gate."""
 
@@ -566,8 +620,10 @@ SECTIONS: dict[str, tuple[type, str]] = {
     "gate": (GateConfig, "the train flow's `gate` parameter"),
     "drift": (DriftConfig, "the train flow's `drift` parameter"),
     "night": (NightConfig, "the train flow's `night` parameter"),
+    "watch": (WatchConfig, "the watch flow's `watch` parameter (deployment watch/incoming)"),
     "quantization": (Int8Config, "`faceclf export --int8` options; the train flow's `quantization` parameter"),
     "scoring": (ScoreConfig, "`faceclf score` options; the score flow's `scoring` parameter"),
+    "monitor": (MonitorConfig, "`faceclf score` options; the score flow's `monitor` parameter"),
     "ingest": (IngestConfig, "`faceclf ingest` and `faceclf resplit` options (a night ingests with the defaults, "
                              "night.allow_new_classes aside)"),
     "cache": (CacheConfig, "the library's decoded-image cache (faceclf.dataset.cache); no option"),

@@ -32,6 +32,7 @@ from faceclf.config import (
     RunConfig,
     ScoreConfig,
     TrainConfig,
+    WatchConfig,
     with_overrides,
 )
 
@@ -63,6 +64,7 @@ DriftParams = params_model(DriftConfig, "DriftParams")
 NightParams = params_model(NightConfig, "NightParams")
 QuantizationParams = params_model(Int8Config, "QuantizationParams")
 ScoringParams = params_model(ScoreConfig, "ScoringParams")
+WatchParams = params_model(WatchConfig, "WatchParams")
 
 TRAIN_GROUPS: dict[str, type[BaseModel]] = {"data": DataParams, "model": ModelParams, "training": TrainingParams,
                                              "gate": GateParams, "drift": DriftParams, "night": NightParams,

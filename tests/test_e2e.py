@@ -11,7 +11,15 @@ from conftest import FAST, LENIENT, grouped, onnx_accuracy, tree, upload_faces
 
 from faceclf.devtools.demo import local_stack
 from faceclf.devtools.sample import generate_sample_faces
-from faceclf.devtools.services import read_deployment, run_deployment, wait_for_flow_run
+from faceclf.devtools.services import (
+    deployment_runs,
+    read_deployment,
+    run_deployment,
+    set_deployment_parameters,
+    started_runs,
+    wait_for_flow_run,
+    wait_for_new_run,
+)
 from faceclf.store import registry
 
 
@@ -40,9 +48,18 @@ def test_three_nights_through_the_deployment(tmp_path: Path) -> None:
                   **{k: v for k, v in FAST.items() if k != "label_audit"}}  # deployed nights audit labels (default)
         store = stack.store
 
-        # Night 1: the first champion.
+        # Night 1, started by the data: 160 images arrive, the watch flow counts them against the ingest logs and
+        # emits faceclf.incoming.arrived, and train/face's trigger starts one night with the deployment's
+        # parameters. A second poll before that night has ingested them announces nothing: exactly one night.
+        set_deployment_parameters(stack.api_url, "train/face", grouped(**params))
         upload_faces(bucket, tmp_path / "night1", per_class=80, seed=11)
-        stack.run("train/face", grouped(**params))
+        watch = {"watch": {"min_new_images": 100}}
+        stack.run("watch/incoming", watch)
+        night1 = wait_for_new_run(stack.api_url, "train/face", set(), timeout=60)
+        assert night1["created_by"]["type"] == "AUTOMATION", night1["created_by"]
+        stack.run("watch/incoming", watch)
+        assert wait_for_flow_run(stack.api_url, night1["id"], timeout=600)["state_type"] == "COMPLETED"
+        assert [r["id"] for r in started_runs(stack.api_url, "train/face")] == [night1["id"]]
         champion = registry.read_champion(store)
         assert champion is not None
         model = tmp_path / "champion.onnx"
@@ -65,8 +82,11 @@ def test_three_nights_through_the_deployment(tmp_path: Path) -> None:
         # Night 3: new images, a candidate that has barely trained (1 epoch at lr 1e-7: its random
         # init) -> worse than the champion on the same test set, rejected; champion unchanged.
         upload_faces(bucket, tmp_path / "night3", per_class=40, seed=33)
+        known = {r["id"] for r in started_runs(stack.api_url, "train/face")}
+        stack.run("watch/incoming", watch)  # 80 new, fewer than 100: no event, no night (the 02:00 one takes them)
         stack.run("train/face", grouped(**{**params, "min_accuracy": 0.0, "min_class_accuracy": 0.0,
                                            "epochs": 1, "learning_rate": 1e-7}))
+        assert len({r["id"] for r in started_runs(stack.api_url, "train/face")} - known) == 1  # the one run by hand
         night3 = registry.list_versions(store)[-1]
         assert night3["gate_passed"] is False and not night3["has_model"]
         decision = json.loads(store.get_bytes(registry.version_key(night3["version"], "decision.json")))
@@ -89,3 +109,7 @@ def test_three_nights_through_the_deployment(tmp_path: Path) -> None:
         stack.run("score/face", {"source": "incoming/", "output": "predictions/e2e/predictions.csv"})
         rows = store.get_bytes("predictions/e2e/predictions.csv").decode().splitlines()
         assert len(rows) == 1 + 160 + 80 and rows[0].startswith("path,predicted_class,")
+
+        # The 02:00 cron stays the fallback beside the trigger: the scheduler has queued the next nights.
+        cron = [r for r in deployment_runs(stack.api_url, "train/face") if r["state_type"] == "SCHEDULED"]
+        assert any(r["expected_start_time"][11:16] == "02:00" for r in cron), cron

@@ -287,6 +287,42 @@ def run_deployment(api_url: str, name: str = "train/face", parameters: dict | No
     return run["id"]
 
 
+def set_deployment_parameters(api_url: str, name: str, parameters: dict) -> None:
+    """Make ``parameters`` the default parameters of deployment ``FLOW/DEPLOYMENT``: what its scheduled and
+    triggered runs get (a run started by hand may still override them)."""
+    deployment = read_deployment(api_url, name)
+    api_request(api_url, "PATCH", f"deployments/{deployment['id']}", {"parameters": parameters})
+
+
+def deployment_runs(api_url: str, name: str) -> list[dict]:
+    """Every flow run of deployment ``FLOW/DEPLOYMENT`` (any state, the cron's future ones included), oldest
+    first by creation."""
+    deployment = read_deployment(api_url, name)
+    return api_request(api_url, "POST", "flow_runs/filter", {
+        "deployments": {"id": {"any_": [deployment["id"]]}}, "sort": "START_TIME_ASC", "limit": 200}) or []
+
+
+def started_runs(api_url: str, name: str) -> list[dict]:
+    """The runs of ``FLOW/DEPLOYMENT`` that are not merely waiting for their scheduled time: started by hand,
+    by a trigger, or a schedule whose time came (the cron's future nights left out), oldest first."""
+    runs = [r for r in deployment_runs(api_url, name)
+            if not (r.get("state_type") == "SCHEDULED" and r.get("auto_scheduled")
+                    and (r.get("expected_start_time") or "") > time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()))]
+    return sorted(runs, key=lambda r: r["created"])
+
+
+def wait_for_new_run(api_url: str, name: str, known: set[str], timeout: float = 60.0, poll: float = 0.5) -> dict:
+    """The first run of ``FLOW/DEPLOYMENT`` whose id is not in ``known`` (a run an automation creates appears a
+    few seconds after its event); TimeoutError naming the deployment if none appears within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [r for r in started_runs(api_url, name) if r["id"] not in known]
+        if new:
+            return new[0]
+        time.sleep(poll)
+    raise TimeoutError(f"no new flow run of {name} within {timeout:.0f}s")
+
+
 def pause_deployment(api_url: str, name: str) -> None:
     """Pause the schedules of deployment ``FLOW/DEPLOYMENT``; the server deletes its runs already scheduled.
     Runs started by hand (`prefect deployment run`, the UI's Run button) still run."""
