@@ -57,7 +57,7 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 
 
 def test_demo_ui_stays_up_until_ctrl_c(faces: Path, tmp_path: Path) -> None:
-    """`faceclf demo FOLDER --ui`: local S3 + Prefect, train/face through the deployment, then score/face, on the
+    """`faceclf demo FOLDER --ui`: local S3 + Prefect, watch/incoming whose event starts train/face, then score/face, on the
     named folder; after the night the Prefect UI, the S3 endpoint behind the plots' presigned links and the
     worker stay up; Ctrl-C (SIGINT) stops them all and the demo exits 0. (Without --ui, on the generated
     faces, CI runs the demo itself: .ci/run.)"""
@@ -109,7 +109,8 @@ def test_demo_ui_stays_up_until_ctrl_c(faces: Path, tmp_path: Path) -> None:
             rows = list(csv.DictReader(f))
         assert len(rows) == 123 and {r["model_version"] for r in rows} == {result["night"]}
         assert not any(r["error"] for r in rows)
-        assert list(result["flow_runs"]) == ["train/face", "score/face"]
+        assert list(result["flow_runs"]) == ["watch/incoming", "train/face", "score/face"]
+        assert result["night_started_by"].startswith("automation ")  # the arrivals event's deployment trigger
         night_url = result["flow_runs"]["train/face"]
         assert FLOW_RUN_URL.fullmatch(night_url) and night_url in printed.split("}")[-1]
         assert proc.poll() is None  # still up after printing

@@ -1,8 +1,8 @@
 """The README's first command: a real night on this machine with no cloud account.
 
-It starts an S3 endpoint on 127.0.0.1 (moto server mode) and a Prefect server (SQLite), uploads a
-face set into incoming/, deploys deployments/prefect.yaml, starts a worker, runs `train/face`
-through the deployment, scores with the promoted model through `score/face`, and says where the
+It starts an S3 endpoint on 127.0.0.1 (moto server mode) and a Prefect server (SQLite), deploys
+deployments/prefect.yaml, starts a worker, uploads a face set into incoming/, runs `watch/incoming`, whose
+event starts the `train/face` night through its deployment trigger, scores with the promoted model through `score/face`, and says where the
 model, report and predictions are, with the two flow runs' pages in the Prefect UI. With ``ui`` the
 Prefect UI is on, and after the night the UI, the S3 endpoint and the worker stay up until Ctrl-C.
 The end-to-end test drives the same ``LocalStack``.
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import faceclf
-from faceclf.config import MIN_ACCURACY, MIN_CLASS_ACCURACY, GateConfig, option, require_at_least
+from faceclf.config import MIN_ACCURACY, MIN_CLASS_ACCURACY, WATCH_MIN_NEW_IMAGES, GateConfig, option, require_at_least
 from faceclf.dataset.layout import find_classes, list_images
 from faceclf.devtools.services import (
     LOCAL_S3_ENV,
@@ -35,7 +35,10 @@ from faceclf.devtools.services import (
     prefect_server,
     prefect_ui_url,
     prefect_worker,
+    set_deployment_parameters,
+    started_runs,
     wait_for_flow_run,
+    wait_for_new_run,
 )
 from faceclf.store import registry
 from faceclf.store.local_paths import ALLOW_PATHS_ENV
@@ -146,7 +149,16 @@ class LocalStack:
         match = RUN_ID.search(out)
         if not match:
             raise RuntimeError(f"could not find the flow run id in `prefect {' '.join(args)}` output:\n{out}")
-        run = wait_for_flow_run(self.api_url, match.group(1), timeout)
+        return self.finished(deployment, match.group(1), timeout)
+
+    def triggered(self, deployment: str, known: set[str], timeout: float = 900) -> dict[str, Any]:
+        """Wait for a run of ``deployment`` that an automation (a deployment trigger) creates, one whose id is not
+        in ``known``, then for it to end; returns it."""
+        return self.finished(deployment, wait_for_new_run(self.api_url, deployment, known, timeout=60)["id"], timeout)
+
+    def finished(self, deployment: str, flow_run_id: str, timeout: float) -> dict[str, Any]:
+        """The flow run once it has ended COMPLETED; FlowRunFailed naming its state and message otherwise."""
+        run = wait_for_flow_run(self.api_url, flow_run_id, timeout)
         if run["state_type"] != "COMPLETED":
             raise FlowRunFailed(f"{deployment} flow run {run['name']} ended {run['state_type']}: "
                                 f"{(run.get('state') or {}).get('message')}; see {self.out / 'logs' / 'worker.log'}",
@@ -221,7 +233,7 @@ def where_to_look(stack: LocalStack, urls: dict[str, str], ui: bool) -> str:
                 "up until Ctrl-C):" + runs)
     return (f"Prefect UI    {stack.ui_url}\nFlow runs (graph, logs, report, plots, progress):{runs}\n"
             f"S3 endpoint   {stack.s3_endpoint} (bucket {stack.bucket}; the plots in the UI are links to it)\n"
-            f"The Prefect UI, the S3 endpoint and the worker stay up (train/face's nightly schedule is paused); "
+            f"The Prefect UI, the S3 endpoint and the worker stay up (train/face's nightly schedule and watch/incoming's poll are paused); "
             f"{READY}.")
 
 
@@ -264,6 +276,7 @@ def keep_up(stack: LocalStack, urls: dict[str, str]) -> None:
     would start a night with the deployment's defaults (the checkout's face/ and runs/, which the next
     `faceclf demo` would then train on), so it is paused first."""
     pause_deployment(stack.api_url, "train/face")
+    pause_deployment(stack.api_url, "watch/incoming")
     wait_for_ctrl_c(where_to_look(stack, urls, ui=True))
 
 
@@ -272,16 +285,25 @@ def night_and_score(stack: LocalStack, data: Path, params: dict[str, Any], urls:
     copies the night's files into stack.out/results/ and returns what the demo reports. ``urls`` gets each
     flow run's page in the Prefect UI as it ends (COMPLETED; otherwise FlowRunFailed says which)."""
     out = stack.out
+    set_deployment_parameters(stack.api_url, "train/face", params)  # what a triggered night runs with
+    known = {r["id"] for r in started_runs(stack.api_url, "train/face")}
     n = upload_incoming(stack.store, data)
-    log.info("uploaded %d images from %s to s3://%s/incoming/ on %s", n, data, stack.bucket, stack.s3_endpoint)
-    urls["train/face"] = stack.flow_run_url(stack.run("train/face", params))
+    log.info("uploaded %d images from %s to s3://%s/incoming/ on %s; the watch flow counts them and its event "
+             "starts the night", n, data, stack.bucket, stack.s3_endpoint)
+    watch = stack.run("watch/incoming", {"watch": {"min_new_images": min(n, WATCH_MIN_NEW_IMAGES)}})
+    urls["watch/incoming"] = stack.flow_run_url(watch)
+    night_run = stack.triggered("train/face", known)
+    log.info("night %s started by the arrivals event (deployment trigger) has ended", night_run["name"])
+    urls["train/face"] = stack.flow_run_url(night_run)
     champion = registry.read_champion(stack.store)
     versions = registry.list_versions(stack.store)
     night = versions[-1]["version"]
     files = {name: out / "results" / name for name in ("report.md", "decision.json", "metrics.json")}
     for name, path in files.items():
         stack.store.download(registry.version_key(night, name), path)
+    by = night_run.get("created_by") or {}
     result: dict[str, Any] = {"data": str(data), "uploaded": n, "night": night,
+                              "night_started_by": f"{by.get('type', '?').lower()} {by.get('display_value', '')}".strip(),
                               "promoted": bool(champion and champion["version"] == night),
                               "report": str(files["report.md"]), "decision": str(files["decision.json"])}
     if champion:
