@@ -2,9 +2,11 @@
 
 The model takes pixels: uint8 RGB (batch, S, S, 3), as any decoder gives them after a resize. The cast,
 /255, (x - mean) / std and the NHWC -> NCHW change are the graph's first nodes, so a client needs no
-numpy normalisation and cannot get it wrong. The file gets a dynamic batch dimension and metadata
-(classes, mean, std, image size, input format, version), passes onnx.checker, and is only moved into
-place after onnxruntime reproduced torch's output on a real batch within rtol 1e-3 / atol 1e-5.
+numpy normalisation and cannot get it wrong. Its last node divides by the temperature fitted on the run's
+validation split (faceclf.training.calibrate), so its probabilities are calibrated. The file gets a dynamic
+batch dimension and metadata (classes, mean, std, image size, input format, version, temperature, the test
+figures monitoring compares nights against), passes onnx.checker, and is only moved into place after
+onnxruntime reproduced torch's output on a real batch within rtol 1e-3 / atol 1e-5.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from faceclf import __version__
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import normalize
 from faceclf.store.atomic import atomic_path
+from faceclf.training.calibrate import calibrated
 from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"      # uint8 (batch, S, S, 3), RGB, resized to S x S (earlier exports: float32 NCHW, normalised)
-OUTPUT_NAME = "log_probs" # float32 (batch, num_classes), log-softmax
+OUTPUT_NAME = "log_probs" # float32 (batch, num_classes), log-softmax (calibrated: of the model's output / T)
 RTOL, ATOL = 1e-3, 1e-5
 INPUT_FORMAT = ("uint8 (batch, image_size, image_size, 3) RGB, resized to image_size x image_size; cast, /255, "
                 "(x-mean)/std and NCHW inside the graph")
@@ -52,20 +55,27 @@ class ExportReport:
 
 
 class PixelInput(torch.nn.Module):
-    """``model`` behind its preprocessing: uint8 (B, S, S, 3) -> the model's log-probabilities (B, C)."""
+    """``model`` behind its preprocessing and calibration: uint8 (B, S, S, 3) -> calibrated log-probabilities
+    (B, C), log_softmax(model(x) / temperature); temperature 1.0 adds no node (the model's own output)."""
 
-    def __init__(self, model: torch.nn.Module, preset: Preprocess):
+    def __init__(self, model: torch.nn.Module, preset: Preprocess, temperature: float = 1.0):
         super().__init__()
-        self.model, self.preset = model, preset
+        self.model, self.preset, self.temperature = model, preset, float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(normalize(x.permute(0, 3, 1, 2), self.preset))  # (B, S, S, 3) -> (B, 3, S, S)
+        log_probs = self.model(normalize(x.permute(0, 3, 1, 2), self.preset))  # (B, S, S, 3) -> (B, 3, S, S) -> (B, C)
+        return calibrated(log_probs, self.temperature)
+
+
+def temperature_of(ckpt: dict[str, Any]) -> float:
+    """The checkpoint's fitted temperature; 1.0 (uncalibrated) for checkpoints written before calibration."""
+    return float(ckpt.get("temperature", 1.0))
 
 
 def pixel_model(ckpt: dict[str, Any], model: torch.nn.Module | None = None) -> PixelInput:
-    """The checkpoint's model (or ``model``) taking uint8 pixels, as exported."""
+    """The checkpoint's model (or ``model``) taking uint8 pixels, calibrated with its temperature, as exported."""
     return PixelInput(model if model is not None else model_from_checkpoint(ckpt, "cpu"),
-                      Preprocess.from_checkpoint(ckpt)).eval()
+                      Preprocess.from_checkpoint(ckpt), temperature_of(ckpt)).eval()
 
 
 def parity_batch(ckpt: dict[str, Any]) -> torch.Tensor:
@@ -92,8 +102,23 @@ def to_onnx_proto(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelPr
     return program.model_proto
 
 
+def reference_figures(ckpt: dict[str, Any]) -> dict[str, str]:
+    """The model's test figures, for monitoring between nights (what scoring sees vs what the test set saw):
+    test_accuracy, test_n and test_predicted_shares (JSON {class: share of the test images predicted as it},
+    the confusion matrix's column sums / n; rows are true classes, columns predictions). Empty where the
+    checkpoint holds no test metrics (or measured no image)."""
+    test = ckpt.get("metrics", {}).get("test")
+    if not test or not test.get("n"):
+        return {}
+    n, columns = int(test["n"]), zip(*test["confusion_matrix"])  # columns: one per predicted class
+    shares = {c: sum(col) / n for c, col in zip(ckpt["classes"], columns)}
+    return {"test_accuracy": str(float(test["accuracy"])), "test_n": str(n),
+            "test_predicted_shares": json.dumps(shares)}
+
+
 def add_metadata(proto: onnx.ModelProto, ckpt: dict[str, Any], version: str, source_sha256: str) -> None:
-    """Write classes, normalisation, input size and version into the model's metadata_props."""
+    """Write classes, normalisation, input size, version, temperature and the test figures (``reference_figures``)
+    into the model's metadata_props."""
     props = {
         "classes": json.dumps(list(ckpt["classes"])),
         **Preprocess.from_checkpoint(ckpt).metadata(),  # image_size, mean, std
@@ -102,6 +127,8 @@ def add_metadata(proto: onnx.ModelProto, ckpt: dict[str, Any], version: str, sou
         "output_format": "float32 (batch, classes) log-probabilities",
         "checkpoint_sha256": source_sha256,
         "producer": f"faceclf {__version__}",
+        "temperature": str(temperature_of(ckpt)),  # already applied by the graph: for reading, not for clients
+        **reference_figures(ckpt),
     }
     onnx.helper.set_model_props(proto, props)
 

@@ -9,13 +9,15 @@ from faceclf.config import DataConfig
 from faceclf.dataset.discover import discover
 from faceclf.dataset.preprocess import Preprocess
 from faceclf.dataset.tensors import load_split
+from faceclf.training.calibrate import calibrated
 from faceclf.training.checkpoint import load_checkpoint, model_from_checkpoint
-from faceclf.training.loop import evaluate, resolve_device
+from faceclf.training.loop import metrics_of, predict_split, resolve_device
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], split: str = "test",
                         device: str = "auto") -> dict[str, Any]:
-    """Metrics of the checkpoint on ``split`` of ``data``: loss, accuracy, per-class accuracy, confusion matrix, n.
+    """Metrics of the checkpoint on ``split`` of ``data``: loss, accuracy, per-class accuracy, confusion matrix, n;
+    of the model as exported, i.e. with the checkpoint's temperature applied (1.0 for checkpoints older than it).
 
     The split is recomputed from content hashes with the checkpoint's own fractions, so a folder of
     class folders yields exactly the test images the run held out.
@@ -28,4 +30,5 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], data: str | os.PathL
     faceset.require_every_class([split])
     dev, preset = resolve_device(device), Preprocess.from_checkpoint(ckpt)
     loaded = load_split(faceset, split, preset, data_cfg.decode_workers)
-    return evaluate(model_from_checkpoint(ckpt, dev), loaded, list(faceset.classes), preset, dev)
+    log_probs = predict_split(model_from_checkpoint(ckpt, dev), loaded, preset, dev)  # (N, C), uncalibrated
+    return metrics_of(calibrated(log_probs, float(ckpt.get("temperature", 1.0))), loaded.labels, list(faceset.classes))

@@ -1,4 +1,4 @@
-"""PNG plots people would rather look at than read: learning curves and the confusion matrix."""
+"""PNG plots people would rather look at than read: learning curves, the confusion matrix, the reliability diagram."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+import torch  # noqa: E402
+
 from faceclf.store.atomic import write_atomic  # noqa: E402
+from faceclf.training.calibrate import (  # noqa: E402
+    ECE_BINS,
+    calibrated,
+    expected_calibration_error,
+    reliability_bins,
+)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -53,6 +61,36 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (test)")
+    return _save(fig, path)
+
+
+def plot_reliability(log_probs: torch.Tensor, labels: torch.Tensor, temperature: float, path: Path,
+                     bins: int = ECE_BINS) -> Path:
+    """Reliability diagram of the test split before and after temperature scaling: per equal-width confidence bin,
+    the accuracy against the mean confidence (on the diagonal: calibrated), the ECE in the legend; below, how many
+    images each bin holds. ``log_probs`` (N, C): the model's own, uncalibrated, output."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.2, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    width = 1 / bins
+    for shift, (name, t, color) in zip((-0.2, 0.2), (("before", 1.0, "tab:red"),
+                                                     (f"after (T = {temperature:.3g})", temperature, "tab:blue"))):
+        scores = calibrated(log_probs, t)
+        binned = [b for b in reliability_bins(scores, labels, bins) if b.count]
+        ece = expected_calibration_error(scores, labels, bins)
+        ax.plot([b.confidence for b in binned], [b.accuracy for b in binned], marker="o", color=color,
+                label=f"{name}: ECE {ece:.4f}")
+        ax_n.bar([(b.low + b.high) / 2 + shift * width for b in binned], [b.count for b in binned],
+                 width=0.4 * width, color=color)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability diagram (test, {len(labels)} images, {bins} bins)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    ax_n.set_xlabel("confidence of the predicted class")
+    ax_n.set_ylabel("images")
+    ax_n.set_yscale("log")  # a good model piles most images in its last bin
+    ax_n.grid(alpha=0.3)
     return _save(fig, path)
 
 

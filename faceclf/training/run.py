@@ -25,6 +25,7 @@ from faceclf.store.atomic import (
     write_json_atomic,
     write_text_atomic,
 )
+from faceclf.training.calibrate import calibrated, calibration_summary, fit_temperature
 from faceclf.training.distributed import current
 from faceclf.training.checkpoint import (
     load_checkpoint,
@@ -32,9 +33,9 @@ from faceclf.training.checkpoint import (
     save_checkpoint,
 )
 from faceclf.training.fit import EpochCallback, fit
-from faceclf.training.loop import evaluate, metrics_of, predict_split, release_memory, resolve_device
+from faceclf.training.loop import metrics_of, predict_split, release_memory, resolve_device
 from faceclf.training.plan import Plan
-from faceclf.training.plots import plot_confusion, plot_history
+from faceclf.training.plots import plot_confusion, plot_history, plot_reliability
 from faceclf.training.warmstart import init_weights
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def run_plan(plan: Plan, cache: DecodedCache | None = None, on_epoch: EpochCallb
                  init_state=init, on_epoch=on_epoch)
     if not part.is_main:
         return {}
-    metrics = finish_run(run_dir, classes, loaded, result.best_epoch, result.device)
+    metrics, test_log_probs = finish_run(run_dir, classes, loaded, result.best_epoch, result.device)
     metrics["ranks"] = {"world_size": part.world_size, "weights_sha256": result.rank_digests}
     metrics["data"] = {"counts": {s: len(loaded[s].labels) for s in SPLITS}, "duplicates_dropped": faceset.duplicates,
                        "conflicts_dropped": len(faceset.conflicts), "rejected": n_rejected, "presplit": faceset.presplit}
@@ -105,6 +106,8 @@ def run_plan(plan: Plan, cache: DecodedCache | None = None, on_epoch: EpochCallb
                   result.best_epoch)
     plots.attempt("confusion matrix plot (confusion_matrix.png)", plot_confusion, metrics["test"]["confusion_matrix"],
                   classes, run_dir / "confusion_matrix.png")
+    plots.attempt("reliability diagram (reliability.png)", plot_reliability, test_log_probs, loaded["test"].labels,
+                  metrics["calibration"]["temperature"], run_dir / "reliability.png")
     if plots.items:
         metrics["warnings"] = plots.items
     write_json_atomic(run_dir / "metrics.json", finite_or_none(metrics))
@@ -134,25 +137,42 @@ def write_test_predictions(path: Path, split: TensorSplit, predicted: torch.Tens
     write_atomic(path, write)
 
 
-def finish_run(run_dir: Path, classes: list[str], loaded: dict[str, TensorSplit], best_epoch: int, device: str) -> dict[str, Any]:
-    """Re-load the best weights, measure them on val and test, and store the metrics in checkpoint.pt."""
+def finish_run(run_dir: Path, classes: list[str], loaded: dict[str, TensorSplit], best_epoch: int,
+               device: str) -> tuple[dict[str, Any], torch.Tensor]:
+    """Re-load the best weights, fit their temperature on val (faceclf.training.calibrate), measure them on val
+    and test, and store the temperature and the metrics in checkpoint.pt.
+
+    Val figures are the model's own (T was fitted on them); test figures are the calibrated model's, as exported:
+    accuracy is unchanged (T > 0 keeps the argmax), the loss is the exported model's, so a candidate's test loss
+    and the champion's, re-scored through ONNX, compare on the same footing. Returns the metrics and the test
+    split's uncalibrated log-probabilities (N, C), which the reliability diagram shows before and after.
+    """
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = RunConfig.from_dict({"data": ckpt["data_config"], "model": ckpt["model_config"], "training": ckpt["train_config"]})
     dev = resolve_device(cfg.training.device)
     model, preset = model_from_checkpoint(ckpt, dev), Preprocess.from_checkpoint(ckpt)
-    test = loaded["test"]
-    test_log_probs = predict_split(model, test, preset, dev, batch_size=cfg.training.batch_size)  # (N, C)
+    val, test = loaded["val"], loaded["test"]
+    val_log_probs, test_log_probs = (predict_split(model, s, preset, dev, batch_size=cfg.training.batch_size)
+                                     for s in (val, test))  # (N_val, C), (N_test, C)
+    temperature = fit_temperature(val_log_probs, val.labels)
+    calibration = calibration_summary(temperature, {"val": (val_log_probs, val.labels),
+                                                    "test": (test_log_probs, test.labels)})
     metrics = {
         "classes": classes,
         "best_epoch": best_epoch,
         "device": device,
         "version": ckpt["version"],
-        "val": evaluate(model, loaded["val"], classes, preset, dev, batch_size=cfg.training.batch_size),
-        "test": metrics_of(test_log_probs, test.labels, classes),
+        "val": metrics_of(val_log_probs, val.labels, classes),
+        "test": metrics_of(calibrated(test_log_probs, temperature), test.labels, classes),
+        "calibration": calibration,
     }
     write_test_predictions(run_dir / TEST_PREDICTIONS, test, test_log_probs.argmax(dim=1), classes)
     ckpt["metrics"] = {"val": metrics["val"], "test": metrics["test"]}
+    ckpt["temperature"], ckpt["calibration"] = temperature, calibration
     save_checkpoint(run_dir / "checkpoint.pt", ckpt)
     log.info("test: loss %.4f accuracy %.4f per class %s", metrics["test"]["loss"], metrics["test"]["accuracy"],
              metrics["test"]["per_class_accuracy"])
-    return metrics
+    log.info("calibration: temperature %.4f; ECE val %.4f -> %.4f, test %.4f -> %.4f (%d bins)", temperature,
+             calibration["val"]["ece_before"], calibration["val"]["ece_after"], calibration["test"]["ece_before"],
+             calibration["test"]["ece_after"], calibration["bins"])
+    return metrics, test_log_probs
