@@ -20,7 +20,8 @@ MODULES = {"train": "benchmarks.train_bench", "score": "benchmarks.score_bench",
            "growth": "benchmarks.growth_bench", "imagesize": "benchmarks.imagesize_bench",
            "ddp": "benchmarks.ddp_bench",
            "audit": "benchmarks.audit_bench",
-           "neardup": "benchmarks.neardup_bench"}
+           "neardup": "benchmarks.neardup_bench",
+           "watch": "benchmarks.watch_bench"}
 
 
 def machine() -> str:
