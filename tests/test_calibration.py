@@ -156,7 +156,6 @@ def test_finish_run_records_the_temperature_its_eces_and_the_reliability_diagram
         assert all(math.isfinite(got[k]) and 0 <= got[k] <= 1 for k in ("ece_before", "ece_after"))
         assert got["ece_before"] == pytest.approx(expected_calibration_error(lp, y), abs=1e-6)
         assert got["ece_after"] == pytest.approx(expected_calibration_error(calibrated(lp, t), y), abs=1e-6)
-    assert cal["val"]["ece_after"] <= cal["val"]["ece_before"] + 1e-9  # fitted on val: never worse there
     # test figures are the calibrated model's: the same accuracy, its NLL
     nll = float(torch.nn.functional.nll_loss(calibrated(test_lp, t), test_y))
     assert m["test"]["loss"] == pytest.approx(nll, rel=1e-5)
