@@ -19,6 +19,7 @@ from faceclf.config import (
     IngestConfig,
     Int8Config,
     ModelConfig,
+    MonitorConfig,
     NightConfig,
     RunConfig,
     ScoreConfig,
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--incremental", action="store_true",
                     help="keep the rows of --out whose (path, etag, model version) still match; score the rest")
     add_config_options(sc, ScoreConfig)
+    add_config_options(sc, MonitorConfig)
     sc.add_argument("--sha256", default=None, metavar="HEX",
                     help="refuse the model unless its sha256 is HEX (e.g. champion.json's model_sha256)")
 
@@ -232,14 +234,28 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_score(a: argparse.Namespace) -> None:
+    from faceclf.serving.monitor import brief
     from faceclf.serving.stream import score_images
 
     s = score_images(a.model, a.images, a.out, config_from_args(ScoreConfig, a), expected_sha256=a.sha256,
-              incremental=a.incremental)
+              incremental=a.incremental, monitor=config_from_args(MonitorConfig, a))
     kept = (f"; {s.reused} kept from the previous run" if s.reused else "") + (
         f"; {s.resumed} from the killed run resumed" if s.resumed else "")
     print(f"scored {s.scored} of {s.images} images ({s.errors} errors{kept}) in {s.seconds:.2f}s: "
-          f"{s.images_per_s:.1f} images/s on {s.provider}; model {s.version}; wrote {s.out}")
+          f"{s.images_per_s:.1f} images/s on {s.provider}; model {s.version}; wrote {s.out}; "
+          f"{brief(s.monitor) if s.monitor else 'no accuracy estimate'}")
+
+
+def estimate_text(estimate: dict[str, Any] | None) -> str:
+    """A version's last label-free estimate in `faceclf models list`: '  estimated 0.9312 [0.9108, 0.9516] on
+    1234 images at 2026-12-07T09:12:00Z' (ALARM when it had alarms); "" without one."""
+    if not estimate:
+        return ""
+    if estimate["estimated_accuracy"] is None:
+        return f"  estimated n/a (no scored images at {estimate['scored_at']})"
+    low, high = estimate["interval"]
+    return (f"  estimated {estimate['estimated_accuracy']:.4f} [{low:.4f}, {high:.4f}] on {estimate['n']} images at "
+            f"{estimate['scored_at']}" + (f"  ALARM ({len(estimate['alarms'])})" if estimate["alarms"] else ""))
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
@@ -291,8 +307,9 @@ def cmd_models(a: argparse.Namespace) -> None:
                 acc += f" [{r['test_low']:.4f}, {r['test_high']:.4f}] n={r['test_n']}"
             print(f"{'*' if r['champion'] else ' '} {r['version']}  gate {gate:<8}  "
                   f"{'promoted    ' if r['promoted'] else 'not promoted'}  test accuracy {acc}"
-                  f"{'' if r['has_model'] else '  (no model.onnx)'}")
-        print("* champion; test accuracy with its Wilson 95% interval and the number of test images")
+                  f"{estimate_text(r.get('estimate'))}{'' if r['has_model'] else '  (no model.onnx)'}")
+        print("* champion; test accuracy with its Wilson 95% interval and the number of test images; estimated: "
+              "the last scoring run's label-free accuracy estimate (95% interval) and when it scored")
         champion = registry.read_champion(store)
         for reason in stuck_reasons(rows, champion["version"] if champion else None, NightConfig().stuck_after):
             print(f"STUCK: {reason}")

@@ -56,6 +56,7 @@ from faceclf.store.registry import (
     finish_publish,
     list_versions,
     publish_version,
+    read_estimate,
     sha256_bytes,
     unfinished_publish,
     version_key,
@@ -397,7 +398,9 @@ def night_files(run_dir: Path, decision: Decision, metrics: dict[str, Any], data
         warnings.attempt("versions plot (versions.png)", plot_versions, rows, run_dir / "versions.png")
     stuck = stuck_reasons(rows, version if decision.promote else champion.version if champion else None,
                           cfg.stuck_after) if rows else []
-    body = render_report(version, metrics["classes"], metrics, decision.to_dict(), data, stuck)
+    estimate = warnings.attempt("reading the champion's last estimate", read_estimate, store,
+                                champion.version) if champion else None
+    body = render_report(version, metrics["classes"], metrics, decision.to_dict(), data, stuck, estimate)
     if drift is not None:
         body += "\n" + (warnings.attempt("drift section of the report", drift_markdown, drift) or "")
     body += "".join("\n" + s for s in sections if s)

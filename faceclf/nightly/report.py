@@ -88,6 +88,39 @@ def stale_lines(decision: dict[str, Any]) -> list[str]:
             "the candidate had to clear the bars and be better overall on the same images.", ""]
 
 
+def calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
+    """One line on the temperature scaling folded into the exported model (metrics "calibration"): the
+    temperature, the val images it was fitted on, and the test set's expected calibration error before -> after
+    ('Calibration: temperature 1.84 fitted on 120 val images; ECE (test) 0.081 -> 0.023')."""
+    if not calibration or calibration.get("temperature") is None:
+        return []
+    val, test = calibration.get("val") or {}, calibration.get("test") or {}
+    line = f"Calibration: temperature {calibration['temperature']:.2f} fitted on {val.get('n', 'n/a')} val images"
+    if test.get("ece_before") is not None and test.get("ece_after") is not None:
+        line += f"; ECE (test) {test['ece_before']:.3f} -> {test['ece_after']:.3f}"
+    return [line, ""]
+
+
+def champion_estimate_lines(estimate: dict[str, Any] | None) -> list[str]:
+    """The champion between nights: its last scoring run's label-free accuracy estimate (a dict as
+    faceclf.store.registry.read_estimate returns it) against its test accuracy, with the alarms it raised."""
+    if not estimate:
+        return []
+    lines = ["## The champion between nights", ""]
+    if estimate["estimated_accuracy"] is None:
+        return lines + [f"Champion {estimate['version']}'s last scoring run ({estimate['source']}, "
+                        f"{estimate['scored_at']}) scored no image: no estimate.", ""]
+    low, high = estimate["interval"]
+    test = estimate.get("test_accuracy")
+    against = f"{_pct(test)} on its test set." if test is not None else "no test accuracy recorded in the model."
+    lines.append(f"Champion {estimate['version']}'s last scoring run ({estimate['source']}, {estimate['scored_at']}): "
+                 f"estimated accuracy {_pct(estimate['estimated_accuracy'])} [{100 * low:.2f}, {100 * high:.2f}] on "
+                 f"{estimate['n']} scored images, from its confidences alone (no labels), against {against}")
+    alarms = estimate.get("alarms") or []
+    lines += ["", *(["Alarms:", *[f"- {a}" for a in alarms]] if alarms else ["No alarm."]), ""]
+    return lines
+
+
 def confusion_markdown(classes: Sequence[str], matrix: Sequence[Sequence[int]]) -> str:
     """Markdown table of a confusion matrix (rows: true class, columns: predicted)."""
     head = "| true \\ predicted | " + " | ".join(classes) + " |"
@@ -97,9 +130,11 @@ def confusion_markdown(classes: Sequence[str], matrix: Sequence[Sequence[int]]) 
 
 
 def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any], decision: dict[str, Any],
-                  data: dict[str, Any], stuck: Sequence[str] = ()) -> str:
+                  data: dict[str, Any], stuck: Sequence[str] = (),
+                  champion_estimate: dict[str, Any] | None = None) -> str:
     """Markdown for people reading the night's outcome in S3 or the Prefect UI; ``stuck``: why the pipeline is
-    stuck (faceclf.nightly.stuck), said first."""
+    stuck (faceclf.nightly.stuck), said first; ``champion_estimate``: the champion's last label-free estimate
+    from a scoring run (faceclf.store.registry.read_estimate), its own section."""
     test = metrics["test"]
     lines = [f"# faceclf night: model {version}", ""]
     if stuck:
@@ -135,6 +170,7 @@ def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any],
         f"{_pct(test['accuracy'])} on {test['n']} images "
         f"(best epoch {metrics.get('best_epoch')}, trained on {metrics.get('device')}).",
         "",
+        *calibration_lines(metrics.get("calibration")),
         "Accuracies with their Wilson 95% interval and the number of test images:",
         "",
         "| | test images | candidate | champion |",
@@ -149,5 +185,6 @@ def render_report(version: str, classes: Sequence[str], metrics: dict[str, Any],
         confusion_markdown(classes, test["confusion_matrix"]) if test.get("confusion_matrix") is not None
         else "Not measured: no weights were kept.",
         "",
+        *champion_estimate_lines(champion_estimate),
     ]
     return "\n".join(lines)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -39,6 +40,8 @@ class OnnxModel:
     provider: str           # the execution provider that actually runs the model
     input_name: str
     takes_pixels: bool = True  # uint8 (B, S, S, 3) input; False: a float32 NCHW export of earlier versions
+    reference: dict[str, Any] | None = None  # its own test figures: test_accuracy, test_n, predicted_shares
+    temperature: float | None = None         # the calibration temperature folded into its output (None: uncalibrated)
 
     @property
     def image_size(self) -> int:
@@ -79,6 +82,57 @@ def _meta(meta: dict[str, str], key: str, path: Path) -> str:
     return meta[key]
 
 
+def _share(value: Any) -> float:
+    """A share in [0, 1] (a JSON number, not a bool); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{value!r} is not a share in [0, 1]")
+    return float(value)
+
+
+def _reference(meta: dict[str, str], classes: Sequence[str]) -> dict[str, Any]:
+    """The test figures of the metadata as plain types; ValueError (or KeyError, TypeError) naming what is wrong."""
+    accuracy = _share(float(meta["test_accuracy"]))
+    n = int(meta["test_n"])
+    shares = json.loads(meta["test_predicted_shares"])
+    if n < 1 or not isinstance(shares, dict) or not set(shares) <= set(classes):
+        raise ValueError(f"test_n {n} must be >= 1 and test_predicted_shares {str(shares)[:200]} a map from some of "
+                         f"the model's classes {list(classes)} to shares")
+    shares = {c: _share(shares.get(c, 0.0)) for c in classes}
+    if abs(sum(shares.values()) - 1.0) > 0.01:  # rounded shares sum to 1 within their rounding
+        raise ValueError(f"test_predicted_shares sum to {sum(shares.values()):.4f}, not 1")
+    return {"test_accuracy": accuracy, "test_n": n, "predicted_shares": shares}
+
+
+def reference_from_metadata(meta: dict[str, str], classes: Sequence[str], path: Path) -> dict[str, Any] | None:
+    """The model's own test figures (export's "test_accuracy", "test_n", "test_predicted_shares"), which each
+    scoring run's label-free estimate is set against (faceclf.serving.monitor). None for a model exported before
+    them, and, with a warning, for props that are not what export writes: the file's sha256 is checked, but a
+    malformed prop only costs the alarms, never the scoring run."""
+    if "test_accuracy" not in meta:
+        return None
+    try:
+        return _reference(meta, classes)
+    except (KeyError, ValueError, TypeError) as e:
+        log.warning("%s: ignoring its test reference metadata (%s: %s); scoring with no accuracy alarms",
+                    path, type(e).__name__, str(e)[:200])
+        return None
+
+
+def temperature_from_metadata(meta: dict[str, str], path: Path) -> float | None:
+    """The calibration temperature export folded into the model (a positive number); None without one, and,
+    with a warning, when it is not a positive finite number."""
+    if "temperature" not in meta:
+        return None
+    try:
+        value = float(meta["temperature"])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        log.warning("%s: ignoring its temperature metadata %r (not a positive number)", path, meta["temperature"][:80])
+        return None
+    return value
+
+
 def load_onnx_model(path: str | os.PathLike[str], device: str = "auto", expected_sha256: str | None = None,
                     threads: int = 0) -> OnnxModel:
     """Open an exported model in onnxruntime and read its classes/normalisation metadata.
@@ -114,15 +168,18 @@ def load_onnx_model(path: str | os.PathLike[str], device: str = "auto", expected
     provider = session.get_providers()[0]
     if device != "cpu" and gpu_present() and provider != CUDA_PROVIDER:
         log.warning("a GPU is present but onnxruntime fell back to %s", provider)
+    classes = json.loads(_meta(meta, "classes", path))
     return OnnxModel(
         session=session,
         path=path,
-        classes=json.loads(_meta(meta, "classes", path)),
+        classes=classes,
         preprocess=Preprocess.from_metadata({k: _meta(meta, k, path) for k in ("image_size", "mean", "std")}),
         version=meta.get("version", "unknown"),
         provider=provider,
         input_name=session.get_inputs()[0].name,
         takes_pixels=session.get_inputs()[0].type == "tensor(uint8)",
+        reference=reference_from_metadata(meta, classes, path),
+        temperature=temperature_from_metadata(meta, path),
     )
 
 

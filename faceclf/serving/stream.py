@@ -18,6 +18,7 @@ error row; the run goes on.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import itertools
@@ -32,12 +33,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from faceclf.config import IngestConfig, ScoreConfig, json_ready
+from faceclf.config import IngestConfig, MonitorConfig, ScoreConfig, json_ready
 from faceclf.dataset import jpeg
 from faceclf.dataset.checks import FORMAT_ALIASES, Refused, bomb_reason, check_header, webp_canvas
 from faceclf.dataset.layout import sha256_file
 from faceclf.dataset.preprocess import decode_into
 from faceclf.progress import progress
+from faceclf.serving.monitor import Tally, brief, summarize
 from faceclf.serving.output import WRITTEN_BY, PredictionOutput, PreviousRows, columns, destination, prob_columns
 from faceclf.serving.onnx_model import OnnxModel, load_onnx_model, predict_proba
 from faceclf.serving.sources import Item, Source, open_source, require_images
@@ -60,6 +62,7 @@ class ScoreSummary:
     version: str
     reused: int = 0     # rows kept from the previous CSV (--incremental)
     resumed: int = 0    # rows a killed run had already written
+    monitor: dict[str, Any] | None = None  # predictions.json "monitor": the label-free accuracy estimate and alarms
 
 
 def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
@@ -224,9 +227,25 @@ def _remote(source: Source) -> bool:
     return source.uri.startswith("s3://")
 
 
+def resumed_rows(output: PredictionOutput) -> Iterator[dict[str, str]]:
+    """The rows of the parts a killed run left (those ``output.begin`` kept), read again one part at a time: they
+    are this run's rows as much as the ones it writes. Call only on a resume (a fresh run has no parts)."""
+    store = output.dest.store
+    parts = sorted(o.key for o in store.list_stat(output.dest.parts) if o.key.rsplit("/", 1)[-1].startswith("part-"))
+    for key in parts:
+        yield from csv.DictReader(io.StringIO(store.get_bytes(key).decode("utf-8"), newline=""))
+
+
+def monitor_summary(model: OnnxModel, tally: Tally, cfg: MonitorConfig) -> dict[str, Any]:
+    """The run's monitor block (faceclf.serving.monitor.summarize) for ``model``'s reference, logged in one line."""
+    summary = summarize(tally, model.reference, cfg, model.temperature)
+    (log.warning if summary["alarms"] else log.info)("model %s: %s", model.version, brief(summary))
+    return summary
+
+
 def score_images(model_path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
           cfg: ScoreConfig | None = None, expected_sha256: str | None = None, incremental: bool = False,
-          store: Store | None = None) -> ScoreSummary:
+          store: Store | None = None, monitor: MonitorConfig | None = None) -> ScoreSummary:
     """Score every image of ``inputs`` (local files/folders, one s3://BUCKET/PREFIX, or a prefix of
     ``store``) into ``out`` (a .csv path, a local folder or s3://BUCKET/PREFIX/ -> predictions.csv).
 
@@ -238,6 +257,10 @@ def score_images(model_path: str | os.PathLike[str], inputs: Sequence[str | os.P
     datasets/ or incoming/, and where a file exists that an earlier scoring run did not write. With
     ``expected_sha256`` a model file whose sha256 differs is refused before onnxruntime opens it. An
     input without images raises NoImages.
+
+    Every row without an error (new, reused or resumed) also feeds a label-free estimate of the model's accuracy
+    on these images, set against its test accuracy with ``monitor``'s alarms (faceclf.serving.monitor): it is
+    logged and recorded under "monitor" in predictions.json and the returned summary.
     """
     cfg = cfg or ScoreConfig()
     model = load_onnx_model(model_path, cfg.device, expected_sha256, scoring_threads(cfg))
@@ -248,6 +271,9 @@ def score_images(model_path: str | os.PathLike[str], inputs: Sequence[str | os.P
                               {"model_version": model.version, "source": source.uri,
                                "columns": ",".join(columns(model.classes)), "written_by": WRITTEN_BY}, cfg.part_rows)
     start_after = output.begin()
+    tally = Tally(model.classes)
+    for row in resumed_rows(output) if start_after else ():
+        tally.add_row(row)
     items = source.items(start_after)
     previous = PreviousRows(output.previous_rows(), model.version) if incremental else None
     reused = 0
@@ -268,20 +294,23 @@ def score_images(model_path: str | os.PathLike[str], inputs: Sequence[str | os.P
     new = 0
     for row in progress(rows_of, desc="score", unit="img"):
         output.write(row)
+        tally.add_row(row)
         new += 1
     seconds = time.perf_counter() - t0
     fresh = new - reused
+    watched = monitor_summary(model, tally, monitor or MonitorConfig())
 
     def run_record(rows: int, errors: int) -> dict[str, Any]:
         return {**output.identity, "model_sha256": sha256_file(model.path), "provider": model.provider,
                 "config": json_ready(dataclasses.asdict(cfg)), "incremental": incremental, "images": rows,
                 "errors": errors, "reused": reused, "resumed": rows - new, "scored_now": fresh,
-                "seconds": round(seconds, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "seconds": round(seconds, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "monitor": watched}
 
     rows, errors = output.finish(run_record)
     summary = ScoreSummary(output.dest.uri(), rows, rows - errors, errors, seconds,
                            fresh / seconds if seconds > 0 else 0.0, model.provider, model.version,
-                           reused=reused, resumed=rows - new)
+                           reused=reused, resumed=rows - new, monitor=watched)
     log.info("scored %d images (%d errors; %d kept from the previous run, %d from a killed run) in %.2fs: "
              "%.1f images/s on %s", rows, errors, reused, summary.resumed, seconds, summary.images_per_s,
              model.provider)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -38,6 +39,7 @@ MODEL_FILE = "model.onnx"
 INT8_MODEL_FILE = "model.int8.onnx"   # the optional int8 model (`faceclf export --int8`, night int8=true)
 DECISION_FILE = "decision.json"
 SHA256_FILE = "sha256.json"   # name -> sha256 of every file of a version, written when it is published
+ESTIMATE_FILE = "estimate.json"  # the version's last label-free accuracy estimate, from a scoring run
 
 
 SWAP_ATTEMPTS = 8        # compare-and-swap rounds before a pointer update gives up (each lost round re-reads)
@@ -366,10 +368,87 @@ def fetch_champion(store: Store, dest: Path, champion: ChampionRef | None = None
     return pointer, fetch_model(store, pointer["version"], dest, pointer.get("model_sha256"), "champion.json")
 
 
+def estimate_record(version: str, summary: dict[str, Any], source: str, scored_at: str) -> dict[str, Any]:
+    """estimate.json's content: the key figures of a scoring run's monitor block (faceclf.serving.monitor), where
+    the images came from and when they were scored."""
+    reference = summary.get("reference") or {}
+    return {"version": version, "n": summary["n"], "estimated_accuracy": summary["estimated_accuracy"],
+            "interval": summary["interval"], "test_accuracy": reference.get("test_accuracy"),
+            "accuracy_drop": summary["accuracy_drop"], "predicted_shares": summary["predicted_shares"],
+            "share_shift": summary["share_shift"], "alarms": list(summary["alarms"]),
+            "source": source, "scored_at": scored_at}
+
+
+def record_estimate(store: Store, version: str, summary: dict[str, Any], source: str, scored_at: str) -> str:
+    """Write ``version``'s last estimate (models/face/<version>/estimate.json, replacing the one before, in one
+    write) from a scoring run's monitor ``summary``; return its URI. ``faceclf models list`` and the night's
+    report show it beside the version's test accuracy."""
+    key = version_key(check_version(version), ESTIMATE_FILE)
+    store.put_bytes(key, (json.dumps(estimate_record(version, summary, source, scored_at), indent=2) + "\n").encode())
+    return store.uri(key)
+
+
+def _is_number(value: Any, optional: bool = False) -> bool:
+    """A finite JSON number (not a bool), or None where ``optional``."""
+    if value is None:
+        return optional
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def estimate_problem(record: Any) -> str | None:
+    """Why ``record`` is not an estimate.json as ``record_estimate`` writes it, or None: numbers must be numbers."""
+    if not isinstance(record, dict):
+        return f"it holds {type(record).__name__}, not a JSON object"
+    n, interval = record.get("n"), record.get("interval")
+    checks = {
+        "version": isinstance(record.get("version"), str),
+        "n": isinstance(n, int) and not isinstance(n, bool) and n >= 0,
+        "estimated_accuracy": _is_number(record.get("estimated_accuracy"), optional=True),
+        "interval": interval is None or (isinstance(interval, list) and len(interval) == 2
+                                         and all(_is_number(v) for v in interval)),
+        "test_accuracy": _is_number(record.get("test_accuracy"), optional=True),
+        "accuracy_drop": _is_number(record.get("accuracy_drop"), optional=True),
+        "predicted_shares": isinstance(record.get("predicted_shares"), dict)
+                            and all(_is_number(v) for v in record["predicted_shares"].values()),
+        "share_shift": isinstance(record.get("share_shift"), dict)
+                       and all(_is_number(v) for v in record["share_shift"].values()),
+        "alarms": isinstance(record.get("alarms"), list) and all(isinstance(a, str) for a in record["alarms"]),
+        "source": isinstance(record.get("source"), str),
+        "scored_at": isinstance(record.get("scored_at"), str),
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        return f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not what record_estimate writes"
+    if (record["estimated_accuracy"] is None) != (record["interval"] is None):
+        return "estimated_accuracy and interval must be both present or both null"
+    return None
+
+
+def read_estimate(store: Store, version: str) -> dict[str, Any] | None:
+    """``version``'s last recorded estimate (estimate.json), or None: when there is none, and (with a warning) when
+    it is not what ``record_estimate`` writes (the bucket is shared: it is input)."""
+    key = version_key(check_version(version), ESTIMATE_FILE)
+    try:
+        record = json.loads(store.get_bytes(key))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:  # not JSON, or not UTF-8
+        log.warning("ignoring %s: not JSON (%s)", store.uri(key), str(e)[:200])
+        return None
+    problem = estimate_problem(record)
+    if problem is None and record["version"] != version:
+        problem = f"it is the estimate of version {record['version'][:80]!r}, not of {version}"
+    if problem:
+        log.warning("ignoring %s: %s", store.uri(key), problem)
+        return None
+    return record
+
+
 def list_versions(store: Store, last: int | None = None) -> list[dict[str, Any]]:
     """Every version (or the ``last`` ones), oldest first: version, files, gate decision, ever champion?, test
-    accuracy with its interval and n, champion now?, why the champion it was gated against was stale (one
-    listing, one decision.json read per version)"""
+    accuracy with its interval and n, champion now?, why the champion it was gated against was stale, its last
+    label-free estimate from a scoring run (read_estimate; None without one) (one listing, one decision.json and
+    estimate.json read per version)"""
     files: dict[str, list[str]] = {}
     for obj in store.list(MODELS_PREFIX):
         rest = obj.key[len(MODELS_PREFIX):]
@@ -402,6 +481,7 @@ def list_versions(store: Store, last: int | None = None) -> list[dict[str, Any]]
             "champion_stale": decision.get("champion_stale") or [],
             "has_model": MODEL_FILE in files[version],
             "files": sorted(files[version]),
+            "estimate": read_estimate(store, version) if ESTIMATE_FILE in files[version] else None,
         })
     return rows
 
