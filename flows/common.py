@@ -1,4 +1,11 @@
-"""What the flows share: the retry policy of tasks that do I/O with the bucket."""
+"""What the flows share: the retry policy of tasks that do I/O with the bucket, and the events faceclf emits.
+
+Events (Prefect's, on its own server; deployments/prefect.yaml's triggers and flows/notify.py's automation act on
+them):
+  faceclf.incoming.arrived    resource faceclf.bucket.<bucket>: enough new images to start a night (flows/watch.py)
+  faceclf.champion.degraded   resource faceclf.model.<version>: a scoring run's label-free estimate of the champion
+                              fell below its test accuracy, or its predicted class shares moved (flows/score.py)
+"""
 
 from __future__ import annotations
 
@@ -22,3 +29,7 @@ def retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
 
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 20, 60], "retry_condition_fn": retry_io_only}
+
+
+ARRIVED = "faceclf.incoming.arrived"
+DEGRADED = "faceclf.champion.degraded"

@@ -1,5 +1,8 @@
-"""Notifications of a night that failed, crashed or was rejected: through a Prefect notification block
-(Apprise covers Slack, e-mail, Teams, Discord, plain webhooks), never a URL in code.
+"""Notifications of a night that failed, crashed or was rejected, and of a champion whose label-free estimate
+degrades between nights: through a Prefect notification block (Apprise covers Slack, e-mail, Teams, Discord,
+plain webhooks), never a URL in code. The champion's degraded events (flows/score.py) reach the block through
+an automation the Prefect server runs (``save_degraded_automation``, made with the block by `python3 -m
+flows.notify`); a night's outcome is sent by the night itself.
 
 Where the message goes, first found wins:
   $FACECLF_NOTIFY_URL     an Apprise URL: slack://..., mailto://..., json://host/path (JSON to http://host/path)
@@ -246,7 +249,8 @@ def night_rejected(version: str, why: str, bucket: str, stuck: list[str] | None 
 def save_block(url: str, name: str = BLOCK_NAME, allow_private_urls: bool = False) -> str:
     """Save a Custom Webhook block on the Prefect server (PREFECT_API_URL) that posts {"title", "message"}
     as JSON to ``url``; its slug, as $FACECLF_NOTIFY_BLOCK takes it. The URL is kept in the block's secrets
-    (masked in the UI and API) and its ``url`` field is the template "{{url}}" filled from them when it sends."""
+    (masked in the UI and API) and its ``url`` field is the template "{{url}}" filled from them when it sends.
+    The automation that sends the champion's degraded events through it is (re)created too."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
     try:
@@ -259,15 +263,40 @@ def save_block(url: str, name: str = BLOCK_NAME, allow_private_urls: bool = Fals
     block = CustomWebhookNotificationBlock(name=name, url="{{url}}", secrets={"url": url},
                                            json_data={"title": "{{subject}}", "message": "{{body}}"},
                                            allow_private_urls=allow_private_urls)
-    block.save(name, overwrite=True)
+    block_id = block.save(name, overwrite=True)
+    save_degraded_automation(block_id)
     return f"custom-webhook/{name}"
+
+
+DEGRADED_AUTOMATION = "faceclf: champion degraded"
+
+
+def save_degraded_automation(block_document_id: Any) -> Any:
+    """(Re)create the automation that sends every faceclf.champion.degraded event (flows/score.py: the champion's
+    label-free estimate fell, or its class shares moved, on a scoring run) through the notification block
+    ``block_document_id``; the Prefect server's actions service sends it. Returns the automation."""
+    from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+
+    from flows.common import DEGRADED
+
+    with contextlib.suppress(ValueError):  # none of that name yet
+        Automation.read(name=DEGRADED_AUTOMATION).delete()
+    return Automation(
+        name=DEGRADED_AUTOMATION,
+        description="faceclf: notify when a scoring run's label-free estimate says the champion is degrading",
+        trigger=EventTrigger(expect={DEGRADED}, match={"prefect.resource.id": "faceclf.model.*"},
+                             posture=Posture.Reactive, threshold=1, within=0),
+        actions=[SendNotification(block_document_id=block_document_id, subject="{{ event.payload.subject }}",
+                                  body="{{ event.payload.message }}")],
+    ).create()
 
 
 def main(argv: list[str] | None = None) -> None:
     """python3 -m flows.notify URL|- [--name NAME] [--allow-private-urls]"""
     p = argparse.ArgumentParser(prog="python3 -m flows.notify", description="Save the webhook a failed, crashed "
-                                "or rejected night posts to (a Prefect Custom Webhook block; the URL is kept as a "
-                                "secret and never printed).")
+                                "or rejected night, and a champion whose estimate degrades between nights, posts to "
+                                "(a Prefect Custom Webhook block, and the automation that sends the champion's "
+                                "degraded events through it; the URL is kept as a secret and never printed).")
     p.add_argument("url", help="http(s) URL that receives {\"title\": ..., \"message\": ...} as JSON; - reads it "
                    "from the first line of stdin (out of the shell history and the process list)")
     p.add_argument("--name", default=BLOCK_NAME, help=f"block name (default {BLOCK_NAME}; any other: set ${BLOCK_ENV})")

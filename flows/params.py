@@ -28,6 +28,7 @@ from faceclf.config import (
     GateConfig,
     Int8Config,
     ModelConfig,
+    MonitorConfig,
     NightConfig,
     RunConfig,
     ScoreConfig,
@@ -65,11 +66,12 @@ NightParams = params_model(NightConfig, "NightParams")
 QuantizationParams = params_model(Int8Config, "QuantizationParams")
 ScoringParams = params_model(ScoreConfig, "ScoringParams")
 WatchParams = params_model(WatchConfig, "WatchParams")
+MonitorParams = params_model(MonitorConfig, "MonitorParams")
 
 TRAIN_GROUPS: dict[str, type[BaseModel]] = {"data": DataParams, "model": ModelParams, "training": TrainingParams,
                                              "gate": GateParams, "drift": DriftParams, "night": NightParams,
                                              "quantization": QuantizationParams}
-SCORE_GROUPS: dict[str, type[BaseModel]] = {"scoring": ScoringParams}
+SCORE_GROUPS: dict[str, type[BaseModel]] = {"scoring": ScoringParams, "monitor": MonitorParams}
 OLD_PREFIXES = {"drift": "drift_", "quantization": "int8_"}  # the flat names had these prefixes
 
 

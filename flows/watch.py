@@ -21,11 +21,8 @@ from faceclf.config import WatchConfig
 from faceclf.nightly import arrivals
 from faceclf.store.local_paths import allowed_roots, confine
 from faceclf.store.objects import open_store, resolve_location
-from flows.common import IO_RETRIES
+from flows.common import ARRIVED, IO_RETRIES
 from flows.params import WatchParams, config_of
-
-ARRIVED = "faceclf.incoming.arrived"  # the event train/face's deployment trigger expects
-
 
 def bucket_resource(location: str) -> dict[str, str]:
     """The event's resource: ``faceclf.bucket.<name>`` (an S3 bucket's name, a local folder's path) and its URI."""
