@@ -72,6 +72,7 @@ TRAIN_GROUPS: dict[str, type[BaseModel]] = {"data": DataParams, "model": ModelPa
                                              "gate": GateParams, "drift": DriftParams, "night": NightParams,
                                              "quantization": QuantizationParams}
 SCORE_GROUPS: dict[str, type[BaseModel]] = {"scoring": ScoringParams, "monitor": MonitorParams}
+WATCH_GROUPS: dict[str, type[BaseModel]] = {"watch": WatchParams}
 OLD_PREFIXES = {"drift": "drift_", "quantization": "int8_"}  # the flat names had these prefixes
 
 

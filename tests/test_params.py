@@ -24,6 +24,7 @@ from flows.params import (
     NOT_PARAMETERS,
     SCORE_GROUPS,
     TRAIN_GROUPS,
+    WATCH_GROUPS,
     GateParams,
     config_of,
     moved_parameters,
@@ -32,13 +33,14 @@ from flows.params import (
 )
 
 CONFIGS = {"data": "DataConfig", "model": "ModelConfig", "training": "TrainConfig", "gate": "GateConfig",
-           "drift": "DriftConfig", "night": "NightConfig", "quantization": "Int8Config", "scoring": "ScoreConfig"}
+           "drift": "DriftConfig", "night": "NightConfig", "quantization": "Int8Config", "scoring": "ScoreConfig",
+           "monitor": "MonitorConfig", "watch": "WatchConfig"}
 
 
 def test_every_group_has_its_configs_fields_defaults_and_help_texts() -> None:
     import faceclf.config as config
 
-    for group, model in {**TRAIN_GROUPS, **SCORE_GROUPS}.items():
+    for group, model in {**TRAIN_GROUPS, **SCORE_GROUPS, **WATCH_GROUPS}.items():
         cls = getattr(config, CONFIGS[group])
         expected = [f for f in dataclasses.fields(cls) if f.name not in NOT_PARAMETERS.get(cls, ())]
         assert list(model.model_fields) == [f.name for f in expected], group
@@ -79,7 +81,10 @@ def test_the_prefect_ui_form_is_grouped_with_help_texts() -> None:
     assert gate["properties"]["min_accuracy"]["description"].startswith("overall test accuracy")
     assert gate["properties"]["min_accuracy"]["default"] == GateConfig().min_accuracy
     assert list(parameter_schema(score).model_dump()["properties"]) == \
-        ["bucket", "source", "version", "output", "incremental", "int8", "scoring"]
+        ["bucket", "source", "version", "output", "incremental", "int8", "scoring", "monitor"]
+    from flows.watch import watch
+
+    assert list(parameter_schema(watch).model_dump()["properties"]) == ["bucket", "cache_dir", "watch"]
 
 
 @given(st.sampled_from(sorted(new_places(TRAIN_GROUPS))))
