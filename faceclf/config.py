@@ -514,9 +514,11 @@ class MonitorConfig:
     """The champion watched between nights: the alarms of every scoring run's label-free accuracy estimate."""
 
     accuracy_drop: float = option(MONITOR_ACCURACY_DROP, "alarm when the estimated accuracy (mean probability of "
-                                  "each predicted class) falls more than this below the model's test accuracy")
+                                  "each predicted class) falls more than this below the model's test accuracy, "
+                                  "significantly (its interval and the test set's own noise)")
     class_shift: float = option(MONITOR_CLASS_SHIFT, "alarm when a class's share of the predictions moves more than "
-                                "this from its share of the model's test predictions")
+                                "this from its share of the model's test predictions, significantly (both "
+                                "sample sizes)")
     min_images: int = option(MONITOR_MIN_IMAGES, "fewer scored images than this: the estimate is recorded, no alarm "
                              "raised")
 

@@ -118,25 +118,47 @@ def share_shift(now: Mapping[str, float], reference: Mapping[str, float]) -> dic
     return {c: now.get(c, 0.0) - reference.get(c, 0.0) for c in sorted(set(now) | set(reference))}
 
 
+def beyond(moved: float, bar: float, se: float, z: float = Z95) -> bool:
+    """Whether a move of ``moved`` is past ``bar`` and also past its own noise: more than ``z`` standard errors
+    ``se`` from nothing (a 5% two-sided test at Z95). On a model whose test set is small (the test accuracy and
+    shares it is set against are themselves noisy) a move past the bar alone is often chance."""
+    return abs(moved) > bar and abs(moved) > z * se
+
+
+def accuracy_se(low_high: tuple[float, float] | None, reference: Mapping[str, Any]) -> float:
+    """Standard error of (test accuracy - estimate): the estimate's own (from its 95% interval) and the test
+    accuracy's binomial one on its test_n images, independent."""
+    low, high = low_high or (0.0, 0.0)
+    acc, n_test = reference["test_accuracy"], max(1, int(reference.get("test_n") or 1))
+    return math.sqrt(((high - low) / (2 * Z95)) ** 2 + acc * (1 - acc) / n_test)
+
+
+def share_se(now: float, ref: float, n: int, n_test: int) -> float:
+    """Standard error of the difference of two shares (n scored images, n_test test images), pooled."""
+    pooled = (now * n + ref * n_test) / max(1, n + n_test)
+    return math.sqrt(pooled * (1 - pooled) * (1 / max(1, n) + 1 / max(1, n_test)))
+
+
 def alarms(n: int, value: float | None, low_high: tuple[float, float] | None, reference: Mapping[str, Any] | None,
            now: Mapping[str, float], shift: Mapping[str, float], cfg: MonitorConfig) -> list[str]:
     """Human-readable alarms, each naming its numbers: the estimate more than ``cfg.accuracy_drop`` below the
-    test accuracy, a class's share moved by more than ``cfg.class_shift``. None below ``cfg.min_images`` images
-    or without a reference."""
+    test accuracy, a class's share moved by more than ``cfg.class_shift``, each also significant given both
+    sides' sampling noise (``beyond``). None below ``cfg.min_images`` images or without a reference."""
     if reference is None or value is None or n < cfg.min_images:
         return []
     found = []
     drop = reference["test_accuracy"] - value
-    if drop > cfg.accuracy_drop:
+    if drop > 0 and beyond(drop, cfg.accuracy_drop, accuracy_se(low_high, reference)):
         low, high = low_high or (value, value)
         found.append(f"estimated accuracy {value:.4f} [{low:.4f}, {high:.4f}] on {n} images is {drop:.4f} below the "
-                     f"test accuracy {reference['test_accuracy']:.4f} (alarm above {cfg.accuracy_drop:g})")
-    ref_shares = reference["predicted_shares"]
+                     f"test accuracy {reference['test_accuracy']:.4f} on {reference.get('test_n')} images (alarm "
+                     f"above {cfg.accuracy_drop:g}, and significant)")
+    ref_shares, n_test = reference["predicted_shares"], max(1, int(reference.get("test_n") or 1))
     for cls, moved in shift.items():
-        if abs(moved) > cfg.class_shift:
+        if beyond(moved, cfg.class_shift, share_se(now.get(cls, 0.0), ref_shares.get(cls, 0.0), n, n_test)):
             found.append(f"class {cls!r} is predicted for {now.get(cls, 0.0):.1%} of {n} images against "
-                         f"{ref_shares.get(cls, 0.0):.1%} of the test images (shift {moved:+.3f}, alarm above "
-                         f"{cfg.class_shift:g})")
+                         f"{ref_shares.get(cls, 0.0):.1%} of the {n_test} test images (shift {moved:+.3f}, alarm "
+                         f"above {cfg.class_shift:g}, and significant)")
     return found
 
 
