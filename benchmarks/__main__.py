@@ -21,7 +21,7 @@ MODULES = {"train": "benchmarks.train_bench", "score": "benchmarks.score_bench",
            "ddp": "benchmarks.ddp_bench",
            "audit": "benchmarks.audit_bench",
            "neardup": "benchmarks.neardup_bench",
-           "watch": "benchmarks.watch_bench"}
+           "watch": "benchmarks.watch_bench", "monitor": "benchmarks.monitor_bench"}
 
 
 def machine() -> str:
