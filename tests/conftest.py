@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
+import threading
 import tempfile
 from pathlib import Path
 
@@ -222,3 +224,25 @@ def twin_images(src: Path, seed: int = 0) -> dict[str, bytes]:
 
     return {"noise": encoded(noisy, "PNG"), "resize": encoded(img.resize((img.width * 3 // 2, img.height * 3 // 2))),
             "rotate": encoded(img.rotate(5, resample=Image.Resampling.BICUBIC)), "reencode": encoded(img, quality=50)}
+
+
+class Receiver:
+    """A webhook on 127.0.0.1: every POST's JSON body, in order; it answers ``status``."""
+
+    def __init__(self, status: int = 200) -> None:
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append({"path": self.path, **json.loads(body or b"{}")})
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"json://127.0.0.1:{self.server.server_address[1]}/night"

@@ -5,14 +5,20 @@ deployments from deployments/prefect.yaml, a process worker, and `prefect deploy
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from conftest import FAST, LENIENT, grouped, onnx_accuracy, tree, upload_faces
+from PIL import Image, ImageOps
+
+from conftest import FAST, LENIENT, Receiver, grouped, onnx_accuracy, tree, upload_faces
 
 from faceclf.devtools.demo import local_stack
 from faceclf.devtools.sample import generate_sample_faces
 from faceclf.devtools.services import (
     deployment_runs,
+    prefect_env,
     read_deployment,
     run_deployment,
     set_deployment_parameters,
@@ -104,6 +110,35 @@ def test_three_nights_through_the_deployment(tmp_path: Path) -> None:
                       "epochs is now training.epochs"):
             assert moved in message, message
         assert registry.read_champion(store) == champion_2 and len(registry.list_versions(store)) == 2
+
+        # The champion watched between nights. `python3 -m flows.notify` saves the webhook and the automation that
+        # sends degraded events. Scoring faces the champion was not trained for (grey, and one class only) moves
+        # its predicted class shares: score/face records the estimate with the version and emits
+        # faceclf.champion.degraded; the server's automation posts it to the webhook and train/face's second
+        # trigger starts a night (nothing new: it ends after ingest).
+        hook = Receiver()
+        subprocess.run([sys.executable, "-m", "flows.notify", "-", "--allow-private-urls"], input=f"{hook.http}/hook",
+                       text=True, check=True, capture_output=True, cwd=stack.root, env=prefect_env(stack.api_url, stack.home))
+        generate_sample_faces(tmp_path / "shifted", per_class=60, size=48, seed=55)
+        for p in sorted((tmp_path / "shifted" / "with_mask").iterdir()):
+            grey = tmp_path / "grey" / f"{p.stem}.png"
+            grey.parent.mkdir(exist_ok=True)
+            ImageOps.grayscale(Image.open(p)).convert("RGB").save(grey)
+            store.put_file(f"shifted/with_mask/{grey.name}", grey)
+        known = {r["id"] for r in started_runs(stack.api_url, "train/face")}
+        stack.run("score/face", {"source": "shifted/", "output": "predictions/shifted/predictions.csv"})
+        watched = json.loads(store.get_bytes("predictions/shifted/predictions.json"))["monitor"]
+        assert watched["n"] == 60 and watched["alarms"], watched
+        estimate = registry.read_estimate(store, champion["version"])
+        assert estimate and estimate["alarms"] == watched["alarms"] and estimate["source"] == "shifted/", estimate
+        night = stack.triggered("train/face", known, timeout=300)
+        assert night["created_by"]["type"] == "AUTOMATION" and len(registry.list_versions(store)) == 2
+        deadline = time.monotonic() + 60
+        while not hook.received and time.monotonic() < deadline:
+            time.sleep(0.5)
+        hook.server.shutdown()
+        assert hook.received, "the automation sent no notification of the degraded champion"
+        assert champion["version"] in hook.received[0]["title"] and "shifted/" in hook.received[0]["message"]
 
         # The champion scores a prefix on demand through score/face.
         stack.run("score/face", {"source": "incoming/", "output": "predictions/e2e/predictions.csv"})

@@ -5,44 +5,20 @@ as the server shows it, and never in a failed delivery's error, its traceback or
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import os
 import secrets
 import subprocess
 import sys
-import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FAST, grouped, LENIENT, put_local_faces
+from conftest import FAST, LENIENT, Receiver, grouped, put_local_faces
 
 from flows import notify
-
-
-class Receiver:
-    """A webhook on 127.0.0.1: every POST's JSON body, in order; it answers ``status``."""
-
-    def __init__(self, status: int = 200) -> None:
-        received = self.received = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append({"path": self.path, **json.loads(body or b"{}")})
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.http = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.url = f"json://127.0.0.1:{self.server.server_address[1]}/night"
 
 
 @pytest.fixture()
