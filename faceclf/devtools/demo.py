@@ -40,6 +40,7 @@ from faceclf.devtools.services import (
     wait_for_flow_run,
     wait_for_new_run,
 )
+from faceclf.serving.monitor import brief
 from faceclf.store import registry
 from faceclf.store.local_paths import ALLOW_PATHS_ENV
 from faceclf.store.s3 import S3Store, s3_client
@@ -311,9 +312,16 @@ def night_and_score(stack: LocalStack, data: Path, params: dict[str, Any], urls:
         score = stack.run("score/face", {"source": "incoming/", "output": "predictions/demo/predictions.csv"})
         urls["score/face"] = stack.flow_run_url(score)
         stack.store.download("predictions/demo/predictions.csv", out / "results" / "predictions.csv")
+        watched = json.loads(stack.store.get_bytes("predictions/demo/predictions.json")).get("monitor") or {}
         result.update({"champion": champion["version"], "model": str(out / "results" / "model.onnx"),
-                       "predictions": str(out / "results" / "predictions.csv")})
+                       "predictions": str(out / "results" / "predictions.csv"),
+                       "champion_estimate": brief(watched) if watched else None})
     metrics = json.loads(files["metrics.json"].read_text())
     result["test_accuracy"] = metrics["test"]["accuracy"]
     result["test_per_class_accuracy"] = metrics["test"]["per_class_accuracy"]
+    calibration = metrics.get("calibration") or {}
+    if calibration:  # the temperature the exported model's probabilities are calibrated with, and its effect
+        result["calibration"] = {"temperature": calibration["temperature"],
+                                 "test_ece_before_after": [calibration["test"]["ece_before"],
+                                                           calibration["test"]["ece_after"]]}
     return result
