@@ -177,6 +177,29 @@ def test_a_scoring_run_records_its_estimate_and_it_holds_the_accuracy_measured_w
     assert "no test reference" in block["notes"][0] and "not temperature-calibrated" in block["notes"][1]
 
 
+def test_on_faces_of_another_look_the_estimate_falls_and_an_alarm_is_raised(onnx_model: Path, tmp_path: Path) -> None:
+    """The champion was trained on colour faces; grey ones of the same generator are a set it was not trained for:
+    its confidences fall with its accuracy, and the estimate falls past the bar, significantly, against the
+    model's own test accuracy (its real reference, from the export)."""
+    from PIL import Image, ImageOps
+
+    from faceclf.devtools.sample import generate_sample_faces
+
+    generate_sample_faces(tmp_path / "colour", per_class=40, size=48, seed=77)
+    for path in sorted((tmp_path / "colour").rglob("*.*")):
+        grey = tmp_path / "grey" / path.parent.name / f"{path.stem}.png"
+        grey.parent.mkdir(parents=True, exist_ok=True)
+        ImageOps.grayscale(Image.open(path)).convert("RGB").save(grey)
+    own = score_images(onnx_model, [tmp_path / "colour"], tmp_path / "own", CPU).monitor
+    shifted = score_images(onnx_model, [tmp_path / "grey"], tmp_path / "shifted", CPU).monitor
+    test_accuracy = shifted["reference"]["test_accuracy"]
+    assert own["alarms"] == [], own["alarms"]  # its own kind of image: no alarm
+    assert shifted["estimated_accuracy"] < min(own["estimated_accuracy"], test_accuracy) - 0.1
+    assert any("below the test accuracy" in a for a in shifted["alarms"]), shifted
+    truth = onnx_accuracy(onnx_model, tmp_path / "grey")
+    assert truth < onnx_accuracy(onnx_model, tmp_path / "colour")  # the accuracy fell too
+
+
 def test_an_incremental_rerun_and_a_resumed_run_give_the_same_monitor_block(
         onnx_model: Path, faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = score_images(onnx_model, [faces], tmp_path / "out", CPU).monitor
