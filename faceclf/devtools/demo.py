@@ -169,8 +169,8 @@ class LocalStack:
 
 @contextlib.contextmanager
 def local_stack(out: Path, bucket: str = BUCKET, ui: bool = False) -> Iterator[LocalStack]:
-    """Start S3 (moto) and Prefect (its UI too with ``ui``), create the bucket and the work pool, deploy,
-    start a worker."""
+    """Start S3 (moto) and Prefect (its UI too with ``ui``), create the bucket and the work pool, deploy (the
+    watch/incoming poll paused: its caller runs it when its images are up), start a worker."""
     root, out = repo_root(), out.resolve()
     logs, home = out / "logs", out / "prefect-home"
     logs.mkdir(parents=True, exist_ok=True)
@@ -184,6 +184,7 @@ def local_stack(out: Path, bucket: str = BUCKET, ui: bool = False) -> Iterator[L
         prefect_cli(["work-pool", "create", POOL, "--type", "process"], api, home, cwd=root)
         prefect_cli(["deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], api, home, cwd=root,
                     env={"FACECLF_ROOT": str(root)})
+        pause_deployment(api, "watch/incoming")  # its 5-minute poll is run by hand here, when the images are up
         with prefect_worker(POOL, api, home, cwd=root, env=worker_env, log_path=logs / "worker.log"):
             yield LocalStack(root, out, api, s3, bucket, home)
 
@@ -277,7 +278,6 @@ def keep_up(stack: LocalStack, urls: dict[str, str]) -> None:
     would start a night with the deployment's defaults (the checkout's face/ and runs/, which the next
     `faceclf demo` would then train on), so it is paused first."""
     pause_deployment(stack.api_url, "train/face")
-    pause_deployment(stack.api_url, "watch/incoming")
     wait_for_ctrl_c(where_to_look(stack, urls, ui=True))
 
 
