@@ -92,6 +92,12 @@ def ingested_identities(store: Store) -> Iterable[tuple[str, str, int]]:
         yield identity(row)
 
 
+def save_array(path: Path, array: np.ndarray) -> None:
+    """``array`` as .npy at exactly ``path`` (np.save given a name would add ".npy" to a temporary one)."""
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
 def seen_hashes(store: Store, cache_dir: Path | None) -> tuple[np.ndarray, str]:
     """(sorted identity hashes of what ingest holds, the logs' tag): from ``cache_dir``/seen-<tag>.npy when an
     earlier poll cached this very state of the logs, else read from the logs (and cached, older files removed)."""
@@ -104,7 +110,7 @@ def seen_hashes(store: Store, cache_dir: Path | None) -> tuple[np.ndarray, str]:
             log.warning("rebuilding %s: %s", path, e)
     seen = identity_hashes(ingested_identities(store))
     if path:
-        write_atomic(path, lambda p: np.save(open(p, "wb"), seen, allow_pickle=False))
+        write_atomic(path, lambda tmp: save_array(tmp, seen))
         for old in path.parent.glob(f"{CACHE_PREFIX}*.npy"):
             if old != path:
                 old.unlink(missing_ok=True)
