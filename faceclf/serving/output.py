@@ -228,6 +228,12 @@ class PredictionOutput:
         store.put_bytes(run_key, json.dumps(self.identity, indent=2).encode())
         return ""
 
+    def resumed_rows(self) -> Iterator[dict[str, str]]:
+        """The rows of the killed run's parts that ``begin`` kept (none on a fresh run), one part in memory at a
+        time: they belong to this run as much as the rows it writes."""
+        for key in list(self._parts):
+            yield from _rows(self.dest.store.get_bytes(key).decode("utf-8"))
+
     # --- rows ----------------------------------------------------------------------------------
     def write(self, row: dict[str, str]) -> None:
         """Add a row; every ``part_rows`` rows become one part file."""

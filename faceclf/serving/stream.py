@@ -18,7 +18,6 @@ error row; the run goes on.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import itertools
@@ -227,15 +226,6 @@ def _remote(source: Source) -> bool:
     return source.uri.startswith("s3://")
 
 
-def resumed_rows(output: PredictionOutput) -> Iterator[dict[str, str]]:
-    """The rows of the parts a killed run left (those ``output.begin`` kept), read again one part at a time: they
-    are this run's rows as much as the ones it writes. Call only on a resume (a fresh run has no parts)."""
-    store = output.dest.store
-    parts = sorted(o.key for o in store.list_stat(output.dest.parts) if o.key.rsplit("/", 1)[-1].startswith("part-"))
-    for key in parts:
-        yield from csv.DictReader(io.StringIO(store.get_bytes(key).decode("utf-8"), newline=""))
-
-
 def monitor_summary(model: OnnxModel, tally: Tally, cfg: MonitorConfig) -> dict[str, Any]:
     """The run's monitor block (faceclf.serving.monitor.summarize) for ``model``'s reference, logged in one line."""
     summary = summarize(tally, model.reference, cfg, model.temperature)
@@ -272,7 +262,7 @@ def score_images(model_path: str | os.PathLike[str], inputs: Sequence[str | os.P
                                "columns": ",".join(columns(model.classes)), "written_by": WRITTEN_BY}, cfg.part_rows)
     start_after = output.begin()
     tally = Tally(model.classes)
-    for row in resumed_rows(output) if start_after else ():
+    for row in output.resumed_rows():
         tally.add_row(row)
     items = source.items(start_after)
     previous = PreviousRows(output.previous_rows(), model.version) if incremental else None
