@@ -51,8 +51,8 @@ def fetch_model(location: str, version: str | None, work: str, int8: bool = Fals
     store = open_store(location)
     name = registry.INT8_MODEL_FILE if int8 else registry.MODEL_FILE
     dest = Path(work) / name
+    pointer = registry.read_champion(store)  # read once: which model, and whether ``version`` is the champion
     if version is None:
-        pointer = registry.read_champion(store)
         if pointer is None:
             raise ValueError(f"no champion in {store.uri(registry.CHAMPION_KEY)}: run the train flow first or pass version=")
         version = pointer["version"]
@@ -62,7 +62,6 @@ def fetch_model(location: str, version: str | None, work: str, int8: bool = Fals
             path = registry.fetch_model(store, version, dest, pointer.get("model_sha256"), "champion.json")
     else:
         path = registry.fetch_model(store, version, dest, name=name)
-    pointer = registry.read_champion(store)
     return FetchedModel(version, Path(path), registry.sha256_bytes(Path(path).read_bytes()),
                         champion=bool(pointer and pointer["version"] == version))
 
