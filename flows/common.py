@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from faceclf.store.local_paths import allowed_roots, confine
+
 
 def retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
     """Retry a failed task only for transient I/O faults (network, connection, OS-level errors).
@@ -33,3 +35,14 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 20, 60], "retry_condition
 
 ARRIVED = "faceclf.incoming.arrived"
 DEGRADED = "faceclf.champion.degraded"
+
+
+def check_local_paths(location: str, **paths: str) -> None:
+    """ValueError unless each parameter in ``paths`` (name -> value) that becomes a local path, and a local bucket
+    folder ``location``, lies inside the worker's folder or FACECLF_ALLOW_PATHS: the Prefect server has no login,
+    so they are input."""
+    roots = allowed_roots()
+    for name, value in paths.items():
+        confine(value, roots, name)
+    if not location.startswith("s3://"):  # a local bucket folder (open_store's rule)
+        confine(location, roots, "bucket")

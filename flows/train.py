@@ -37,13 +37,12 @@ from faceclf.nightly.drift import DriftDetected, DriftReport
 from faceclf.nightly.gate import Decision, decide, with_approval
 from faceclf.nightly.lock import bucket_lease, night_lock
 from faceclf.serving.export import ExportReport
-from faceclf.store.local_paths import allowed_roots, confine
 from faceclf.store.objects import open_store, resolve_location
 from faceclf.store.registry import ChampionRef, champion_ref, read_latest, version_key
 from faceclf.training.fit import TrainingDiverged, new_version
 from faceclf.training.metrics import RunMetrics
 from flows import notify
-from flows.common import IO_RETRIES
+from flows.common import IO_RETRIES, check_local_paths
 from flows.params import (
     TRAIN_GROUPS,
     DataParams,
@@ -316,16 +315,6 @@ def skip_night(reason: str, report: IngestReport, champion: ChampionRef | None,
             "resumed": False, "finished_publish": finished, "warnings": informed.items}
 
 
-def check_local_paths(location: str, face_dir: str, runs_dir: str) -> None:
-    """ValueError unless the parameters that become local paths (face_dir, runs_dir, a local bucket folder) lie
-    inside the worker's folder or FACECLF_ALLOW_PATHS: the Prefect server has no login, so they are input."""
-    roots = allowed_roots()
-    confine(face_dir, roots, "face_dir")
-    confine(runs_dir, roots, "runs_dir")
-    if not location.startswith("s3://"):  # a local bucket folder (open_store's rule)
-        confine(location, roots, "bucket")
-
-
 @flow(name="train", log_prints=True, on_failure=[notify.on_night_failed], on_crashed=[notify.on_night_failed])
 def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "runs", data: DataParams = DataParams(),
           model: ModelParams = ModelParams(), training: TrainingParams = TrainingParams(),
@@ -349,7 +338,7 @@ def train(bucket: str | None = None, face_dir: str = "face", runs_dir: str = "ru
     one, sends none. Parameters of the old flat form fail the run with the new place of each.
     """
     location = resolve_location(bucket)
-    check_local_paths(location, face_dir, runs_dir)
+    check_local_paths(location, face_dir=face_dir, runs_dir=runs_dir)
     gate_cfg, drift_cfg = config_of(gate, GateConfig), config_of(drift, DriftConfig)
     night_cfg, int8_cfg = config_of(night, NightConfig), config_of(quantization, Int8Config)
     run_cfg = run_config_of(data, model, training)

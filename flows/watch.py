@@ -19,9 +19,8 @@ from prefect.events import emit_event
 
 from faceclf.config import WatchConfig
 from faceclf.nightly import arrivals
-from faceclf.store.local_paths import allowed_roots, confine
 from faceclf.store.objects import open_store, resolve_location
-from flows.common import ARRIVED, IO_RETRIES
+from flows.common import ARRIVED, IO_RETRIES, check_local_paths
 from flows.params import WatchParams, config_of
 
 def bucket_resource(location: str) -> dict[str, str]:
@@ -62,10 +61,7 @@ def watch(bucket: str | None = None, cache_dir: str = "runs/.arrivals",
     ``watch.renotify_after`` seconds if no night took them). ``cache_dir``: where the worker keeps the hashes of
     what ingest holds between polls (inside its folder or FACECLF_ALLOW_PATHS)."""
     location = resolve_location(bucket)
-    roots = allowed_roots()
-    confine(cache_dir, roots, "cache_dir")
-    if not location.startswith("s3://"):
-        confine(location, roots, "bucket")
+    check_local_paths(location, cache_dir=cache_dir)
     cfg = config_of(watch, WatchConfig)
     found = poll_incoming(location, cache_dir, cfg)
     reason = announce(location, found, cfg)

@@ -132,3 +132,18 @@ def test_a_malformed_announcement_record_counts_as_none(tmp_path: Path, body: by
     state, etag = arrivals.read_state(store)
     assert state is None and etag is not None  # so a claim replaces it by compare-and-swap
     assert arrivals.claim(store, found(100), "100 new", etag, 5.0)
+
+
+def test_the_watch_flow_confines_its_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its parameters are input (the Prefect server has no login): a cache folder or a local bucket outside the
+    worker's folder and FACECLF_ALLOW_PATHS is refused before anything is read or written."""
+    from flows.watch import watch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FACECLF_ALLOW_PATHS", raising=False)
+    (tmp_path / "bucket").mkdir()
+    with pytest.raises(ValueError, match="cache_dir"):
+        watch.fn(bucket=str(tmp_path / "bucket"), cache_dir="/tmp/elsewhere-arrivals")
+    with pytest.raises(ValueError, match="bucket"):
+        watch.fn(bucket="/etc", cache_dir="runs/.arrivals")
+    assert not (tmp_path / "runs").exists()
